@@ -1,0 +1,15 @@
+"""vitprune_fast: structured pruning for timm vision transformers (UP-ViTs, DIMAP, DAP)."""
+from . import score
+from .arch import describe
+from .errors import CheckpointError, PlanError, UnsupportedModelError, VitPruneError
+from .io import load_pruned, save_pruned
+from .plan import Plan, make_plan
+from .prune import prune_
+from .space import Group, PruningSpace, TensorSlice
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "Group", "Plan", "PlanError", "PruningSpace", "TensorSlice", "UnsupportedModelError",
+    "VitPruneError", "describe", "load_pruned", "make_plan", "prune_", "save_pruned", "score",
+]

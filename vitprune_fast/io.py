@@ -1,0 +1,163 @@
+"""Save / load pruned models: safetensors weights + a JSON architecture file. Nothing is pickled."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import adapter_for
+from .errors import CheckpointError
+
+FORMAT = "vitprune_fast.pruned/1"
+WEIGHTS = "model.safetensors"
+ARCH_FILE = "architecture.json"
+
+
+def _model_name(model: nn.Module, model_name: str | None) -> str:
+    if model_name:
+        return model_name
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    if not name:
+        raise CheckpointError("cannot tell the timm model name; pass save_pruned(..., model_name='deit_small_...')")
+    return name
+
+
+def _architecture(model: nn.Module, model_name: str | None, model_kwargs: dict | None) -> dict:
+    from . import __version__
+
+    adapter = adapter_for(model)
+    space = adapter.describe(model)
+    kwargs = adapter.build_recipe(model)
+    kwargs.update(model_kwargs or {})
+    return {
+        "format": FORMAT,
+        "library_version": __version__,
+        "timm_version": __import__("timm").__version__,
+        "arch": adapter.ARCH,
+        "model_name": _model_name(model, model_name),
+        "model_kwargs": kwargs,
+        "groups": {n: {"kind": g.kind, "size": g.size, **({"num_heads": g.num_heads} if g.kind == "attn" else {})}
+                   for n, g in space.groups.items()},
+        "tensors": {k: list(v.shape) for k, v in model.state_dict().items()},
+    }
+
+
+def _build(arch: dict, device: str | torch.device = "meta") -> nn.Module:
+    """Build the timm model from the recipe and resize every tensor to the saved shapes (no data)."""
+    import timm
+
+    try:
+        with torch.device(device):
+            model = timm.create_model(arch["model_name"], pretrained=False, **arch["model_kwargs"])
+    except Exception as e:  # timm raises many types for bad names/kwargs
+        raise CheckpointError(f"cannot build timm model {arch['model_name']!r} with {arch['model_kwargs']}: {e}") from e
+    adapter = adapter_for(model)
+    space = adapter.describe(model)
+    for name, g in arch["groups"].items():
+        if name not in space.groups or space.groups[name].kind != g["kind"]:
+            raise CheckpointError(f"architecture.json group {name!r} does not exist in the rebuilt model")
+        if g["kind"] == "attn":
+            model.get_submodule(space.groups[name].module).num_heads = int(g["num_heads"])
+    sd_names = set(model.state_dict())
+    saved = arch["tensors"]
+    if sd_names != set(saved):
+        diff = sorted(sd_names ^ set(saved))[:5]
+        raise CheckpointError(f"rebuilt model's tensors differ from the saved ones (e.g. {diff})")
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name in saved and list(t.shape) != saved[name]:
+                t.set_(torch.empty(saved[name], dtype=t.dtype, device=t.device))
+    adapter.sync_attributes(model)
+    return model
+
+
+def _meta_safe(arch: dict) -> bool:
+    """Building on meta is safe when every non-persistent buffer can be re-initialised afterwards."""
+    model = _build(arch)
+    return all(hasattr(m, "init_non_persistent_buffers") or not m._non_persistent_buffers_set
+               for m in model.modules())
+
+
+def save_pruned(model: nn.Module, directory: str | os.PathLike, model_name: str | None = None,
+                model_kwargs: dict | None = None) -> Path:
+    """Save a (pruned) timm model as ``model.safetensors`` + ``architecture.json``.
+
+    The architecture file holds the timm model name, structural create_model kwargs, every group's size and
+    head count, and every tensor's shape. Saving checks that the model can be rebuilt from it.
+
+    Args:
+        model: a timm VisionTransformer / SwinTransformer, pruned or not.
+        directory: created if missing.
+        model_name: timm model name (default: ``model.pretrained_cfg['architecture']``).
+        model_kwargs: extra create_model kwargs overriding the inferred ones.
+
+    Returns:
+        The directory path.
+    """
+    from safetensors.torch import save_file
+
+    arch = _architecture(model, model_name, model_kwargs)
+    rebuilt = _build(arch)  # fail at save time rather than at load time
+    mismatch = [k for k, v in rebuilt.state_dict().items() if list(v.shape) != arch["tensors"][k]]
+    if mismatch:
+        raise CheckpointError(f"the model cannot be rebuilt from its recipe; differing tensors: {mismatch[:5]}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS), metadata={"format": FORMAT})
+    (directory / ARCH_FILE).write_text(json.dumps(arch, indent=1))
+    return directory
+
+
+def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model saved by :func:`save_pruned`: a stock timm model at the pruned shapes, in eval mode.
+
+    The model is built on the meta device, resized to the saved shapes, materialised on ``device`` and
+    filled from the safetensors file.
+
+    Raises:
+        CheckpointError: missing, corrupt or mismatched files.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    arch_path, w_path = directory / ARCH_FILE, directory / WEIGHTS
+    for p in (arch_path, w_path):
+        if not p.is_file():
+            raise CheckpointError(f"{p} does not exist (expected a directory written by save_pruned)")
+    try:
+        arch = json.loads(arch_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{arch_path} is not valid JSON: {e}") from e
+    if not isinstance(arch, dict) or arch.get("format") != FORMAT:
+        raise CheckpointError(f"{arch_path} is not a vitprune_fast architecture file (format {FORMAT})")
+    for key in ("model_name", "model_kwargs", "groups", "tensors"):
+        if key not in arch:
+            raise CheckpointError(f"{arch_path} lacks {key!r}")
+    try:
+        state = load_file(str(w_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{w_path} is corrupt or not a safetensors file: {e}") from e
+    for k, v in state.items():
+        want = arch["tensors"].get(k)
+        if want is not None and list(v.shape) != want:
+            raise CheckpointError(f"{w_path}: tensor {k} has shape {list(v.shape)}, architecture says {want}")
+    model = _build(arch, "meta" if _meta_safe(arch) else "cpu")
+    missing = sorted(set(model.state_dict()) - set(state))
+    extra = sorted(set(state) - set(model.state_dict()))
+    if missing or extra:
+        raise CheckpointError(f"{w_path} does not match {arch_path}: missing {missing[:5]}, unexpected {extra[:5]}")
+    dtype = next(iter(state.values())).dtype if state else torch.float32
+    if next(iter(model.state_dict().values())).is_meta:
+        model = model.to_empty(device=device)
+    model = model.to(device=device, dtype=dtype)
+    for m in model.modules():  # non-persistent buffers (Swin relative_position_index) are not in the file
+        if hasattr(m, "init_non_persistent_buffers"):
+            m.init_non_persistent_buffers()
+    model.load_state_dict(state, strict=True)
+    return model.eval()

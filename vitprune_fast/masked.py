@@ -1,0 +1,120 @@
+"""Masked execution: the function a Plan computes, without slicing anything.
+
+``masked_copy(model, plan)`` returns a copy of ``model`` whose removed channels are zeroed, and whose
+LayerNorms over a pruned residual normalise over the kept channels only (masked LayerNorm). It is the
+reference that physical removal must reproduce (DESIGN contract 1), and the building block of the
+literal UP-ViTs scorer.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .arch import adapter_for
+from .plan import Plan
+from .prune import _tensor_of, resolve_plan
+
+
+def masked_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """LayerNorm over the channels where ``mask`` is True; 0 on the others.
+
+    Args:
+        x: [..., D] input.
+        mask: [D] or broadcastable [..., D] bool keep-mask.
+        weight, bias: [D] affine parameters (or None).
+        eps: LayerNorm epsilon.
+    """
+    m = mask.to(x.dtype)
+    n = m.sum(-1, keepdim=True)
+    mean = (x * m).sum(-1, keepdim=True) / n
+    var = (((x - mean) * m) ** 2).sum(-1, keepdim=True) / n
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y * m
+
+
+class MaskedLayerNorm(nn.Module):
+    """Drop-in replacement for a LayerNorm whose input has removed channels."""
+
+    def __init__(self, ln: nn.LayerNorm, mask: torch.Tensor):
+        super().__init__()
+        self.ln = ln
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked_layer_norm(x, self.mask, self.ln.weight, self.ln.bias, self.ln.eps)
+
+
+def _is_head_subset(keep: torch.Tensor, head_dim: int, heads: int) -> bool:
+    """True when every new head is made of channels of a single original head (no merging)."""
+    return all(torch.unique(chunk // head_dim).numel() == 1 for chunk in keep.view(heads, -1))
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
+    """A deep copy of ``model`` that computes what the pruned model computes, at the original sizes.
+
+    attn/mlp groups: removed channels are zeroed (q, k, v rows and proj columns; fc1 rows and fc2
+    columns). residual groups: removed channels are zeroed in every tensor and LayerNorms become masked
+    LayerNorms. A change of head count (UP-ViTs head merge) re-groups the heads of the copy and keeps the
+    original attention scale, which is what the merged pruned model computes.
+    """
+    adapter = adapter_for(model)
+    changes = resolve_plan(adapter.describe(model), plan)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for ch in changes:
+            g = ch.group
+            removed = torch.ones(g.size, dtype=torch.bool)
+            removed[ch.keep] = False
+            removed = removed.nonzero().flatten()
+            merging = g.kind == "attn" and not _is_head_subset(ch.keep, g.head_dim, ch.heads)
+            norms = {}
+            for sl in g.slices:
+                t = _tensor_of(out, sl.name)
+                if sl.per_head:
+                    if merging:  # merged heads: the same mean-of-columns rule as prune_
+                        from .prune import _head_columns
+
+                        cols = _head_columns(t, ch.keep, g.head_dim, ch.heads)
+                        if isinstance(cols, list):
+                            cols = t[:, cols]
+                        t.set_(cols.contiguous())
+                    continue
+                if removed.numel():
+                    t.index_fill_(sl.dim, sl.indices(removed), 0.0)
+                mod_path, _, pname = sl.name.rpartition(".")
+                if g.kind == "residual" and isinstance(out.get_submodule(mod_path), nn.LayerNorm):
+                    mask = torch.zeros(t.shape[0], dtype=torch.bool)
+                    mask[sl.indices(ch.keep)] = True
+                    norms[mod_path] = mask
+            for path, mask in norms.items():
+                ln = out.get_submodule(path)
+                _set_submodule(out, path, MaskedLayerNorm(ln, mask.to(ln.weight.device)))
+            if merging:
+                attn = out.get_submodule(g.module)
+                attn.num_heads = ch.heads
+                if hasattr(attn, "head_dim"):
+                    attn.head_dim = g.size // ch.heads
+                attn.scale = g.head_dim ** -0.5  # the per-dim scale of the original heads
+                attn.fused_attn = False  # SDPA would use 1/sqrt(new head dim)
+    return out
+
+
+def forward_masked_logits(model: nn.Module, plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    """Logits of the masked model (convenience for tests and the reference scorer)."""
+    m = masked_copy(model, plan).eval()
+    with torch.no_grad():
+        return m(x)
+
+
+__all__ = ["MaskedLayerNorm", "masked_copy", "masked_layer_norm", "forward_masked_logits"]

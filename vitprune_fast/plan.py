@@ -1,0 +1,164 @@
+"""Plan: which channels of each group to keep (and the new head layout), built from scores and ratios."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import PlanError
+from .space import KINDS, Group, PruningSpace
+
+ATTN_MODES = ("dims", "heads")
+
+
+@dataclass
+class Plan:
+    """Kept channels per group, in original numbering.
+
+    Attributes:
+        keep: group name -> sorted kept indices (LongTensor). Groups not listed are kept whole.
+        heads: attn group name -> new number of heads. Kept attention channels, in ascending order, are cut
+            into ``heads`` equal consecutive chunks; chunk g becomes head g.
+        sizes: group name -> group size the plan was made for (checked against the model by prune_).
+    """
+
+    keep: dict[str, torch.Tensor]
+    heads: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_space(cls, space: PruningSpace, keep: Mapping[str, torch.Tensor], heads: Mapping[str, int] | None = None):
+        """A plan for ``space`` (records its group sizes so a mismatched model is detected)."""
+        return cls(
+            keep={k: torch.as_tensor(v, dtype=torch.long) for k, v in keep.items()},
+            heads=dict(heads or {}),
+            sizes={name: g.size for name, g in space.groups.items()},
+        )
+
+    def kept_sizes(self, space: PruningSpace) -> dict[str, int]:
+        """Group name -> number of channels left after this plan."""
+        return {n: (len(self.keep[n]) if n in self.keep else g.size) for n, g in space.groups.items()}
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form."""
+        return {"keep": {k: v.tolist() for k, v in self.keep.items()}, "heads": self.heads, "sizes": self.sizes}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Plan:
+        return cls(
+            keep={k: torch.tensor(v, dtype=torch.long) for k, v in d["keep"].items()},
+            heads={k: int(v) for k, v in d.get("heads", {}).items()},
+            sizes={k: int(v) for k, v in d.get("sizes", {}).items()},
+        )
+
+    def __repr__(self) -> str:
+        return f"Plan({len(self.keep)} groups pruned, {len(self.heads)} head layouts)"
+
+
+def _ratio_for(group: Group, keep: float | Mapping[str, float]) -> float:
+    if isinstance(keep, Mapping):
+        r = keep.get(group.name, keep.get(group.kind, 1.0))
+    else:
+        r = keep
+    try:
+        r = float(r)
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"{group.name}: keep ratio must be a number, got {r!r}") from e
+    if not (0.0 < r <= 1.0) or math.isnan(r):
+        raise PlanError(f"{group.name}: keep ratio must be in (0, 1], got {r}")
+    return r
+
+
+def _top(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the n highest scores (ties broken by lower index), sorted ascending."""
+    order = torch.argsort(-scores, stable=True)
+    return order[:n].sort().values
+
+
+def _check_scores(group: Group, scores: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    if scores is None or group.name not in scores:
+        raise PlanError(f"no scores for group {group.name!r} (needed because its keep ratio is < 1)")
+    s = torch.as_tensor(scores[group.name]).detach().to("cpu", torch.float64)
+    if s.shape != (group.size,):
+        raise PlanError(f"scores[{group.name!r}] has shape {tuple(s.shape)}, expected ({group.size},)")
+    if not torch.isfinite(s).all():
+        raise PlanError(f"scores[{group.name!r}] contains NaN or inf")
+    return s
+
+
+def _plan_attn(g: Group, s: torch.Tensor, r: float, heads: int | None, attn_mode: str) -> tuple[torch.Tensor, int]:
+    h, hd = g.num_heads, g.head_dim
+    per_head = s.view(h, hd)
+    if heads is not None:  # UP-ViTs head merge: h_t groups of h/h_t consecutive heads, same count kept in each
+        if heads < 1 or h % heads:
+            raise PlanError(f"{g.name}: heads={heads} must divide the number of heads ({h})")
+        width = g.size // heads
+        n = max(1, round(r * width))
+        grouped = s.view(heads, width)
+        keep = torch.cat([_top(grouped[i], n) + i * width for i in range(heads)])
+        return keep, heads
+    if attn_mode == "heads":  # whole-head removal ranked by the summed channel scores
+        n = max(1, round(r * h))
+        kept_heads = _top(per_head.sum(1), n)
+        keep = (kept_heads[:, None] * hd + torch.arange(hd)).flatten()
+        return keep, n
+    n = max(1, round(r * hd))  # uniform head_dim: the same number of dims kept in every head
+    keep = torch.cat([_top(per_head[i], n) + i * hd for i in range(h)])
+    return keep, h
+
+
+def make_plan(
+        space: PruningSpace,
+        scores: Mapping[str, torch.Tensor] | None,
+        keep: float | Mapping[str, float] = 1.0,
+        heads: int | None = None,
+        attn_mode: str = "dims",
+) -> Plan:
+    """Build a Plan from importance scores by the UP-ViTs rules.
+
+    Every group is ranked on its own and keeps the same ratio of its kind in every block.
+
+    Args:
+        space: from ``describe(model)``.
+        scores: group name -> 1-D tensor of ``group.size`` scores, higher = more important. Needed only for
+            groups whose keep ratio is below 1.
+        keep: one ratio for every group, or a dict keyed by kind (``residual``/``attn``/``mlp``) and/or by
+            group name (a group name wins over its kind). Missing kinds keep 1.0. Ratios must be in (0, 1].
+        heads: UP-ViTs head-merge rule: merge each run of ``num_heads // heads`` consecutive heads into one
+            and keep the top ``keep * attn_dim / heads`` channels inside each merged group. Must divide
+            every attention's head count.
+        attn_mode: without ``heads``: ``"dims"`` keeps every head and the same number of dims per head;
+            ``"heads"`` removes whole heads ranked by their summed channel scores.
+
+    Returns:
+        The Plan (kept indices sorted, in the original numbering).
+    """
+    if not isinstance(space, PruningSpace):
+        raise PlanError(f"make_plan needs the PruningSpace from describe(model), got {type(space).__name__}")
+    if attn_mode not in ATTN_MODES:
+        raise PlanError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
+    if isinstance(keep, Mapping):
+        unknown = [k for k in keep if k not in KINDS and k not in space.groups]
+        if unknown:
+            raise PlanError(f"keep has unknown keys {unknown}; use kinds {KINDS} or group names")
+    if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool)):
+        raise PlanError(f"heads must be an int, got {heads!r}")
+    kept: dict[str, torch.Tensor] = {}
+    new_heads: dict[str, int] = {}
+    for g in space.groups.values():
+        r = _ratio_for(g, keep)
+        if g.kind == "attn" and heads is not None and heads != g.num_heads:
+            if g.num_heads % heads:
+                raise PlanError(f"{g.name}: heads={heads} must divide the number of heads ({g.num_heads})")
+        elif r == 1.0:
+            continue
+        s = _check_scores(g, scores) if r < 1.0 else torch.zeros(g.size, dtype=torch.float64)
+        if g.kind == "attn":
+            k, nh = _plan_attn(g, s, r, heads, attn_mode)
+            new_heads[g.name] = nh
+        else:
+            k = _top(s, max(1, round(r * g.size)))
+        kept[g.name] = k
+    return Plan.from_space(space, kept, new_heads)

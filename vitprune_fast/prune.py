@@ -1,0 +1,199 @@
+"""Apply a Plan to a timm model in place: same Parameter objects, sliced .grad and optimizer state."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .arch import adapter_for
+from .compact import compact_many_
+from .errors import PlanError
+from .plan import Plan
+from .space import Group, PruningSpace
+
+# Optimizer state entries that are second moments: they scale with the square of a reparametrisation.
+_SQUARED_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
+
+
+@dataclass
+class _GroupChange:
+    group: Group
+    keep: torch.Tensor  # sorted kept channels
+    heads: int | None  # new head count (attn only)
+
+
+def _as_index(name: str, keep, size: int) -> torch.Tensor:
+    if not isinstance(keep, torch.Tensor):
+        try:
+            keep = torch.as_tensor(keep)
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"plan.keep[{name!r}] is not a list of indices") from e
+    if keep.dim() != 1 or keep.dtype.is_floating_point or keep.dtype == torch.bool:
+        raise PlanError(f"plan.keep[{name!r}] must be a 1-D integer tensor, got {keep.dtype} {tuple(keep.shape)}")
+    keep = keep.to("cpu", torch.long)
+    if keep.numel() == 0:
+        raise PlanError(f"plan.keep[{name!r}] removes every channel of the group")
+    if (keep < 0).any() or (keep >= size).any():
+        raise PlanError(f"plan.keep[{name!r}] has indices outside [0, {size})")
+    if keep.numel() > 1 and not (keep[1:] > keep[:-1]).all():
+        raise PlanError(f"plan.keep[{name!r}] must be sorted ascending without duplicates")
+    return keep
+
+
+def resolve_plan(space: PruningSpace, plan: Plan) -> list[_GroupChange]:
+    """Check ``plan`` against ``space`` (no tensor is touched) and list the group changes."""
+    if not isinstance(plan, Plan):
+        raise PlanError(f"expected a vitprune_fast.Plan, got {type(plan).__name__}")
+    unknown = sorted((set(plan.keep) | set(plan.heads)) - set(space.groups))
+    if unknown:
+        raise PlanError(f"plan names groups this model does not have: {unknown[:5]}")
+    for name, size in plan.sizes.items():
+        g = space.groups.get(name)
+        if g is None or g.size != size:
+            have = "missing" if g is None else f"size {g.size}"
+            raise PlanError(f"plan was made for another model: group {name!r} had size {size}, here {have}")
+    changes = []
+    for name, g in space.groups.items():
+        if name not in plan.keep and name not in plan.heads:
+            continue
+        keep = _as_index(name, plan.keep.get(name, torch.arange(g.size)), g.size)
+        heads = None
+        if g.kind == "attn":
+            heads = int(plan.heads.get(name, g.num_heads))
+            if heads < 1 or keep.numel() % heads:
+                raise PlanError(f"{name}: {keep.numel()} kept channels cannot form {heads} equal heads")
+        elif name in plan.heads:
+            raise PlanError(f"plan.heads[{name!r}]: only attn groups have heads")
+        if keep.numel() == g.size and heads in (None, g.num_heads):
+            continue
+        changes.append(_GroupChange(g, keep, heads))
+    return changes
+
+
+def _tensor_of(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_buffer(name)
+
+
+def _companions(p: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> list[tuple[str, torch.Tensor]]:
+    """Tensors that must be sliced like ``p``: its .grad and its per-element optimizer state."""
+    out = []
+    if isinstance(p, nn.Parameter) and p.grad is not None:
+        out.append(("grad", p.grad))
+    if optimizer is not None and p in optimizer.state:
+        for key, v in optimizer.state[p].items():
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                continue  # e.g. Adam's step counter
+            if v.shape != p.shape:
+                raise PlanError(f"optimizer state {key!r} has shape {tuple(v.shape)} != parameter "
+                                f"{tuple(p.shape)}; only per-element state (Adam/AdamW/SGD...) can be sliced")
+            out.append((key, v))
+    return out
+
+
+def _head_columns(table: torch.Tensor, keep: torch.Tensor, old_hd: int, heads: int) -> torch.Tensor | list[int]:
+    """Kept columns of a per-head table, or the merged table when a new head spans several old heads."""
+    spans = [torch.unique(chunk // old_hd) for chunk in keep.view(heads, -1)]
+    if all(s.numel() == 1 for s in spans):
+        return [int(s) for s in spans]
+    # Merged heads have no exact bias: use the mean of the merged heads' columns (documented choice).
+    return torch.stack([table[:, s].mean(1) for s in spans], 1)
+
+
+def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+    """Prune ``model`` in place according to ``plan``.
+
+    Parameters keep their identity (an optimizer built before keeps working); ``.grad`` and the optimizer's
+    per-element state (Adam/AdamW ``exp_avg``/``exp_avg_sq``, SGD ``momentum_buffer``) are sliced the same
+    way. Module attributes (``num_heads``, ``head_dim``, ``attn_dim``, ``scale``, ``in_features``,
+    ``normalized_shape``, Swin ``dim``...) are updated. When a head's dim shrinks, ``sqrt(new/old)`` is
+    folded into the q rows so that both of timm's attention paths compute the same function as before.
+
+    Everything is validated before any tensor is touched: a failed call leaves the model unchanged.
+
+    Args:
+        model: a timm VisionTransformer or SwinTransformer.
+        plan: from ``make_plan(describe(model), ...)``.
+        optimizer: optional optimizer whose state must follow the parameters.
+
+    Returns:
+        The same model object.
+    """
+    adapter = adapter_for(model)
+    space = adapter.describe(model)
+    changes = resolve_plan(space, plan)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise PlanError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+    # 1. Everything each tensor must lose, checked before anything moves.
+    ops: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    head_tables: list[tuple[str, torch.Tensor, int, int]] = []
+    for ch in changes:
+        for sl in ch.group.slices:
+            if sl.per_head:
+                head_tables.append((sl.name, ch.keep, ch.group.head_dim, ch.heads))
+            elif ch.keep.numel() < ch.group.size:
+                ops[sl.name].append((sl.dim, sl.indices(ch.keep)))
+    items = []
+    for name, dim_idx in ops.items():
+        t = _tensor_of(model, name)
+        targets = [t] + [v for _, v in _companions(t, optimizer)]
+        for dim, idx in dim_idx:
+            if idx.max() >= t.shape[dim]:
+                raise PlanError(f"{name}: index {int(idx.max())} out of range for dim {dim} of {tuple(t.shape)}")
+            items += [(x, dim, idx) for x in targets]
+    new_tables = []
+    for name, keep, old_hd, heads in head_tables:
+        table = _tensor_of(model, name)
+        new_tables.append((table, _head_columns(table.detach(), keep, old_hd, heads)))
+
+    # 2. Move data (in place; C++ extension when available).
+    compact_many_(items)
+    with torch.no_grad():
+        for table, cols in new_tables:
+            if isinstance(cols, list):
+                if len(cols) < table.shape[1] or cols != sorted(cols):
+                    compact_many_([(x, 1, torch.tensor(cols)) for x in [table] + [v for _, v in
+                                                                                  _companions(table, optimizer)]])
+            else:  # merged heads: new values; gradient/state of the table restart from zero
+                table.set_(cols.to(table.dtype).contiguous())
+                if table.grad is not None:
+                    table.grad = None
+                if optimizer is not None:
+                    optimizer.state.pop(table, None)
+
+    # 3. Attributes, then fold the attention-scale change into q.
+    old_hd = {ch.group.name: ch.group.head_dim for ch in changes if ch.group.kind == "attn"}
+    for ch in changes:
+        if ch.group.kind == "attn":
+            model.get_submodule(ch.group.module).num_heads = ch.heads
+    adapter.sync_attributes(model)
+    for ch in changes:
+        if ch.group.kind != "attn":
+            continue
+        attn = model.get_submodule(ch.group.module)
+        new_hd = ch.keep.numel() // ch.heads
+        _fold_scale(attn.qkv, ch.keep.numel(), math.sqrt(new_hd / old_hd[ch.group.name]), optimizer)
+    return model
+
+
+def _fold_scale(qkv: nn.Linear, q_rows: int, factor: float, optimizer) -> None:
+    """q' = factor * q so that q'·k / sqrt(new_hd) == q·k / sqrt(old_hd); gradients/state follow the reparam."""
+    if factor == 1.0:
+        return
+    with torch.no_grad():
+        for p in (qkv.weight, qkv.bias):
+            if p is None:
+                continue
+            p[:q_rows].mul_(factor)
+            if p.grad is not None:
+                p.grad[:q_rows].div_(factor)
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            for key, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                    v[:q_rows].div_(factor ** 2 if key in _SQUARED_STATE else factor)

@@ -1,0 +1,72 @@
+"""PruningSpace: a timm model described as groups of channels that are removed together."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+KINDS = ("residual", "attn", "mlp")
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """One tensor touched by a group: channel ``c`` of the group maps to indices along ``dim``.
+
+    Index map: ``{r * stride + c for r in range(repeats)}`` (``repeats=1`` is the identity). qkv rows use
+    ``repeats=3, stride=attn_dim``; Swin PatchMerging inputs use ``repeats=4, stride=C``. ``per_head`` marks
+    a tensor indexed by head (Swin ``relative_position_bias_table`` columns): it is sliced by kept heads.
+    ``q_rows`` marks the qkv weight/bias rows that carry the attention scale fold.
+    """
+
+    name: str  # parameter or buffer name in model.named_parameters()/named_buffers()
+    dim: int
+    repeats: int = 1
+    stride: int = 0
+    per_head: bool = False
+
+    def indices(self, keep: torch.Tensor) -> torch.Tensor:
+        """Indices to keep along ``dim`` for kept channels ``keep`` (sorted); per-head maps take kept heads."""
+        if self.repeats == 1:
+            return keep
+        return torch.cat([keep + r * self.stride for r in range(self.repeats)])
+
+
+@dataclass
+class Group:
+    """Channels that must be removed together.
+
+    Attributes:
+        name: group name, e.g. ``blocks.3.attn``, ``blocks.3.mlp``, ``residual``, ``layers.2.residual``.
+        kind: ``residual`` | ``attn`` | ``mlp``.
+        size: number of channels in the group now.
+        slices: every tensor slice the group implies.
+        num_heads / head_dim: head layout of an ``attn`` group (channel d belongs to head ``d // head_dim``).
+        module: module path of the timm module the group belongs to (Attention / Mlp / the model or stage).
+    """
+
+    name: str
+    kind: str
+    size: int
+    slices: list[TensorSlice] = field(default_factory=list)
+    num_heads: int | None = None
+    head_dim: int | None = None
+    module: str = ""
+
+    def __repr__(self) -> str:
+        heads = f", heads={self.num_heads}x{self.head_dim}" if self.kind == "attn" else ""
+        return f"Group({self.name!r}, kind={self.kind}, size={self.size}{heads}, tensors={len(self.slices)})"
+
+
+@dataclass
+class PruningSpace:
+    """All prunable groups of one model, plus what is needed to rebuild it."""
+
+    arch: str  # "vit" | "swin"
+    groups: dict[str, Group]
+
+    def of_kind(self, kind: str) -> list[Group]:
+        return [g for g in self.groups.values() if g.kind == kind]
+
+    def __repr__(self) -> str:
+        counts = {k: len(self.of_kind(k)) for k in KINDS}
+        return f"PruningSpace(arch={self.arch}, groups={counts})"
