@@ -43,6 +43,7 @@ def _architecture(model: nn.Module, model_name: str | None, model_kwargs: dict |
         "groups": {n: {"kind": g.kind, "size": g.size, **({"num_heads": g.num_heads} if g.kind == "attn" else {})}
                    for n, g in space.groups.items()},
         "tensors": {k: list(v.shape) for k, v in model.state_dict().items()},
+        "extra": adapter.extra_state(model),
     }
 
 
@@ -72,6 +73,10 @@ def _build(arch: dict, device: str | torch.device = "meta") -> nn.Module:
             if name in saved and list(t.shape) != saved[name]:
                 t.set_(torch.empty(saved[name], dtype=t.dtype, device=t.device))
     adapter.sync_attributes(model)
+    try:
+        adapter.apply_extra_state(model, arch.get("extra", {}))
+    except (AttributeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"architecture.json 'extra' does not fit the rebuilt model: {e}") from e
     return model
 
 

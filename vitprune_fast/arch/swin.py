@@ -129,3 +129,19 @@ def build_recipe(model: nn.Module) -> dict:
         qkv_bias=model.layers[0].blocks[0].attn.qkv.bias is not None,
         strict_img_size=not model.dynamic_img_size,
     )
+
+
+def extra_state(model: nn.Module) -> dict:
+    """Per-block window/shift layout: after depth pruning it no longer follows timm's even/odd rule."""
+    return {f"layers.{s}.blocks.{b}": {"window_size": list(blk.window_size), "shift_size": list(blk.shift_size),
+                                       "target_shift_size": list(blk.target_shift_size)}
+            for s, st in enumerate(model.layers) for b, blk in enumerate(st.blocks)}
+
+
+def apply_extra_state(model: nn.Module, state: dict) -> None:
+    for path, d in state.items():
+        blk = model.get_submodule(path)
+        blk.window_size, blk.shift_size = tuple(d["window_size"]), tuple(d["shift_size"])
+        blk.target_shift_size = tuple(d["target_shift_size"])
+        blk.window_area = blk.window_size[0] * blk.window_size[1]
+        blk._init_buffers()  # attention mask for this shift

@@ -134,3 +134,11 @@ def build_recipe(model: nn.Module) -> dict:
         kw["final_norm"] = False  # only passed when needed: older timm has no such kwarg
         kw.pop("fc_norm")
     return kw
+
+
+def extra_state(model: nn.Module) -> dict:
+    return {}
+
+
+def apply_extra_state(model: nn.Module, state: dict) -> None:
+    pass

@@ -1,0 +1,243 @@
+"""Candidate expansion fused with the next LayerNorm (UP-ViTs C3 / FFN hidden-unit candidates).
+
+Removing FFN hidden unit ``j`` of block ``b`` changes that block's output by a rank-1 term: the unit's
+contribution ``act_j[i, t] * (gamma * W2[:, j])`` disappears. With the full block output ``y`` (shared by all
+candidates), ``a[k] = act_{j_k}`` (post-GELU activation of the removed unit, per image and token) and
+``w[k] = gamma * W2[:, j_k]`` (the fc2 column times the LayerScale gamma, or just the fc2 column without
+LayerScale), candidate ``k``'s residual stream is::
+
+    x[k, i, t, :] = y[i, t, :] - a[k, i, t] * w[k, :]            (sign: removing a unit SUBTRACTS its term)
+
+and the next block needs both ``x`` (the residual) and ``LayerNorm(x)`` (its norm1 input). This kernel writes
+both in one pass, candidates stacked candidate-major along the batch: output row ``k * n + i`` is candidate ``k``,
+image ``i``. Each program handles a ``[BLOCK_M, BLOCK_D]`` tile of whole rows; ``x`` is formed in fp32 (fp64 for
+fp64 inputs), the LayerNorm statistics come from that unrounded ``x``, and both results are rounded once to the
+output dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["expand_ln", "expand_ln_ref"]
+
+# Whole rows live in registers; wider rows than this are rejected (ViTs use D <= 2048).
+_MAX_BLOCK_D = 16384
+# Target elements per program tile on the GPU; the CPU interpreter pays per program, so it gets larger tiles.
+_TILE_ELEMS = 4096
+_TILE_ELEMS_INTERPRET = 65536
+
+
+@triton.jit
+def _expand_ln_kernel(
+    y_ptr,  # [N, D] shared block output rows (N = n * T), unit stride along D
+    a_ptr,  # [K * N] coefficient of each output row (a[k, i, t] flattened), contiguous
+    w_ptr,  # [K, D] per-candidate direction (gamma * fc2 column), contiguous
+    ln_w_ptr,  # [D] LayerNorm weight (unused when HAS_WEIGHT is False)
+    ln_b_ptr,  # [D] LayerNorm bias (unused when HAS_BIAS is False)
+    x_ptr,  # [K * N, D] out: residual x = y - a * w, contiguous
+    z_ptr,  # [K * N, D] out: LayerNorm(x), contiguous
+    n_rows_out,  # K * N
+    n_rows_shared,  # N: output row r is candidate r // N, shared row r % N
+    n_cols,  # D
+    stride_y,  # row stride of y, in elements
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output rows, int64
+    cols = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    row_ok = rows < n_rows_out
+    col_ok = cols < n_cols
+    inb = row_ok[:, None] & col_ok[None, :]  # [BLOCK_M, BLOCK_D]
+    cand = rows // n_rows_shared  # [BLOCK_M] candidate k
+    src = rows - cand * n_rows_shared  # [BLOCK_M] row of y
+
+    y = tl.load(y_ptr + src[:, None] * stride_y + cols[None, :], mask=inb, other=0.0).to(acc_ty)
+    a = tl.load(a_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)  # [BLOCK_M]
+    w = tl.load(w_ptr + cand[:, None] * n_cols + cols[None, :], mask=inb, other=0.0).to(acc_ty)
+    # Candidate k drops its unit's contribution: x_k = y - a_k (outer) w_k.
+    x = y - a[:, None] * w  # padding lanes: 0 - 0 * 0 = 0
+    out_off = rows[:, None] * n_cols + cols[None, :]
+    tl.store(x_ptr + out_off, x.to(x_ptr.dtype.element_ty), mask=inb)
+
+    # LayerNorm over D (biased variance, as torch), from the unrounded x.
+    mean = tl.sum(x, axis=1) / n_cols  # [BLOCK_M]
+    xc = tl.where(inb, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    z = xc * rstd[:, None]
+    if HAS_WEIGHT:
+        lw = tl.load(ln_w_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        z = z * lw[None, :]
+    if HAS_BIAS:
+        lb = tl.load(ln_b_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        z = z + lb[None, :]
+    tl.store(z_ptr + out_off, z.to(z_ptr.dtype.element_ty), mask=inb)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_usable(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernel can run: CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``."""
+    return _interpreting() or all(x.is_cuda for x in tensors)
+
+
+def _check_inputs(
+    y: torch.Tensor,
+    a: torch.Tensor,
+    w: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[int, int, int]:
+    """Validate the arguments; return ``(K, N, D)`` with ``N`` the number of shared rows of ``y``."""
+    for name, t in (("y", y), ("a", a), ("w", w)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if y.dim() < 2:
+        raise ValueError(f"y must be [n, T, D] (or [n, D]), got {tuple(y.shape)}")
+    d = y.shape[-1]
+    if d < 1:
+        raise ValueError("y has no channels (D = 0)")
+    if w.dim() != 2 or w.shape[1] != d:
+        raise ValueError(f"w must be [K, D] with D = {d}, got {tuple(w.shape)}")
+    k = w.shape[0]
+    if k < 1:
+        raise ValueError("need at least one candidate (K >= 1)")
+    if tuple(a.shape) != (k, *y.shape[:-1]):
+        raise ValueError(f"a must be [K, *y.shape[:-1]] = {(k, *y.shape[:-1])}, got {tuple(a.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (p.shape != (d,) or not p.is_floating_point()):
+            raise ValueError(f"{name} must be a float tensor of shape ({d},), got {p.dtype} {tuple(p.shape)}")
+    for p in (a, w, weight, bias):
+        if p is not None and p.device != y.device:
+            raise ValueError(f"all tensors must be on {y.device}, got one on {p.device}")
+    return k, y.numel() // d, d
+
+
+def _out_shape(y: torch.Tensor, k: int) -> tuple[int, ...]:
+    return (k * y.shape[0], *y.shape[1:])
+
+
+def expand_ln(
+    y: torch.Tensor,
+    a: torch.Tensor,
+    w: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand a shared block output into ``K`` rank-1-perturbed candidates and LayerNorm them, in one pass.
+
+    ``x[k * n + i, t] = y[i, t] - a[k, i, t] * w[k]`` (removing a unit subtracts its contribution) and
+    ``z = F.layer_norm(x, (D,), weight, bias, eps)``.
+
+    Args:
+        y: ``[n, T, D]`` block output of the unpruned model (any ``[n, *, D]`` works), shared by all candidates.
+        a: ``[K, n, T]`` per-candidate coefficients: the post-activation value of the removed hidden unit.
+        w: ``[K, D]`` per-candidate directions: ``gamma * fc2.weight[:, j_k]`` (gamma = LayerScale, or 1).
+        weight: optional ``[D]`` weight of the next LayerNorm (the next block's ``norm1``).
+        bias: optional ``[D]`` bias of that LayerNorm.
+        eps: that LayerNorm's eps (timm ViTs use 1e-6; pass ``norm.eps``).
+
+    Returns:
+        ``(x, z)``, both ``[K * n, T, D]`` in ``y``'s dtype, candidate-major (rows ``k * n .. k * n + n - 1`` are
+        candidate ``k``): the residual stream and its LayerNorm. Computed in fp32 (fp64 for fp64 ``y``).
+        Runs the Triton kernel on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``); plain CPU tensors
+        fall back to :func:`expand_ln_ref` in the accumulation dtype.
+
+    Raises:
+        ValueError: on shapes that do not fit (``a`` not ``[K, *y.shape[:-1]]``, ``w`` not ``[K, D]``, LayerNorm
+            parameters not ``[D]``), non-float inputs, tensors on different devices, or ``D`` above 16384.
+    """
+    k, n_shared, d = _check_inputs(y, a, w, weight, bias)
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    if not _triton_usable(y, a, w):
+        x, z = expand_ln_ref(y, a, w, weight, bias, eps, compute_dtype=acc)
+        return x.to(y.dtype), z.to(y.dtype)
+    block_d = triton.next_power_of_2(d)
+    if block_d > _MAX_BLOCK_D:
+        raise ValueError(f"D = {d} is above the supported maximum of {_MAX_BLOCK_D} channels")
+    out_shape = _out_shape(y, k)
+    n_out = k * n_shared
+    x = torch.empty((n_out, d), dtype=y.dtype, device=y.device)
+    z = torch.empty((n_out, d), dtype=y.dtype, device=y.device)
+    if n_out == 0:
+        return x.view(out_shape), z.view(out_shape)
+    y2 = y.reshape(n_shared, d)
+    if y2.stride(1) != 1:
+        y2 = y2.contiguous()
+    a1 = a.reshape(n_out).contiguous()
+    w2 = w.contiguous()
+    tile = _TILE_ELEMS_INTERPRET if _interpreting() else _TILE_ELEMS
+    block_m = max(1, min(tile // block_d, triton.next_power_of_2(n_out)))
+    num_warps = 4 if block_m * block_d <= 4096 else 8
+    grid = (triton.cdiv(n_out, block_m),)
+    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
+        _expand_ln_kernel[grid](
+            y2,
+            a1,
+            w2,
+            weight if weight is not None else w2,
+            bias if bias is not None else w2,
+            x,
+            z,
+            n_out,
+            n_shared,
+            d,
+            y2.stride(0),
+            eps,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            ACC_FP64=acc == torch.float64,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return x.view(out_shape), z.view(out_shape)
+
+
+def expand_ln_ref(
+    y: torch.Tensor,
+    a: torch.Tensor,
+    w: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch reference for :func:`expand_ln` (broadcast, reshape, ``F.layer_norm``).
+
+    Args:
+        y: ``[n, T, D]`` shared block output.
+        a: ``[K, n, T]`` coefficients.
+        w: ``[K, D]`` directions.
+        weight: optional ``[D]`` LayerNorm weight.
+        bias: optional ``[D]`` LayerNorm bias.
+        eps: LayerNorm eps.
+        compute_dtype: dtype of the computation and of the results; ``None`` keeps ``y``'s dtype (what a user
+            gets in plain torch at that dtype), ``torch.float64`` gives the high-precision reference.
+
+    Returns:
+        ``(x, z)``, both ``[K * n, T, D]`` in ``compute_dtype``.
+    """
+    k, _, d = _check_inputs(y, a, w, weight, bias)
+    dtype = compute_dtype or y.dtype
+    w_b = w.to(dtype).view(k, *([1] * (y.dim() - 1)), d)  # [K, 1, 1, D]
+    x = (y.to(dtype).unsqueeze(0) - a.to(dtype).unsqueeze(-1) * w_b).reshape(_out_shape(y, k))
+    wt = weight.to(dtype) if weight is not None else None
+    bs = bias.to(dtype) if bias is not None else None
+    z = torch.nn.functional.layer_norm(x, (d,), wt, bs, eps)
+    return x, z

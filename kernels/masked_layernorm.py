@@ -1,0 +1,231 @@
+"""Masked LayerNorm: LayerNorm over a per-sample subset of channels (UP-ViTs C1 / residual candidates).
+
+A model whose residual channels ``R`` were physically removed normalises every token over the kept channels
+only. With a keep-mask ``m`` (1 = kept) this is, per row ``x`` of ``D`` channels::
+
+    cnt  = sum_c m_c
+    mean = sum_c m_c x_c / cnt
+    var  = sum_c m_c (x_c - mean)^2 / cnt                       (biased, as torch.nn.LayerNorm)
+    y_c  = m_c ? (x_c - mean) / sqrt(var + eps) * w_c + b_c : 0
+
+so the kept columns of ``y`` equal ``F.layer_norm(x[..., keep], (cnt,), w[keep], b[keep], eps)`` and the removed
+columns are exactly 0. Zeroing the channel instead would change ``mean`` and ``var``.
+
+Rows are grouped by sample: with ``x`` flattened to ``[M, D]`` and ``mask`` of shape ``[S, D]``, row ``r`` uses
+mask row ``r // (M // S)`` (for the KL engine: ``S = K`` candidates, ``M // S = n * T`` token rows each).
+Each program normalises a ``[BLOCK_M, BLOCK_D]`` tile holding whole rows, statistics in fp32 (fp64 for fp64 x).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["masked_layer_norm", "masked_layer_norm_ref"]
+
+# Whole rows live in registers; wider rows than this are rejected (ViTs use D <= 2048).
+_MAX_BLOCK_D = 16384
+# Target elements per program tile (BLOCK_M rows of BLOCK_D columns). The CPU interpreter pays per program, not
+# per element, so it gets much larger tiles (same kernel, fewer programs).
+_TILE_ELEMS = 4096
+_TILE_ELEMS_INTERPRET = 65536
+
+
+@triton.jit
+def _masked_layer_norm_kernel(
+    x_ptr,  # [M, D] input rows, unit stride along D
+    y_ptr,  # [M, D] output, contiguous, same dtype as x
+    mask_ptr,  # [S, D] uint8 keep-mask (non-zero = kept), contiguous
+    w_ptr,  # [D] LayerNorm weight (unused when HAS_WEIGHT is False)
+    b_ptr,  # [D] LayerNorm bias (unused when HAS_BIAS is False)
+    n_rows,  # M
+    n_cols,  # D
+    stride_x,  # row stride of x, in elements
+    rows_per_sample,  # M // S: row r uses mask row r // rows_per_sample
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64
+    cols = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    inb = row_ok[:, None] & col_ok[None, :]  # [BLOCK_M, BLOCK_D]
+
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inb, other=0.0).to(acc_ty)
+    sample = rows // rows_per_sample  # [BLOCK_M] mask row of each x row
+    m = tl.load(mask_ptr + sample[:, None] * n_cols + cols[None, :], mask=inb, other=0)
+    keep = (m != 0) & inb
+
+    # Statistics over the kept channels only. A row with no kept channel (or a padding row) has every term
+    # below masked to 0; cnt is clamped to 1 so it divides 0 by 1 and the row comes out all zeros.
+    cnt = tl.maximum(tl.sum(keep.to(acc_ty), axis=1), 1.0)  # [BLOCK_M]
+    mean = tl.sum(tl.where(keep, x, 0.0), axis=1) / cnt
+    xc = tl.where(keep, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / cnt
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = xc * rstd[:, None]
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        y = y * w[None, :]
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        y = y + b[None, :]
+    y = tl.where(keep, y, 0.0)  # removed channels are exactly 0
+    tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inb)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_usable(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernel can run: CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``."""
+    return _interpreting() or all(x.is_cuda for x in tensors)
+
+
+def _check_inputs(
+    x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[int, int, int]:
+    """Validate the arguments; return ``(M, D, S)``."""
+    if x.dim() < 1 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor [..., D], got {x.dtype} {tuple(x.shape)}")
+    d = x.shape[-1]
+    if d < 1:
+        raise ValueError("x has no channels (D = 0)")
+    if mask.dim() not in (1, 2) or mask.shape[-1] != d:
+        raise ValueError(f"mask must be [D] or [S, D] with D = {d}, got {tuple(mask.shape)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise ValueError(f"mask must be bool or an integer dtype (non-zero = kept), got {mask.dtype}")
+    s = 1 if mask.dim() == 1 else mask.shape[0]
+    m = x.numel() // d
+    if s < 1 or m % s != 0:
+        raise ValueError(f"x has {m} rows, not a multiple of the {s} mask rows (rows are grouped by sample)")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (p.shape != (d,) or not p.is_floating_point()):
+            raise ValueError(f"{name} must be a float tensor of shape ({d},), got {p.dtype} {tuple(p.shape)}")
+    for p in (mask, weight, bias):
+        if p is not None and p.device != x.device:
+            raise ValueError(f"all tensors must be on {x.device}, got one on {p.device}")
+    return m, d, s
+
+
+def masked_layer_norm(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """LayerNorm over the kept channels of each sample; removed channels come out exactly 0.
+
+    Reproduces the LayerNorm of a model whose masked-out residual channels were physically removed:
+    ``y[r, keep] == F.layer_norm(x[r, keep], (cnt,), weight[keep], bias[keep], eps)`` and ``y[r, ~keep] == 0``,
+    where ``keep = mask[r // rows_per_sample]``. A mask row with no kept channel gives all-zero rows.
+
+    Args:
+        x: ``[..., D]`` input (fp32 / bf16 / fp16 / fp64); leading dims are flattened to ``M`` rows.
+        mask: ``[S, D]`` (or ``[D]``, meaning ``S = 1``) bool / integer keep-mask, non-zero = kept. ``M`` must be
+            a multiple of ``S``; the ``M // S`` consecutive rows of sample ``s`` use ``mask[s]`` (e.g. ``x`` as
+            ``[K * n * T, D]`` with one mask row per candidate).
+        weight: optional ``[D]`` affine weight (LayerNorm ``weight``), applied to kept channels.
+        bias: optional ``[D]`` affine bias.
+        eps: added to the variance, as in ``torch.nn.LayerNorm`` (timm ViTs use 1e-6; pass ``norm.eps``).
+
+    Returns:
+        Tensor with the shape and dtype of ``x``. Statistics are accumulated in fp32 (fp64 for fp64 ``x``).
+        Runs the Triton kernel on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``); plain CPU tensors
+        fall back to :func:`masked_layer_norm_ref` in the accumulation dtype.
+
+    Raises:
+        ValueError: on a mask / weight / bias shape that does not match ``x``, a float mask, a row count that is
+            not a multiple of the mask rows, tensors on different devices, or ``D`` above 16384.
+    """
+    m_rows, d, s = _check_inputs(x, mask, weight, bias)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if not _triton_usable(x, mask):
+        return masked_layer_norm_ref(x, mask, weight, bias, eps, compute_dtype=acc).to(x.dtype)
+    block_d = triton.next_power_of_2(d)
+    if block_d > _MAX_BLOCK_D:
+        raise ValueError(f"D = {d} is above the supported maximum of {_MAX_BLOCK_D} channels")
+    x2 = x.reshape(m_rows, d)
+    if m_rows > 0 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((m_rows, d), dtype=x.dtype, device=x.device)
+    if m_rows == 0:
+        return y.view(x.shape)
+    # Non-zero = kept; bool is reinterpreted in place, other integer masks are compared (no wrap-around at 256).
+    mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).to(torch.uint8)
+    mask_u8 = mask_u8.reshape(s, d).contiguous()
+    tile = _TILE_ELEMS_INTERPRET if _interpreting() else _TILE_ELEMS
+    block_m = max(1, min(tile // block_d, triton.next_power_of_2(m_rows)))
+    num_warps = 4 if block_m * block_d <= 4096 else 8
+    grid = (triton.cdiv(m_rows, block_m),)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _masked_layer_norm_kernel[grid](
+            x2,
+            y,
+            mask_u8,
+            weight if weight is not None else x2,
+            bias if bias is not None else x2,
+            m_rows,
+            d,
+            x2.stride(0),
+            m_rows // s,
+            eps,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            ACC_FP64=acc == torch.float64,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return y.view(x.shape)
+
+
+def masked_layer_norm_ref(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Plain-torch reference for :func:`masked_layer_norm` (same arguments and semantics).
+
+    Args:
+        x: ``[..., D]`` input.
+        mask: ``[S, D]`` or ``[D]`` keep-mask.
+        weight: optional ``[D]`` weight.
+        bias: optional ``[D]`` bias.
+        eps: variance epsilon.
+        compute_dtype: dtype of the computation and of the result; ``None`` keeps ``x.dtype`` (what a user gets in
+            plain torch at that dtype), ``torch.float64`` gives the high-precision reference.
+
+    Returns:
+        Tensor of the shape of ``x`` in ``compute_dtype``.
+    """
+    m_rows, d, s = _check_inputs(x, mask, weight, bias)
+    dtype = compute_dtype or x.dtype
+    xs = x.to(dtype).reshape(s, m_rows // s, d)  # [S, rows_per_sample, D]
+    keep = (mask.reshape(s, 1, d) != 0).to(dtype)
+    cnt = keep.sum(dim=-1, keepdim=True)
+    mean = (xs * keep).sum(dim=-1, keepdim=True) / cnt
+    xc = (xs - mean) * keep
+    var = (xc * xc).sum(dim=-1, keepdim=True) / cnt
+    y = xc * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(dtype)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    y = torch.where(keep.bool(), y, torch.zeros((), dtype=dtype, device=x.device))
+    return y.reshape(x.shape)

@@ -1,0 +1,115 @@
+"""Depth pruning (UP-ViTs §4): remove whole blocks or hybrid units FFN_i + MSA_{i+1}, leaving stock timm blocks.
+
+A hybrid unit straddles two blocks; removing it re-packs block i's attention half with block i+1's MLP half
+into one timm Block (pre-LN residual branches are independent, so this is exact removal).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .score.trunk import Trunk
+
+DEPTH_KINDS = ("block", "hybrid")
+
+
+def lowest_units(scores: dict[str, torch.Tensor], n: int, kinds: Sequence[str] = DEPTH_KINDS) -> list[tuple[str, int]]:
+    """The ``n`` lowest-KL units that can be removed together (no two touch the same block half).
+
+    Args:
+        scores: from ``upvits_scores(..., components=("blocks",))`` (keys ``units.block``, ``units.hybrid``).
+        n: how many units to remove.
+        kinds: unit kinds to consider.
+
+    Returns:
+        ``[(kind, index)]`` in ascending score order.
+    """
+    cands = []
+    for kind in kinds:
+        if kind not in DEPTH_KINDS:
+            raise PlanError(f"depth kinds must be in {DEPTH_KINDS}; attention-/MLP-only units leave a non-stock block")
+        key = f"units.{kind}"
+        if key not in scores:
+            raise PlanError(f"no scores for {key!r}; score with components=('blocks',)")
+        cands += [(float(s), kind, i) for i, s in enumerate(scores[key].tolist())]
+    chosen, used = [], set()
+    for _, kind, i in sorted(cands):
+        halves = {(i, "attn"), (i, "mlp")} if kind == "block" else {(i, "mlp"), (i + 1, "attn")}
+        if halves & used:
+            continue
+        chosen.append((kind, i))
+        used |= halves
+        if len(chosen) == n:
+            break
+    if len(chosen) < n:
+        raise PlanError(f"only {len(chosen)} non-overlapping units available, asked for {n}")
+    return chosen
+
+
+def _container(model: nn.Module, trunk: Trunk, i: int) -> tuple[nn.Sequential, int, nn.Module]:
+    """(Sequential holding block i, local index, owner module)."""
+    if trunk.arch == "vit":
+        return model.blocks, i, model
+    s = trunk.stage_of[i]
+    stage = model.layers[s]
+    return stage.blocks, i - trunk.stage_of.index(s), stage
+
+
+def remove_units_(model: nn.Module, units: Sequence[tuple[str, int]]) -> nn.Module:
+    """Physically remove block units (indices refer to the model as it is before this call)."""
+    trunk = Trunk.of(model)
+    n = len(trunk.blocks)
+    drop = set()
+    for kind, i in units:
+        if kind not in DEPTH_KINDS or not 0 <= i < n - (kind == "hybrid"):
+            raise PlanError(f"unit ({kind!r}, {i}) does not exist in a model with {n} blocks")
+        if kind == "hybrid" and trunk.stage_of[i] != trunk.stage_of[i + 1]:
+            raise PlanError(f"hybrid unit {i} crosses a PatchMerging (stage boundary)")
+        drop.add(i if kind == "block" else i + 1)
+    for s in set(trunk.stage_of):
+        if all(i in drop for i, st in enumerate(trunk.stage_of) if st == s):
+            raise PlanError(f"removing these units would empty stage {s}")
+    if len(drop) != len(units):
+        raise PlanError("units overlap")
+    for kind, i in units:  # re-pack hybrids first: block i keeps its attention, takes block i+1's MLP half
+        if kind == "hybrid":
+            a, b = trunk.blocks[i], trunk.blocks[i + 1]
+            for part in ("norm2", "mlp", "ls2", "drop_path2"):
+                if hasattr(b, part):
+                    setattr(a, part, getattr(b, part))
+    keep_by_container: dict[int, tuple[nn.Sequential, nn.Module, list[nn.Module]]] = {}
+    for i, blk in enumerate(trunk.blocks):
+        seq, _, owner = _container(model, trunk, i)
+        entry = keep_by_container.setdefault(id(seq), (seq, owner, []))
+        if i not in drop:
+            entry[2].append(blk)
+    for _seq, owner, kept in keep_by_container.values():
+        new = nn.Sequential(*kept)
+        if owner is model:
+            model.blocks = new
+        else:
+            owner.blocks = new
+            owner.depth = len(kept)
+    return model
+
+
+def prune_depth_(model: nn.Module, images, n_units: int, kinds: Sequence[str] = DEPTH_KINDS,
+                 progressive: bool = True, **score_kwargs) -> list[tuple[str, int]]:
+    """Remove ``n_units`` lowest-KL units; ``progressive`` re-scores after each removal (UP-ViTs).
+
+    Returns:
+        The removed units, each indexed in the model as it was when that unit was removed.
+    """
+    from .score.upvits import upvits_scores
+
+    removed = []
+    steps = [1] * n_units if progressive else [n_units]
+    for k in steps:
+        scores = upvits_scores(model, images, components=("blocks",), **score_kwargs)
+        units = lowest_units(scores, k, kinds)
+        remove_units_(model, units)
+        removed += units
+    return removed

@@ -1,0 +1,453 @@
+"""UP-ViTs importance scores: KL(q‖p) of the model with one channel (or block unit) removed.
+
+``s_c = Σ_images KL(softmax(teacher) ‖ softmax(model without c))`` at temperature 1, summed over images.
+Two engines compute the same numbers:
+
+* ``engine="reference"``: the published method literally — for every candidate, the model with that
+  candidate removed (a physically pruned copy for residual channels and MLP units; zeroed q, k, v rows for
+  an attention dim, as the published scorer does) runs a full forward over the proxy images.
+* ``engine="fast"``: the teacher runs once per image chunk and caches every block's input; a candidate in
+  block b reuses the prefix, applies its change to block b only (rank-1 update for an MLP unit, a masked
+  qkv for an attention dim) and runs the suffix for K candidates stacked along the batch. Residual
+  candidates run with per-candidate masked LayerNorms (statistics over the kept channels), which equals
+  removal (DESIGN contract 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import types
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import adapter_for
+from ..errors import VitPruneError
+from ..masked import masked_layer_norm
+from ..plan import Plan
+from ..prune import _tensor_of, prune_
+from ..space import Group, PruningSpace
+from .kl import kl_sum
+from .store import ScoreStore, fingerprint
+from .trunk import Trunk
+
+COMPONENTS = ("residual", "attn", "mlp", "blocks")
+UNIT_KINDS = ("block", "attn", "mlp", "hybrid")  # whole block i; MSA_i; FFN_i; FFN_i + MSA_{i+1}
+
+
+@dataclass(frozen=True)
+class _Work:
+    name: str  # group name or "units.<kind>"
+    kind: str  # residual | attn | mlp | unit
+    size: int
+
+
+# ----------------------------------------------------------------------------------------------------- inputs
+def _chunks(images, batch_size: int) -> list[torch.Tensor]:
+    """Proxy images as a list of [n, C, H, W] chunks (a tensor is split; a loader's batches are kept)."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or not images.is_floating_point():
+            raise VitPruneError(f"images must be a float [N, C, H, W] tensor, got {images.dtype} {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise VitPruneError("no proxy images")
+        return list(images.split(batch_size))
+    if not isinstance(images, Iterable):
+        raise VitPruneError(f"images must be a tensor or an iterable of batches, got {type(images).__name__}")
+    out = []
+    for batch in images:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise VitPruneError("each batch must be an image tensor [n, C, H, W] or a tuple whose first item is one")
+        out.append(x)
+    if not out:
+        raise VitPruneError("the loader yielded no batches")
+    return out
+
+
+def _work_list(space: PruningSpace, trunk: Trunk, components: Sequence[str]) -> list[_Work]:
+    bad = [c for c in components if c not in COMPONENTS]
+    if bad or not components:
+        raise VitPruneError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
+    work = [_Work(g.name, g.kind, g.size) for g in space.groups.values() if g.kind in components]
+    if "blocks" in components:
+        n = len(trunk.blocks)
+        work += [_Work(f"units.{k}", "unit", n - 1 if k == "hybrid" else n) for k in UNIT_KINDS]
+    return [w for w in work if w.size > 0]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+@contextlib.contextmanager
+def _precomputed_norm1(block: nn.Module, z: torch.Tensor):
+    """The next call of ``block.norm1`` returns ``z`` (already computed by the fused expand+LayerNorm kernel)."""
+    norm = block.norm1
+    norm.forward = lambda x: z.view(x.shape)
+    try:
+        yield
+    finally:
+        norm.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def _hooks(pairs: Iterable[tuple[nn.Module, callable]]):
+    """Forward hooks that replace a module's output: ``fn(output) -> new output``."""
+    handles = [m.register_forward_hook(lambda _m, _i, out, fn=fn: fn(out)) for m, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _zero(out: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(out)
+
+
+def _unit_branches(blocks: list[nn.Module], kind: str, i: int) -> list[nn.Module]:
+    """Residual branches a block unit removes (UP-ViTs §4): their outputs become zero."""
+    if kind == "block":
+        return [blocks[i].attn, blocks[i].mlp]
+    if kind == "hybrid":  # FFN_i + MSA_{i+1}: a residual unit straddling two blocks
+        return [blocks[i].mlp, blocks[i + 1].attn]
+    return [getattr(blocks[i], kind)]
+
+
+def _ln_slices(model: nn.Module, group: Group) -> list[tuple[nn.LayerNorm, object]]:
+    """The LayerNorms a residual group feeds, with their index map."""
+    out = []
+    for sl in group.slices:
+        path, _, pname = sl.name.rpartition(".")
+        mod = model.get_submodule(path) if path else model
+        if pname == "weight" and isinstance(mod, nn.LayerNorm):
+            out.append((mod, sl))
+    return out
+
+
+@contextlib.contextmanager
+def _masked_norms(lns, keep_masks: list[torch.Tensor], use_kernel: bool):
+    """Make each LayerNorm normalise over a per-candidate channel set. Masks: [K, width] per LayerNorm."""
+
+    def masked_forward(self, x, mask):
+        k = mask.shape[0]
+        flat = x.reshape(k, -1, x.shape[-1])  # [K, rows of one candidate, D]: candidates are batch-major
+        if use_kernel:
+            from ..kernels.masked_layernorm import masked_layer_norm as kernel
+
+            y = kernel(flat.reshape(-1, flat.shape[-1]), mask != 0, self.weight, self.bias, self.eps)
+        else:
+            y = masked_layer_norm(flat, mask[:, None, :], self.weight, self.bias, self.eps)
+        return y.reshape(x.shape)
+
+    try:
+        for (ln, _), mask in zip(lns, keep_masks, strict=True):
+            ln.forward = types.MethodType(lambda self, x, m=mask: masked_forward(self, x, m), ln)
+        yield
+    finally:
+        for ln, _ in lns:
+            ln.__dict__.pop("forward", None)
+
+
+def _repeat(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.repeat(k, *([1] * (x.dim() - 1)))
+
+
+# ---------------------------------------------------------------------------------------------- fast engine
+class FastEngine:
+    """Exact scores with prefix reuse, cheap deltas and candidate batching."""
+
+    def __init__(self, model: nn.Module, space: PruningSpace, max_rows: int, use_kernels: bool = False):
+        self.model, self.space, self.trunk = model, space, Trunk.of(model)
+        self.max_rows = max_rows
+        self.kernels = use_kernels
+        self._cache_key, self._cache = None, None
+
+    def teacher(self, x: torch.Tensor, key) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self._cache_key != key:
+            self._cache, self._cache_key = None, None  # free the previous chunk first
+            self._cache, self._cache_key = self.trunk.teacher(x), key
+        return self._cache
+
+    def score(self, work: _Work, x: torch.Tensor, key, progress) -> torch.Tensor:
+        inputs, logits = self.teacher(x, key)
+        n = x.shape[0]
+        k_max = max(1, self.max_rows // n)
+        fn = {"mlp": self._mlp, "attn": self._attn, "residual": self._residual, "unit": self._unit}[work.kind]
+        out = []
+        for start in range(0, work.size, k_max):
+            cands = torch.arange(start, min(start + k_max, work.size))
+            out.append(fn(work, cands, x, inputs, logits))
+            progress(len(cands))
+        return torch.cat(out)
+
+    def _suffix_kl(self, y: torch.Tensor, b: int, logits: torch.Tensor, k: int) -> torch.Tensor:
+        return kl_sum(logits, self.trunk.run(y, b + 1), k, self.kernels)
+
+    def _mlp(self, work, cands, x, inputs, logits):
+        """Removing hidden unit j changes block b's output by −act_j ⊗ (γ ⊙ W2[:, j]) (exact)."""
+        trunk, b = self.trunk, self.trunk.block_index(work.name)
+        blk = trunk.blocks[b]
+        cap = {}
+        with _hooks([(blk.mlp.act, lambda out: cap.setdefault("h", out))]):
+            y = blk(trunk.enter(inputs[b], b))  # [n, *S, D]
+        h = cap["h"].reshape(*y.shape[:-1], -1)  # [n, *S, H]
+        w = blk.mlp.fc2.weight[:, cands].T  # [K, D]
+        gamma = getattr(getattr(blk, "ls2", None), "gamma", None)
+        if gamma is not None:
+            w = w * gamma
+        a = h[..., cands].movedim(-1, 0)  # [K, n, *S]
+        k = len(cands)
+        nxt = b + 1
+        if self.kernels and nxt < len(trunk.blocks) and nxt not in trunk.stage_start:
+            from ..kernels.expand_ln import expand_ln
+
+            norm1 = trunk.blocks[nxt].norm1
+            n = y.shape[0]
+            xs, z = expand_ln(y.reshape(n, -1, y.shape[-1]), a.reshape(k, n, -1).contiguous(), w.contiguous(),
+                              norm1.weight, norm1.bias, norm1.eps)  # [K·n, T, D] each
+            with _precomputed_norm1(trunk.blocks[nxt], z):
+                return self._suffix_kl(xs.view(k * n, *y.shape[1:]), b, logits, k)
+        ys = (y.unsqueeze(0) - a.unsqueeze(-1) * w.view(k, *([1] * (y.dim() - 1)), -1)).flatten(0, 1)
+        return self._suffix_kl(ys, b, logits, k)
+
+    def _attn(self, work, cands, x, inputs, logits):
+        """Removing attention dim d zeroes q_d, k_d, v_d: rerun block b with a per-candidate qkv mask."""
+        trunk, b = self.trunk, self.trunk.block_index(work.name)
+        blk = trunk.blocks[b]
+        a, k = work.size, len(cands)
+        mask = torch.ones(k, 3 * a, dtype=inputs[b].dtype, device=inputs[b].device)
+        rows = torch.arange(k)
+        for r in range(3):
+            mask[rows, r * a + cands] = 0
+
+        def apply(out):
+            return (out.reshape(k, -1, 3 * a) * mask[:, None, :]).reshape(out.shape)
+
+        with _hooks([(blk.attn.qkv, apply)]):
+            y = blk(_repeat(trunk.enter(inputs[b], b), k))
+        return self._suffix_kl(y, b, logits, k)
+
+    def _residual(self, work, cands, x, inputs, logits):
+        """Residual channel c: every LayerNorm the group feeds normalises over the other channels."""
+        trunk, model = self.trunk, self.model
+        group = self.space.groups[work.name]
+        lns = _ln_slices(model, group)
+        k = len(cands)
+        masks = []
+        for ln, sl in lns:
+            m = torch.ones(k, ln.weight.shape[0], dtype=inputs[0].dtype, device=inputs[0].device)
+            for i, c in enumerate(cands):
+                m[i, sl.indices(c.view(1))] = 0
+            masks.append(m)
+        with _masked_norms(lns, masks, self.kernels):
+            if any(self._in_prefix(ln) for ln, _ in lns):  # e.g. patch_embed.norm: start from the images
+                out = trunk.run(trunk.prefix(_repeat(x, k)), 0)
+            else:
+                s = self._first_block(group)
+                out = trunk.run(_repeat(inputs[s], k), s)
+        return kl_sum(logits, out, k, self.kernels)
+
+    def _first_block(self, group: Group) -> int:
+        """First block whose input carries this residual group's channels."""
+        if self.trunk.arch == "vit" or group.name == "layers.0.residual":
+            return 0
+        stage = int(group.name.split(".")[1])
+        return self.trunk.stage_of.index(stage)
+
+    def _in_prefix(self, ln: nn.Module) -> bool:
+        m = self.model
+        pre = [m.patch_embed] + ([m.norm_pre] if hasattr(m, "norm_pre") else [])
+        return any(ln is sub for p in pre for sub in p.modules())
+
+    def _unit(self, work, cands, x, inputs, logits):
+        """Block units: skip a branch (its output becomes zero), the rest of the block still runs."""
+        kind = work.name.split(".", 1)[1]
+        trunk = self.trunk
+        out = []
+        for i in cands.tolist():
+            blks = trunk.blocks
+            if kind == "block":
+                y = trunk.run(trunk.enter(inputs[i], i), i + 1)
+            else:
+                with _hooks([(m, _zero) for m in _unit_branches(blks, kind, i)]):
+                    y = trunk.run(inputs[i], i)
+            out.append(kl_sum(logits, y, 1, self.kernels))
+        return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------ reference engine
+class ReferenceEngine:
+    """The published loop: one full forward of the candidate model (and optionally of the teacher) each."""
+
+    def __init__(self, model: nn.Module, space: PruningSpace, teacher: str = "cached"):
+        if teacher not in ("cached", "recompute"):
+            raise VitPruneError(f"teacher must be 'cached' or 'recompute', got {teacher!r}")
+        self.model, self.space, self.trunk, self.teacher_mode = model, space, Trunk.of(model), teacher
+        self._cache_key, self._logits = None, None
+
+    def score(self, work: _Work, x: torch.Tensor, key, progress) -> torch.Tensor:
+        if self.teacher_mode == "cached" and self._cache_key != key:
+            self._logits, self._cache_key = self.model(x), key
+        out = []
+        for c in range(work.size):
+            with self._candidate(work, c) as cand:
+                student = cand(x)
+            teacher = self._logits if self.teacher_mode == "cached" else self.model(x)
+            out.append(kl_sum(teacher, student, 1))
+            progress(1)
+        return torch.cat(out)
+
+    @contextlib.contextmanager
+    def _candidate(self, work: _Work, c: int):
+        model = self.model
+        if work.kind in ("residual", "mlp"):  # true removal: a physically pruned copy
+            g = self.space.groups[work.name]
+            keep = torch.cat([torch.arange(c), torch.arange(c + 1, g.size)])
+            if keep.numel() == 0:
+                raise VitPruneError(f"{work.name} has a single channel; removing it leaves nothing to score")
+            cand = copy.deepcopy(model)
+            yield prune_(cand, Plan.from_space(self.space, {work.name: keep}))
+        elif work.kind == "attn":  # zero q_d, k_d, v_d (weights and bias) and proj column d, then restore
+            g = self.space.groups[work.name]
+            saved = []
+            for sl in g.slices:
+                if sl.per_head:
+                    continue
+                t = _tensor_of(model, sl.name)
+                idx = sl.indices(torch.tensor([c]))
+                saved.append((t, sl.dim, idx, t.detach().index_select(sl.dim, idx).clone()))
+                t.detach().index_fill_(sl.dim, idx, 0.0)
+            try:
+                yield model
+            finally:
+                for t, dim, idx, v in saved:
+                    t.detach().index_copy_(dim, idx, v)
+        else:
+            kind = work.name.split(".", 1)[1]
+            with _hooks([(m, _zero) for m in _unit_branches(self.trunk.blocks, kind, c)]):
+                yield model
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def _auto_rows(model: nn.Module, x: torch.Tensor) -> int:
+    """Images × candidates per pass: from free GPU memory (measured with a probe pass), 256 on CPU."""
+    if not x.is_cuda:
+        return 256
+    probe = x[: min(4, x.shape[0])]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model(probe)
+    per_row = max(1, (torch.cuda.max_memory_allocated() - base) / probe.shape[0])
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, int(0.5 * (free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / per_row))
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def upvits_scores(
+        model: nn.Module,
+        images,
+        components: Sequence[str] = ("residual", "attn", "mlp"),
+        engine: str = "fast",
+        batch_size: int = 64,
+        max_rows: int | None = None,
+        checkpoint: str | None = None,
+        progress: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+        teacher: str = "cached",
+        use_kernels: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """UP-ViTs KL importance of every channel of the chosen components (higher = more important).
+
+    Args:
+        model: timm VisionTransformer / SwinTransformer (used in eval mode; not modified).
+        images: proxy images, a float tensor [N, C, H, W] or an iterable of batches (tensors or
+            ``(images, labels)`` tuples), already transformed and on the model's device.
+        components: any of ``residual`` (C1), ``attn`` (C2), ``mlp`` (C3), ``blocks`` (block units).
+        engine: ``"fast"`` (exact, batched) or ``"reference"`` (the published one-forward-per-candidate loop).
+        batch_size: images per chunk when ``images`` is a tensor.
+        max_rows: images × candidates per pass (fast engine); default from free memory (256 on CPU).
+        checkpoint: directory for resumable results: each finished (chunk, group) is saved; a rerun with the
+            same model, images and settings continues, a different job is refused.
+        progress: tqdm progress bar (candidates/s).
+        autocast_dtype: e.g. ``torch.bfloat16`` to run under CUDA autocast.
+        teacher: reference engine only: ``"cached"`` or ``"recompute"`` (the teacher forward per candidate,
+            as the published scripts do).
+        use_kernels: fast engine: use the Triton kernels (fused KL, masked LayerNorm, expansion + LayerNorm).
+            Default: on CUDA. On CPU they need ``TRITON_INTERPRET=1`` (tests use that).
+
+    Returns:
+        ``{group name: [size] scores}`` with group names as in ``describe``; with ``blocks``, also
+        ``units.block`` / ``units.attn`` / ``units.mlp`` ([L]) and ``units.hybrid`` ([L-1]: FFN_i + MSA_{i+1}),
+        blocks numbered in forward order (Swin: across stages).
+
+    Under torch.distributed (e.g. torchrun, any backend), work units are sharded across ranks and every rank
+    returns the full, identical result.
+    """
+    adapter = adapter_for(model)
+    space = adapter.describe(model)
+    if engine not in ("fast", "reference"):
+        raise VitPruneError(f"engine must be 'fast' or 'reference', got {engine!r}")
+    if batch_size < 1:
+        raise VitPruneError(f"batch_size must be >= 1, got {batch_size}")
+    chunks = _chunks(images, batch_size)
+    work = _work_list(space, Trunk.of(model), components)
+    was_training = model.training
+    model.eval()
+    rank, world = _dist_info()
+    kernels = chunks[0].is_cuda if use_kernels is None else bool(use_kernels)
+    settings = {"components": sorted(components), "dtype": str(autocast_dtype), "kernels": kernels}
+    store = None
+    if checkpoint is not None:
+        job = fingerprint(model, chunks, settings)
+        store = ScoreStore(checkpoint, job, {"model": type(model).__name__, "images": sum(len(c) for c in chunks),
+                                             **settings})
+    units = [(i, w) for i in range(len(chunks)) for w in work]
+    mine = units[rank::world]
+    results: dict[str, torch.Tensor] = {}
+    pending = [(i, w) for i, w in mine if store is None or not store.has(_key(i, w))]
+    for i, w in mine:
+        if store is not None and store.has(_key(i, w)):
+            results[_key(i, w)] = store.load(_key(i, w))
+    amp = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), amp:
+            if pending:
+                rows = max_rows or _auto_rows(model, chunks[0])
+                eng = (FastEngine(model, space, rows, kernels) if engine == "fast"
+                       else ReferenceEngine(model, space, teacher))
+                total = sum(w.size for _, w in pending)
+                with tqdm(total=total, unit="cand", disable=not progress, desc=f"UP-ViTs {engine}") as bar:
+                    for i, w in pending:
+                        vec = eng.score(w, chunks[i], i, bar.update)
+                        results[_key(i, w)] = vec.detach().cpu()
+                        if store is not None:
+                            store.save(_key(i, w), results[_key(i, w)])
+    finally:
+        model.train(was_training)
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = {k: v for part in gathered for k, v in part.items()}
+    scores = {}
+    for w in work:  # sum over chunks in a fixed order: identical however the work was split or resumed
+        vecs = [results[_key(i, w)] for i in range(len(chunks))]
+        scores[w.name] = torch.stack(vecs).sum(0) if len(vecs) > 1 else vecs[0].clone()
+    return scores
+
+
+def _key(i: int, w: _Work) -> str:
+    return f"{i:05d}.{w.name}"
+
+
+__all__ = ["COMPONENTS", "FastEngine", "ReferenceEngine", "UNIT_KINDS", "upvits_scores"]
