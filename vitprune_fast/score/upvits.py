@@ -364,6 +364,7 @@ def upvits_scores(
         autocast_dtype: torch.dtype | None = None,
         teacher: str = "cached",
         use_kernels: bool | None = None,
+        groups: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """UP-ViTs KL importance of every channel of the chosen components (higher = more important).
 
@@ -383,6 +384,7 @@ def upvits_scores(
             as the published scripts do).
         use_kernels: fast engine: use the Triton kernels (fused KL, masked LayerNorm, expansion + LayerNorm).
             Default: on CUDA. On CPU they need ``TRITON_INTERPRET=1`` (tests use that).
+        groups: optional subset of group names (and ``units.*`` names) to score.
 
     Returns:
         ``{group name: [size] scores}`` with group names as in ``describe``; with ``blocks``, also
@@ -400,11 +402,17 @@ def upvits_scores(
         raise VitPruneError(f"batch_size must be >= 1, got {batch_size}")
     chunks = _chunks(images, batch_size)
     work = _work_list(space, Trunk.of(model), components)
+    if groups is not None:
+        unknown = sorted(set(groups) - {w.name for w in work})
+        if unknown:
+            raise VitPruneError(f"groups {unknown[:5]} are not among the scored components' groups")
+        work = [w for w in work if w.name in set(groups)]
     was_training = model.training
     model.eval()
     rank, world = _dist_info()
     kernels = chunks[0].is_cuda if use_kernels is None else bool(use_kernels)
-    settings = {"components": sorted(components), "dtype": str(autocast_dtype), "kernels": kernels}
+    settings = {"components": sorted(components), "dtype": str(autocast_dtype), "kernels": kernels,
+                "groups": sorted(w.name for w in work)}
     store = None
     if checkpoint is not None:
         job = fingerprint(model, chunks, settings)
