@@ -85,8 +85,10 @@ def run(quick: bool) -> dict:
         for label, kw_eng in [("published loop (teacher per candidate)", dict(engine="reference", teacher="recompute")),
                               ("loop, teacher cached", dict(engine="reference")),
                               ("fast engine", dict(engine="fast"))]:
-            t, scores = timed(lambda kw_eng=kw_eng: vpf.upvits_scores(model, x, **common, **kw_eng),
-                              repeats=1 if "loop" in label else 3, device=device)
+            def score(kw_eng=kw_eng, model=model, x=x, common=common):
+                return vpf.upvits_scores(model, x, **common, **kw_eng)
+
+            t, scores = timed(score, repeats=1 if "loop" in label else 3, device=device)
             results[label] = (t, scores)
         ref = results["loop, teacher cached"][1]
         fast = results["fast engine"][1]
@@ -125,7 +127,8 @@ def main() -> None:
               f"identical selection: {c['identical_selection']}; max rel diff {c['max_rel_diff_fast_vs_loop']:.1e}")
         print(f"  {'method':<42}{'seconds':>10}{'cand*img/s':>14}{'vs published':>14}")
         for r in c["rows"]:
-            print(f"  {r['method']:<42}{r['seconds']:>10.2f}{r['cand_img_per_s']:>14.0f}{r['speedup_vs_published']:>13.1f}x")
+            print(f"  {r['method']:<42}{r['seconds']:>10.2f}{r['cand_img_per_s']:>14.0f}"
+                  f"{r['speedup_vs_published']:>13.1f}x")
         if "fast_engine_tflops" in c:
             print(f"  fast engine {c['fast_engine_tflops']:.1f} TFLOP/s = {100 * c['fraction_of_peak']:.0f}% of "
                   f"measured bf16 matmul peak {c['bf16_matmul_peak_tflops']:.0f} TFLOP/s")

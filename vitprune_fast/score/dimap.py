@@ -7,10 +7,11 @@
 
 so the largest weight of each layer scores 1, scores rank like ``|w|`` inside a layer and do not change when a layer
 is scaled. Layers are pooled into modules -- QKV-M (every ``attn.qkv``), PRJ-M (every ``attn.proj``) and MLP-M
-(every ``mlp.fc1`` and ``mlp.fc2``) -- and each module gets ONE threshold: the ``floor(rho * |M|)``-th smallest score
-of the module; weights scoring ``<=`` it are pruned. Per-layer sparsity is emergent. Biases, norms, the patch
-embedding, patch merging, relative-position tables and the classifier stay dense. Ablations: ``mode="model"`` (one
-pool, i.e. global LAMP) and ``mode="layer"`` (the same ratio of smallest ``|w|`` removed in every layer).
+(every ``mlp.fc1`` and ``mlp.fc2``) -- and each module gets ONE threshold: the ``floor(rho * |M|)`` lowest-scoring
+weights of the module are pruned, wherever they sit (ties at the threshold are broken in pool order so the count is
+exact). Per-layer sparsity is emergent. Biases, norms, the patch embedding, patch merging, relative-position tables
+and the classifier stay dense. Ablations: ``mode="model"`` (one pool, i.e. global LAMP) and ``mode="layer"`` (the
+same ratio of smallest ``|w|`` removed in every layer).
 
 **Structured adaptation (ours, not in the paper).** The same module-aware, scale-invariant cumulative normalisation
 applied to channel groups: MLP hidden unit ``j`` has ``norm² = |fc1 row j|² + |fc2 column j|²``; attention channel
@@ -21,8 +22,8 @@ because a channel removes rows of one and columns of the other; MLP is the other
 emergent. The numbers are NOT comparable with the paper's Table 1, which counts unstructured non-zeros.
 
 The per-layer metric runs in the Triton kernel :mod:`vitprune_fast.kernels.dimap_metric` on CUDA (all same-size
-layers in one launch) and in its plain-torch reference on CPU. Thresholds use ``torch.kthvalue`` (a selection, no
-sort of the module pool).
+layers in one launch) and in plain torch on CPU. Thresholds use a histogram select (:func:`kth_smallest`), not a sort
+of the module pool.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ __all__ = [
     "dimap_structured_plan",
     "find_blocks",
     "flop_profile",
+    "kth_smallest",
+    "lamp_scores",
     "prunable_weights",
     "sparsity_report",
     "structured_plan_flops",
@@ -145,6 +148,10 @@ def prunable_weights(model: nn.Module) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------ the metric
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _row_batches(ids: list[int], numel: int, device: torch.device) -> Iterable[list[int]]:
     cap = _ROW_BATCH_ELEMS["cuda" if device.type == "cuda" else "cpu"]
     rows = max(1, cap // max(numel, 1))
@@ -198,8 +205,7 @@ def _faithful_scores(model: nn.Module, mode: str, dtype, backend: str) -> dict[s
     names = [n for names in prunable_weights(model).values() for n in names]
     weights = [model.get_parameter(n).detach() for n in names]
     if mode == "layer":  # uniform magnitude pruning: the ranking inside a layer is |w|
-        acc = dtype or torch.float32
-        scores = [w.abs().to(torch.float64 if w.dtype == torch.float64 and dtype is None else acc) for w in weights]
+        scores = [w.abs().to(dtype or _acc_dtype(w)) for w in weights]
     else:
         scores = lamp_scores(weights, dtype=dtype, backend=backend)
     return dict(zip(names, scores, strict=True))
@@ -211,7 +217,7 @@ def _group_norms2(model: nn.Module, block: DimapBlock, heads: str, dtype) -> tup
     proj = model.get_submodule(f"{block.attn}.proj").weight.detach()  # [C, A]
     fc1 = model.get_submodule(f"{block.mlp}.fc1").weight.detach()  # [hidden, C]
     fc2 = model.get_submodule(f"{block.mlp}.fc2").weight.detach()  # [C, hidden]
-    acc = dtype or (torch.float64 if qkv.dtype == torch.float64 else torch.float32)
+    acc = dtype or _acc_dtype(qkv)
     a = block.attn_dim
     attn = qkv.to(acc).square().sum(1).view(3, a).sum(0) + proj.to(acc).square().sum(0)  # [A] q,k,v rows + proj col
     if heads == "whole":
@@ -283,16 +289,65 @@ def _check_ratio(rho: float, what: str = "ratio") -> float:
     return rho
 
 
-def kth_threshold(pool: torch.Tensor, rho: float) -> torch.Tensor | None:
-    """Threshold pruning ``floor(rho * n)`` of the ``n`` scores in ``pool``: its k-th smallest value.
+_SELECT_VIEW = {torch.float32: (torch.int32, 16), torch.float64: (torch.int64, 48)}  # int view, shift to 15 bits
 
-    ``torch.kthvalue`` is a selection (no full sort of the pool). Entries scoring ``<= threshold`` are pruned, so
-    ties at the threshold are all pruned (with continuous weights there are none). ``None`` when ``k = 0``.
+
+def _bucket(t: torch.Tensor, shift: int, as_int: torch.dtype) -> torch.Tensor:
+    """Histogram bucket of each value: the top 15 bits below the sign of its IEEE pattern, negatives -> 0.
+
+    For non-negative floats the bit pattern orders like the value, so buckets are ordered ranges of values; all
+    negative values (and -0.0) land in bucket 0, below every positive bucket, which keeps the ranges ordered.
     """
-    k = math.floor(rho * pool.numel())
+    return (t.reshape(-1).view(as_int) >> shift).clamp_min_(0)
+
+
+def _select(tensors: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int, int]:
+    """``(value, n_less, n_equal)``: the ``k``-th smallest value (1-based) over ``tensors`` and how many values are
+    strictly smaller than / equal to it. Histogram select, see :func:`kth_smallest`."""
+    dtype = tensors[0].dtype
+    if dtype in _SELECT_VIEW and all(t.dtype == dtype for t in tensors):
+        as_int, shift = _SELECT_VIEW[dtype]
+        counts = sum(torch.bincount(_bucket(t, shift, as_int), minlength=1 << 15) for t in tensors)  # [2**15]
+        cum = torch.cumsum(counts, 0)
+        b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device)))  # first bucket with cum >= k
+        before = int(cum[b - 1]) if b > 0 else 0
+        cand = torch.cat([t.reshape(-1)[_bucket(t, shift, as_int) == b] for t in tensors])  # the values in bucket b
+    else:
+        before, cand = 0, torch.cat([t.reshape(-1) for t in tensors])
+    value = torch.kthvalue(cand, k - before).values
+    return value, before + int(torch.count_nonzero(cand < value)), int(torch.count_nonzero(cand == value))
+
+
+def kth_smallest(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The ``k``-th smallest value (1-based) over several tensors, without concatenating or sorting them.
+
+    Histogram select: one pass counts values per bucket of the float bit pattern (``torch.bincount`` over
+    2**15 ordered buckets), the bucket holding rank ``k`` is found from the cumulative counts, and only that
+    bucket's values are gathered for a final ``torch.kthvalue``. Several times faster than ``kthvalue`` of the
+    concatenated pool on CPU and needs no copy of the pool. Dtypes other than float32/64 fall back to that.
+    """
+    return _select(tensors, k)[0]
+
+
+def _threshold_masks(scores: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """Keep-masks pruning exactly ``floor(rho * n)`` of the ``n`` pooled scores: the lowest ones.
+
+    Everything below the k-th smallest score goes; ties at it are pruned in pool order (layer by layer, then
+    flat index) until exactly ``k`` are gone, so the count does not depend on how float ties fall.
+    """
+    k = math.floor(rho * sum(t.numel() for t in scores))
     if k <= 0:
-        return None
-    return torch.kthvalue(pool.reshape(-1), k).values
+        return [torch.ones_like(t, dtype=torch.bool) for t in scores]
+    tau, n_less, n_equal = _select(scores, k)
+    masks = [t > tau for t in scores]
+    spare = n_less + n_equal - k  # tied values at tau that must stay
+    if spare > 0:
+        budget = k - n_less  # tied values to prune, first in pool order
+        for t, m in zip(scores, masks, strict=True):
+            tied = torch.nonzero((t == tau).reshape(-1)).squeeze(1)
+            m.reshape(-1)[tied[budget:]] = True
+            budget = max(0, budget - tied.numel())
+    return masks
 
 
 def _pools(names_by_module: Mapping[str, list[str]], mode: str) -> dict[str, list[str]]:
@@ -321,9 +376,7 @@ def _ratio_per_pool(ratio: float | Mapping[str, float], pools: Mapping[str, list
 def _masks_at(scores: Mapping[str, torch.Tensor], pools: Mapping[str, list[str]], rho: Mapping[str, float]):
     masks: dict[str, torch.Tensor] = {}
     for p, names in pools.items():
-        tau = kth_threshold(torch.cat([scores[n].reshape(-1) for n in names]), rho[p])
-        for n in names:
-            masks[n] = torch.ones_like(scores[n], dtype=torch.bool) if tau is None else scores[n] > tau
+        masks.update(zip(names, _threshold_masks([scores[n] for n in names], rho[p]), strict=True))
     return masks
 
 
@@ -424,6 +477,10 @@ def _resolve_img_size(model: nn.Module, img_size) -> tuple[int, int]:
     return int(img_size[0]), int(img_size[1])
 
 
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _in_chans(model: nn.Module) -> int:
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
     return proj.in_channels if isinstance(proj, nn.Conv2d) else 3
@@ -449,7 +506,7 @@ def flop_profile(model: nn.Module, img_size: int | tuple[int, int] | None = None
             handles.append(m.register_forward_hook(_hook))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        meta(torch.empty(1, _in_chans(model), *size, device="meta"))
+        meta(torch.empty(1, _in_chans(model), *size, device="meta", dtype=_float_dtype(model)))
     for h in handles:
         h.remove()
     per_module = {_strip_root(k): sum(v.values()) for k, v in counter.get_flop_counts().items()}
@@ -481,7 +538,7 @@ def _unstructured_flops(profile: FlopProfile, kept: Mapping[str, int], numel: Ma
 class _SortedPools:
     """Sorted scores per pool and per layer, so ``rho -> kept count per layer`` is O(layers * log n).
 
-    Used only by the FLOPs bisection, which evaluates many ratios; a single ratio uses ``torch.kthvalue``.
+    Used only by the FLOPs bisection, which evaluates many ratios; a single ratio uses the histogram select.
     """
 
     def __init__(self, scores: Mapping[str, torch.Tensor], pools: Mapping[str, list[str]]):
@@ -491,14 +548,22 @@ class _SortedPools:
                      for p, v in pools.items()}
 
     def kept(self, rho: float) -> dict[str, int]:
+        """Kept weights per layer at ratio ``rho``, tie-breaking exactly as :func:`_threshold_masks`."""
         out = {}
         for p, names in self.pools.items():
             pool = self.pool[p]
             k = math.floor(rho * pool.numel())
+            if k <= 0:
+                out.update({n: self.layer[n].numel() for n in names})
+                continue
+            tau = pool[k - 1:k]
+            less = {n: int(torch.searchsorted(self.layer[n], tau)) for n in names}
+            budget = k - sum(less.values())  # ties at tau to prune, first in pool order
             for n in names:
-                lay = self.layer[n]
-                pruned = 0 if k <= 0 else int(torch.searchsorted(lay, pool[k - 1:k], right=True).item())
-                out[n] = lay.numel() - pruned
+                tied = int(torch.searchsorted(self.layer[n], tau, right=True)) - less[n]
+                take = min(budget, tied)
+                budget -= take
+                out[n] = self.layer[n].numel() - less[n] - take
         return out
 
 
@@ -608,8 +673,11 @@ def sparsity_report(
     nonzero = 0
     for n, p in model.named_parameters():
         w = p.detach()
-        nonzero += int(((w != 0) & masks[n].to(w.device)).sum()) if n in masks else int((w != 0).sum())
-    kept = {n: int(masks[n].sum()) if n in masks else model.get_parameter(n).numel() for n in module_of}
+        nz = w != 0
+        if n in masks:
+            nz.logical_and_(masks[n].to(w.device))
+        nonzero += int(torch.count_nonzero(nz))
+    kept = {n: int(torch.count_nonzero(masks[n])) if n in masks else model.get_parameter(n).numel() for n in module_of}
     numel = {n: model.get_parameter(n).numel() for n in module_of}
     layers = {n: _layer_row(profile, n, numel[n], kept[n]) for n in module_of}
     modules = {m: _module_row(layers, names) for m, names in names_by_module.items()}
@@ -795,12 +863,13 @@ def _structured_keep(state: _StructuredState, rho: float) -> tuple[dict[str, tor
 
 def _structured_flops(profile: FlopProfile, blocks: list[DimapBlock], keep: Mapping[str, torch.Tensor]) -> int:
     """FLOPs of the physically pruned model: every Linear and attention matmul scales with its kept width."""
-    saved = 0.0
+    saved = 0
     for b in blocks:
         attn = profile.linear[f"{b.attn}.qkv"] + profile.linear[f"{b.attn}.proj"] + profile.attn_matmul[b.attn]
         mlp = profile.linear[f"{b.mlp}.fc1"] + profile.linear[f"{b.mlp}.fc2"]
-        saved += attn * (1 - len(keep[b.attn]) / b.attn_dim) + mlp * (1 - len(keep[b.mlp]) / b.hidden)
-    return round(profile.total - saved)
+        # integers: each term is a multiple of its width (every FLOP count is linear in it)
+        saved += attn * (b.attn_dim - len(keep[b.attn])) // b.attn_dim + mlp * (b.hidden - len(keep[b.mlp])) // b.hidden
+    return profile.total - saved
 
 
 def dimap_structured_plan(
