@@ -204,8 +204,8 @@ class FastEngine:
 
             norm1 = trunk.blocks[nxt].norm1
             n = y.shape[0]
-            xs, z = expand_ln(y.reshape(n, -1, y.shape[-1]), a.reshape(k, n, -1).contiguous(), w.contiguous(),
-                              norm1.weight, norm1.bias, norm1.eps)  # [K·n, T, D] each
+            xs, z = expand_ln(y.reshape(n, -1, y.shape[-1]), a.reshape(k, n, -1).to(y.dtype).contiguous(),
+                              w.to(y.dtype).contiguous(), norm1.weight, norm1.bias, norm1.eps)  # [K·n, T, D] each
             with _precomputed_norm1(trunk.blocks[nxt], z):
                 return self._suffix_kl(xs.view(k * n, *y.shape[1:]), b, logits, k)
         ys = (y.unsqueeze(0) - a.unsqueeze(-1) * w.view(k, *([1] * (y.dim() - 1)), -1)).flatten(0, 1)
@@ -425,7 +425,8 @@ def upvits_scores(
     for i, w in mine:
         if store is not None and store.has(_key(i, w)):
             results[_key(i, w)] = store.load(_key(i, w))
-    amp = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    amp = (torch.autocast(chunks[0].device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
     try:
         with torch.no_grad(), amp:
             if pending:
