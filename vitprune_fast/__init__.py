@@ -5,6 +5,7 @@ from .errors import CheckpointError, PlanError, UnsupportedModelError, VitPruneE
 from .io import load_pruned, save_pruned
 from .plan import Plan, make_plan
 from .prune import prune_
+from .score.dimap import apply_masks_, dimap_masks, dimap_scores, dimap_structured_plan, sparsity_report
 from .score.upvits import upvits_scores
 from .space import Group, PruningSpace, TensorSlice
 
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "Group", "Plan", "PlanError", "PruningSpace", "TensorSlice", "UnsupportedModelError",
     "VitPruneError", "describe", "load_pruned", "make_plan", "prune_", "save_pruned", "score",
-    "upvits_scores",
+    "upvits_scores", "apply_masks_", "dimap_masks", "dimap_scores", "dimap_structured_plan", "sparsity_report",
 ]

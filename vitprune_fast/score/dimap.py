@@ -292,39 +292,31 @@ def _check_ratio(rho: float, what: str = "ratio") -> float:
 _SELECT_VIEW = {torch.float32: (torch.int32, 16), torch.float64: (torch.int64, 48)}  # int view, shift to 15 bits
 
 
-def _bucket(t: torch.Tensor, shift: int, as_int: torch.dtype) -> torch.Tensor:
-    """Histogram bucket of each value: the top 15 bits below the sign of its IEEE pattern, negatives -> 0.
-
-    For non-negative floats the bit pattern orders like the value, so buckets are ordered ranges of values; all
-    negative values (and -0.0) land in bucket 0, below every positive bucket, which keeps the ranges ordered.
-    """
-    return (t.reshape(-1).view(as_int) >> shift).clamp_min_(0)
-
-
 def _select(tensors: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int, int]:
     """``(value, n_less, n_equal)``: the ``k``-th smallest value (1-based) over ``tensors`` and how many values are
     strictly smaller than / equal to it. Histogram select, see :func:`kth_smallest`."""
-    dtype = tensors[0].dtype
-    if dtype in _SELECT_VIEW and all(t.dtype == dtype for t in tensors):
-        as_int, shift = _SELECT_VIEW[dtype]
-        counts = sum(torch.bincount(_bucket(t, shift, as_int), minlength=1 << 15) for t in tensors)  # [2**15]
-        cum = torch.cumsum(counts, 0)
+    pool = torch.cat([t.reshape(-1) for t in tensors])  # [n]; a handful of large ops beats many per-layer ones
+    before = 0
+    if pool.dtype in _SELECT_VIEW:
+        as_int, shift = _SELECT_VIEW[pool.dtype]
+        # bucket = top 15 bits below the sign of the IEEE pattern: ordered value ranges for non-negative floats;
+        # negatives (and -0.0) fall into bucket 0, below every positive bucket, so the ranges stay ordered
+        bucket = (pool.view(as_int) >> shift).clamp_min_(0)  # [n]
+        cum = torch.cumsum(torch.bincount(bucket, minlength=1 << 15), 0)  # [2**15]
         b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device)))  # first bucket with cum >= k
         before = int(cum[b - 1]) if b > 0 else 0
-        cand = torch.cat([t.reshape(-1)[_bucket(t, shift, as_int) == b] for t in tensors])  # the values in bucket b
-    else:
-        before, cand = 0, torch.cat([t.reshape(-1) for t in tensors])
-    value = torch.kthvalue(cand, k - before).values
-    return value, before + int(torch.count_nonzero(cand < value)), int(torch.count_nonzero(cand == value))
+        pool = pool[bucket == b]  # the candidates: values of bucket b only
+    value = torch.kthvalue(pool, k - before).values
+    return value, before + int(torch.count_nonzero(pool < value)), int(torch.count_nonzero(pool == value))
 
 
 def kth_smallest(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
-    """The ``k``-th smallest value (1-based) over several tensors, without concatenating or sorting them.
+    """The ``k``-th smallest value (1-based) over several tensors, without sorting them.
 
     Histogram select: one pass counts values per bucket of the float bit pattern (``torch.bincount`` over
     2**15 ordered buckets), the bucket holding rank ``k`` is found from the cumulative counts, and only that
-    bucket's values are gathered for a final ``torch.kthvalue``. Several times faster than ``kthvalue`` of the
-    concatenated pool on CPU and needs no copy of the pool. Dtypes other than float32/64 fall back to that.
+    bucket's values go to a final ``torch.kthvalue``. Several times faster than ``kthvalue`` of the whole pool on
+    CPU. Dtypes other than float32/64 use ``kthvalue`` of the whole pool.
     """
     return _select(tensors, k)[0]
 
