@@ -132,7 +132,7 @@ def main() -> None:
         if "fast_engine_tflops" in c:
             print(f"  fast engine {c['fast_engine_tflops']:.1f} TFLOP/s = {100 * c['fraction_of_peak']:.0f}% of "
                   f"measured bf16 matmul peak {c['bf16_matmul_peak_tflops']:.0f} TFLOP/s")
-    print("\nwrote", write_json("kl_engine", dev, res))
+    print("\nwrote", write_json("kl_engine" + ("-quick" if args.quick else ""), dev, res))
 
 
 if __name__ == "__main__":
