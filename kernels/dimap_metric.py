@@ -27,11 +27,11 @@ rows of 1M weights); on short rows there is one chunk per row and step 3 is a no
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .utils import triton_usable
 
 __all__ = ["dimap_metric", "dimap_metric_ref", "sort_desc"]
 
@@ -98,11 +98,6 @@ def _scan_scatter_kernel(
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _triton_usable(x: torch.Tensor) -> bool:
-    """True when the kernels can run on ``x``: a CUDA tensor, or any tensor under ``TRITON_INTERPRET=1``."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check(x: torch.Tensor) -> None:
@@ -214,6 +209,6 @@ def dimap_metric(x: torch.Tensor, squared: bool = False, backend: str = "auto") 
         return _dimap_metric_torch(x, squared)
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if not _triton_usable(x):
+    if not triton_usable(x):
         raise ValueError("the Triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
     return _dimap_metric_triton(x.contiguous(), squared)

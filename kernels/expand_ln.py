@@ -18,11 +18,12 @@ output dtype.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .utils import interpreting, triton_usable
 
 __all__ = ["expand_ln", "expand_ln_ref"]
 
@@ -84,15 +85,6 @@ def _expand_ln_kernel(
         lb = tl.load(ln_b_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
         z = z + lb[None, :]
     tl.store(z_ptr + out_off, z.to(z_ptr.dtype.element_ty), mask=inb)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_usable(*tensors: torch.Tensor) -> bool:
-    """True when the Triton kernel can run: CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``."""
-    return _interpreting() or all(x.is_cuda for x in tensors)
 
 
 def _check_inputs(
@@ -164,7 +156,7 @@ def expand_ln(
     """
     k, n_shared, d = _check_inputs(y, a, w, weight, bias)
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    if not _triton_usable(y, a, w):
+    if not triton_usable(y, a, w):
         x, z = expand_ln_ref(y, a, w, weight, bias, eps, compute_dtype=acc)
         return x.to(y.dtype), z.to(y.dtype)
     block_d = triton.next_power_of_2(d)
@@ -181,7 +173,7 @@ def expand_ln(
         y2 = y2.contiguous()
     a1 = a.reshape(n_out).contiguous()
     w2 = w.contiguous()
-    tile = _TILE_ELEMS_INTERPRET if _interpreting() else _TILE_ELEMS
+    tile = _TILE_ELEMS_INTERPRET if interpreting() else _TILE_ELEMS
     block_m = max(1, min(tile // block_d, triton.next_power_of_2(n_out)))
     num_warps = 4 if block_m * block_d <= 4096 else 8
     grid = (triton.cdiv(n_out, block_m),)

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .utils import triton_usable
 
 __all__ = ["kl_per_candidate", "kl_div_ref"]
 
@@ -89,13 +90,6 @@ def _kl_div_rows_kernel(
     # Grouped as (m_s - m_t) + log(Z_s / Z_t) so no large lse is formed and then cancelled.
     kl = a / z_t + (m_s - m_t) + tl.log(z_s / z_t)
     tl.store(out_ptr + pid, kl)
-
-
-def _triton_usable(*tensors: torch.Tensor) -> bool:
-    """True when the Triton kernel can run: CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True
-    return all(x.is_cuda for x in tensors)
 
 
 def _check_inputs(teacher_logits: torch.Tensor, student_logits: torch.Tensor, num_candidates: int) -> tuple[int, int]:
@@ -160,7 +154,7 @@ def kl_per_candidate(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     acc = _acc_dtype(teacher_logits, student_logits)
     if n == 0:
         return torch.zeros(k, dtype=acc, device=student_logits.device)
-    if not _triton_usable(teacher_logits, student_logits):
+    if not triton_usable(teacher_logits, student_logits):
         return kl_div_ref(teacher_logits, student_logits, k, compute_dtype=acc)
 
     t = teacher_logits if teacher_logits.stride(1) == 1 else teacher_logits.contiguous()

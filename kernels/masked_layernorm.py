@@ -19,11 +19,12 @@ Each program normalises a ``[BLOCK_M, BLOCK_D]`` tile holding whole rows, statis
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .utils import interpreting, triton_usable
 
 __all__ = ["masked_layer_norm", "masked_layer_norm_ref"]
 
@@ -82,15 +83,6 @@ def _masked_layer_norm_kernel(
         y = y + b[None, :]
     y = tl.where(keep, y, 0.0)  # removed channels are exactly 0
     tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inb)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_usable(*tensors: torch.Tensor) -> bool:
-    """True when the Triton kernel can run: CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``."""
-    return _interpreting() or all(x.is_cuda for x in tensors)
 
 
 def _check_inputs(
@@ -152,7 +144,7 @@ def masked_layer_norm(
     """
     m_rows, d, s = _check_inputs(x, mask, weight, bias)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if not _triton_usable(x, mask):
+    if not triton_usable(x, mask):
         return masked_layer_norm_ref(x, mask, weight, bias, eps, compute_dtype=acc).to(x.dtype)
     block_d = triton.next_power_of_2(d)
     if block_d > _MAX_BLOCK_D:
@@ -166,7 +158,7 @@ def masked_layer_norm(
     # Non-zero = kept; bool is reinterpreted in place, other integer masks are compared (no wrap-around at 256).
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).to(torch.uint8)
     mask_u8 = mask_u8.reshape(s, d).contiguous()
-    tile = _TILE_ELEMS_INTERPRET if _interpreting() else _TILE_ELEMS
+    tile = _TILE_ELEMS_INTERPRET if interpreting() else _TILE_ELEMS
     block_m = max(1, min(tile // block_d, triton.next_power_of_2(m_rows)))
     num_warps = 4 if block_m * block_d <= 4096 else 8
     grid = (triton.cdiv(m_rows, block_m),)
