@@ -14,7 +14,7 @@ from torch import nn
 
 from .arch import adapter_for
 from .plan import Plan
-from .prune import _tensor_of, resolve_plan
+from .prune import _head_columns, _tensor_of, resolve_plan
 
 
 def masked_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
@@ -83,8 +83,6 @@ def masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
                 t = _tensor_of(out, sl.name)
                 if sl.per_head:
                     if merging:  # merged heads: the same mean-of-columns rule as prune_
-                        from .prune import _head_columns
-
                         cols = _head_columns(t, ch.keep, g.head_dim, ch.heads)
                         if isinstance(cols, list):
                             cols = t[:, cols]
