@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -47,7 +48,7 @@ def write_json(name: str, device: str | torch.device, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     dev = device_name(device)
     path = RESULTS / f"{name}-{slug(dev)}.json"
-    doc = {"benchmark": name, "device": dev, "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d"), **payload}
+    doc = {"benchmark": name, "device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "loadavg_1min_at_end": os.getloadavg()[0], **payload}  # other work on the machine skews CPU timings
     path.write_text(json.dumps(doc, indent=1))
     return path
