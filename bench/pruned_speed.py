@@ -122,7 +122,10 @@ def run(quick: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (default 1: on a shared box, multi-threaded OpenMP stalls dominate timings)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     res = run(args.quick)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"pruned-model speed on {device_name(dev)} ({res['dtype']})")
