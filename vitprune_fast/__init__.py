@@ -1,6 +1,8 @@
 """vitprune_fast: structured pruning for timm vision transformers (UP-ViTs, DIMAP, DAP)."""
 from . import score
 from .arch import describe
+from .dap import DAP, finetune_dap
+from .dap import Schedule as DAPSchedule
 from .errors import CheckpointError, PlanError, UnsupportedModelError, VitPruneError
 from .io import load_pruned, save_pruned
 from .plan import Plan, make_plan
@@ -14,5 +16,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "Group", "Plan", "PlanError", "PruningSpace", "TensorSlice", "UnsupportedModelError",
     "VitPruneError", "describe", "load_pruned", "make_plan", "prune_", "save_pruned", "score",
-    "upvits_scores", "apply_masks_", "dimap_masks", "dimap_scores", "dimap_structured_plan", "sparsity_report",
+    "upvits_scores", "DAP", "DAPSchedule", "finetune_dap", "apply_masks_", "dimap_masks", "dimap_scores",
+    "dimap_structured_plan", "sparsity_report",
 ]

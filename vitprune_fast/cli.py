@@ -1,21 +1,550 @@
-"""``vitprune-fast`` command line."""
+"""``vitprune-fast`` command line: score, prune, finetune, eval, export, bench, demo.
+
+Every bad argument (unknown model, missing data, ratio out of range, bad option values) ends with ONE line on
+stderr and exit code 2, never a traceback. The pipeline helpers here (:func:`compute_scores`,
+:func:`keep_for_flops`, :func:`plan_for_shape`) are also used by the demo.
+"""
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import math
+import os
+import re
+import subprocess
 import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import VitPruneError
+
+METHODS = ("upvits", "dimap", "magnitude", "random", "taylor")
+DATA_METHODS = ("upvits", "taylor")  # scorers that need images
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Prune a random-init DeiT-S to the DeiT-Ti shape and compare params / FLOPs / CPU latency."""
+class UsageError(VitPruneError):
+    """A bad command-line argument discovered after parsing (reported like an argparse error)."""
+
+
+# ------------------------------------------------------------------------------------------------------ models
+def load_model(spec: str, model_args: Mapping | None = None, pretrained: bool = False,
+               defaults: Mapping | None = None, seed: int = 0) -> nn.Module:
+    """A timm model by name (random init unless ``pretrained``) or a directory written by ``save_pruned``.
+
+    Args:
+        spec: timm model name or directory.
+        model_args: extra keyword arguments for timm ``create_model``.
+        pretrained: load timm's pretrained weights (must be available locally: no download is attempted
+            beyond what timm/huggingface_hub do, and a failure is a clear error).
+        defaults: kwargs used unless ``model_args`` sets them (e.g. ``num_classes`` from the data).
+        seed: random-init seed, so that every command builds the same random model from the same name.
+
+    Raises:
+        UsageError: unknown model, bad kwargs, unavailable weights.
+        CheckpointError: a directory that is not a valid saved model.
+    """
     import timm
-    import torch
+
+    from .io import load_pruned
+
+    if Path(spec).is_dir():
+        if model_args or pretrained:
+            raise UsageError(f"--model-args/--pretrained do not apply to a saved model directory ({spec})")
+        return load_pruned(spec)
+    if not timm.is_model(spec):
+        raise UsageError(f"unknown model {spec!r}: not a timm model name nor a directory saved by save_pruned")
+    kwargs = {**(defaults or {}), **(model_args or {})}
+    torch.manual_seed(seed)
+    try:
+        return timm.create_model(spec, pretrained=pretrained, **kwargs).eval()
+    except Exception as e:  # timm/huggingface_hub raise many types (TypeError for kwargs, OSError offline, ...)
+        what = "pretrained weights are not available locally" if pretrained else "bad model arguments"
+        raise UsageError(f"cannot create {spec!r} ({what}): {type(e).__name__}: {e}") from e
+
+
+def _data_defaults(data: str | None, model_spec: str) -> dict:
+    """create_model defaults implied by the data: its class count, and 32-px inputs for ``digits``."""
+    if data is None or Path(model_spec).is_dir():
+        return {}
+    from .data import DIGITS, DIGITS_CLASSES, DIGITS_SIZE
+
+    if data == DIGITS:
+        return {"num_classes": DIGITS_CLASSES, "img_size": DIGITS_SIZE}
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data path {data!r} does not exist (use an ImageFolder directory or 'digits')")
+    from torchvision.datasets.folder import find_classes
+
+    folder = root / "train" if (root / "train").is_dir() else root
+    try:
+        return {"num_classes": len(find_classes(str(folder))[0])}
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{data}: no class folders found ({e})") from e
+
+
+def _model_and_data(args, need_data: bool = True):
+    """(model, DataBundle or None) from ``--model/--model-args/--pretrained/--data``."""
+    from .data import load_data
+
+    data = getattr(args, "data", None)
+    if need_data and data is None:
+        raise UsageError("--data is required (an ImageFolder directory or 'digits')")
+    model = load_model(args.model, args.model_args, args.pretrained, _data_defaults(data, args.model),
+                       getattr(args, "seed", 0))
+    bundle = load_data(data, model) if data is not None else None
+    return model, bundle
+
+
+# ------------------------------------------------------------------------------------------------------ scores
+def compute_scores(method: str, model: nn.Module, train_loader=None, proxy: int = 64, batches: int = 4,
+                   seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Scores of ``method`` for every group ``method`` defines (higher = more important).
+
+    Args:
+        method: ``upvits`` (KL, fast engine, on the first ``proxy`` training images), ``dimap`` (structured,
+            attn/mlp groups only), ``magnitude`` (group L2), ``random`` (seeded), ``taylor`` (first ``batches``
+            training batches).
+        model: the model (not modified).
+        train_loader: ``(images, labels)`` batches; needed by ``upvits`` and ``taylor``.
+        proxy: UP-ViTs proxy images.
+        batches: Taylor batches.
+        seed: random-scores seed.
+        progress: progress bars.
+    """
+    from . import score, upvits_scores
+    from .data import take_images
+
+    if method in DATA_METHODS and train_loader is None:
+        raise UsageError(f"--method {method} needs --data")
+    if method == "upvits":
+        images, _ = take_images(train_loader, proxy)
+        p = next(model.parameters())
+        # chunks of 64 bound the cached block inputs (the engine sums the chunks' scores)
+        return upvits_scores(model, images.to(p.device, p.dtype), batch_size=64, progress=progress)
+    if method == "taylor":
+        return score.taylor_scores(model, train_loader, num_batches=batches, progress=progress)
+    if method == "magnitude":
+        return score.magnitude_scores(model)
+    if method == "random":
+        return score.random_scores(model, torch.Generator().manual_seed(seed))
+    if method == "dimap":
+        from .score.dimap import dimap_scores
+
+        return {k: v.detach().double().cpu() for k, v in dimap_scores(model, structured=True).items()}
+    raise UsageError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def save_scores(scores: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
+    """Scores as safetensors (one 1-D float64 tensor per group name)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: torch.as_tensor(v).detach().double().cpu().contiguous() for k, v in scores.items()}, str(path),
+              metadata={k: str(v) for k, v in metadata.items()})
+    return path
+
+
+def load_scores(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Scores written by :func:`save_scores` (``vitprune-fast score``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"scores file {str(path)!r} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"{path} is not a safetensors scores file: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------------- plans
+def plan_with_heads(space, scores, keep, heads: int | Mapping[str, int] | None = None, attn_mode: str = "dims"):
+    """``make_plan`` with a head count per attention group (Swin stages differ), by planning each head count apart.
+
+    Args:
+        space: ``describe(model)``.
+        scores: group scores.
+        keep: as for ``make_plan`` (a ratio or a dict by kind / group name).
+        heads: one head count for every attention (as ``make_plan``) or group name -> head count.
+        attn_mode: see ``make_plan``.
+    """
+    from .plan import Plan, make_plan
+    from .space import PruningSpace
+
+    if heads is None or isinstance(heads, int):
+        return make_plan(space, scores, keep=keep, heads=heads, attn_mode=attn_mode)
+    parts: dict[int | None, dict] = {}
+    for name, g in space.groups.items():
+        h = heads.get(name) if g.kind == "attn" else None
+        parts.setdefault(h, {})[name] = g
+    kept, new_heads = {}, {}
+    for h, groups in parts.items():
+        sub = make_plan(PruningSpace(space.arch, groups), scores, keep=_restrict(keep, groups), heads=h,
+                        attn_mode=attn_mode)
+        kept.update(sub.keep)
+        new_heads.update(sub.heads)
+    return Plan.from_space(space, kept, new_heads)
+
+
+def _restrict(keep, groups: Mapping) -> float | dict:
+    """A keep dict limited to kinds and to the names of ``groups`` (make_plan rejects unknown names)."""
+    from .space import KINDS
+
+    if not isinstance(keep, Mapping):
+        return keep
+    return {k: v for k, v in keep.items() if k in KINDS or k in groups}
+
+
+def _pruned_copy(model: nn.Module, plan) -> nn.Module:
+    from .prune import prune_
+
+    return prune_(copy.deepcopy(model), plan)
+
+
+def keep_for_flops(model: nn.Module, target: float, kinds=("residual", "attn", "mlp"), heads: int | None = None,
+                   attn_mode: str = "dims", iters: int = 14) -> tuple[float, float]:
+    """One keep ratio ``r`` for every group of ``kinds`` whose pruned model has FLOPs closest to ``target`` × dense.
+
+    FLOPs do not depend on which channels are kept, only on how many, so the search prunes copies with dummy
+    scores and counts them with :func:`vitprune_fast.metrics.count_flops` (exact, no model of FLOPs needed).
+
+    Returns:
+        ``(r, achieved FLOPs fraction)``.
+
+    Raises:
+        UsageError: ``target`` outside (0, 1] or below what the smallest plan reaches.
+    """
+    from .arch import describe
+    from .metrics import count_flops
+
+    if not 0 < target <= 1:
+        raise UsageError(f"--flops must be in (0, 1], got {target}")
+    space = describe(model)
+    zeros = {n: torch.zeros(g.size) for n, g in space.groups.items()}
+    dense = count_flops(model)
+    cache: dict[float, float] = {}
+
+    def frac(r: float) -> float:
+        if r not in cache:
+            plan = plan_with_heads(space, zeros, {k: r for k in kinds}, heads, attn_mode)
+            cache[r] = count_flops(_pruned_copy(model, plan)) / dense
+        return cache[r]
+
+    lo, hi = 1e-3, 1.0  # frac is non-decreasing in r
+    if frac(lo) > target:
+        raise UsageError(f"--flops {target} is below the smallest reachable fraction {frac(lo):.3f}")
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if frac(mid) > target:
+            hi = mid
+        else:
+            lo = mid
+    r = min((lo, hi), key=lambda x: abs(frac(x) - target))
+    return r, frac(r)
+
+
+def _canonical(name: str) -> str:
+    """Block-independent group name: ``layers.1.blocks.3.attn`` -> ``layers.1.blocks.0.attn``."""
+    return re.sub(r"blocks\.\d+", "blocks.0", name)
+
+
+def shape_targets(model: nn.Module, target: str) -> tuple[dict[str, float], dict[str, int], list[str]]:
+    """Keep ratios and head counts that give ``model`` the widths of the timm model ``target``.
+
+    Widths come from the target's first block of each stage (embed_dim, num_heads, attention width, MLP hidden
+    width); depth is not changed (a depth difference is returned as a note).
+
+    Returns:
+        ``(keep by group name, heads by attn group name, notes)``.
+
+    Raises:
+        UsageError: unknown target, another architecture, a wider target, or head counts that cannot be merged.
+    """
+    import timm
+
+    from .arch import describe
+
+    if not timm.is_model(target):
+        raise UsageError(f"unknown target model {target!r} (expected a timm model name)")
+    with torch.device("meta"):  # shapes only, no memory
+        ref = timm.create_model(target, pretrained=False)
+    src, tgt = describe(model), describe(ref)
+    if src.arch != tgt.arch:
+        raise UsageError(f"target {target} is a {tgt.arch} model; the model to prune is {src.arch}")
+    by_canon = {}
+    for name, g in tgt.groups.items():
+        by_canon.setdefault(_canonical(name), g)
+    keep, heads, notes = {}, {}, []
+    for name, g in src.groups.items():
+        t = by_canon.get(_canonical(name))
+        if t is None:
+            raise UsageError(f"target {target} has no counterpart of group {name} (different number of stages)")
+        if t.size > g.size:
+            raise UsageError(f"cannot prune to {target}: {name} would grow from {g.size} to {t.size} channels")
+        keep[name] = t.size / g.size
+        if g.kind == "attn":
+            if g.num_heads % t.num_heads:
+                raise UsageError(f"cannot prune to {target}: {name} has {g.num_heads} heads, which cannot be merged "
+                                 f"into {t.num_heads}")
+            heads[name] = t.num_heads
+    n_src = sum(g.kind == "mlp" for g in src.groups.values())
+    n_tgt = sum(g.kind == "mlp" for g in tgt.groups.values())
+    if n_src != n_tgt:
+        notes.append(f"depth differs ({n_src} blocks here, {n_tgt} in {target}): only widths are matched")
+    return keep, heads, notes
+
+
+def plan_for_shape(model: nn.Module, target: str, scores) -> tuple[object, list[str]]:
+    """A Plan giving ``model`` the widths of timm model ``target`` (UP-ViTs head merge where heads shrink)."""
+    from .arch import describe
+
+    keep, heads, notes = shape_targets(model, target)
+    space = describe(model)
+    merge = {n: h for n, h in heads.items() if h != space.groups[n].num_heads}
+    plan = plan_with_heads(space, scores, keep, {n: merge.get(n) for n in heads} if merge else None)
+    return plan, notes
+
+
+# ---------------------------------------------------------------------------------------------------- printing
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table: ``columns`` are (key, header, format spec); missing values print as ``-``."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c[i].rjust(widths[i]) if i else c[i].ljust(widths[i]) for i in range(len(c))) for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _model_row(label: str, model: nn.Module, acc: float | None = None) -> dict:
+    from .metrics import count_flops, count_params
+
+    return {"model": label, "params": count_params(model), "mflops": count_flops(model) / 1e6,
+            "acc": None if acc is None else 100 * acc}
+
+
+MODEL_COLUMNS = [("model", "model", ""), ("params", "params", ",d"), ("mflops", "MFLOPs", ".1f"),
+                 ("acc", "top-1 %", ".2f")]
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_score(args) -> int:
+    """Compute scores and write them as safetensors (+ a score-distribution PNG)."""
+    from .arch import describe
+    from .plots import plot_score_distributions
+
+    model, data = _model_and_data(args, need_data=args.method in DATA_METHODS)
+    loader = data.loaders(args.batch_size, seed=args.seed)[0] if data is not None else None
+    t0 = time.perf_counter()
+    scores = compute_scores(args.method, model, loader, args.proxy, args.batches, args.seed, not args.quiet)
+    dt = time.perf_counter() - t0
+    out = save_scores(scores, args.out, {"method": args.method, "model": args.model})
+    png = plot_score_distributions(describe(model), {args.method: scores}, out.with_suffix(".png"),
+                                   f"{args.method} scores, {args.model}")
+    rows = [{"group": n, "size": len(s), "min": float(s.min()), "median": float(s.median()), "max": float(s.max())}
+            for n, s in scores.items()]
+    print(table(rows, [("group", "group", ""), ("size", "size", "d"), ("min", "min", ".4g"),
+                       ("median", "median", ".4g"), ("max", "max", ".4g")]))
+    print(f"{args.method} scores of {len(scores)} groups in {dt:.1f} s -> {out}" + (f", {png}" if png else ""))
+    return 0
+
+
+def _scores_for_prune(args, model, data):
+    if args.scores:
+        return load_scores(args.scores)
+    loader = data.loaders(args.batch_size, seed=args.seed)[0] if data is not None else None
+    return compute_scores(args.method, model, loader, args.proxy, args.batches, args.seed, not args.quiet)
+
+
+def cmd_prune(args) -> int:
+    """Prune by keep ratio, FLOPs fraction or target timm shape; save with save_pruned."""
+    from .arch import describe
+    from .io import save_pruned
+    from .plan import make_plan
+    from .plots import plot_kept_widths
+    from .prune import prune_
+
+    modes = [args.keep is not None, args.flops is not None, args.target is not None]
+    if sum(modes) != 1:
+        raise UsageError("give exactly one of --keep, --flops, --target")
+    model, data = _model_and_data(args, need_data=args.method in DATA_METHODS and not args.scores)
+    space = describe(model)
+    before = _model_row("unpruned", model)
+    notes = []
+    if args.method == "dimap" and args.flops is not None and not args.scores:  # DIMAP's own module thresholds
+        from .score.dimap import dimap_structured_plan
+
+        plan = dimap_structured_plan(model, flops=args.flops)
+    else:
+        scores = _scores_for_prune(args, model, data)
+        if args.target is not None:
+            plan, notes = plan_for_shape(model, args.target, scores)
+        else:
+            keep = args.keep
+            if args.flops is not None:
+                r, achieved = keep_for_flops(model, args.flops, heads=args.heads, attn_mode=args.attn_mode)
+                keep = {"residual": r, "attn": r, "mlp": r}
+                notes.append(f"keep ratio {r:.4f} for residual/attn/mlp reaches {100 * achieved:.1f} % FLOPs")
+            plan = make_plan(space, scores, keep=keep, heads=args.heads, attn_mode=args.attn_mode)
+    prune_(model, plan)
+    after = _model_row("pruned", model)
+    out = save_pruned(model, args.out)
+    (out / "plan.json").write_text(json.dumps(plan.to_dict()))
+    kept = plan.kept_sizes(space)
+    png = plot_kept_widths(space, {"kept": kept}, out / "widths.png", f"kept widths, {args.model}")
+    for n in notes:
+        print(f"note: {n}")
+    print(table([before, after], MODEL_COLUMNS[:3]))
+    kinds: dict[str, list[int]] = {}  # kind -> [channels before, channels kept], summed over groups
+    for n, g in space.groups.items():
+        tot = kinds.setdefault(g.kind, [0, 0])
+        tot[0] += g.size
+        tot[1] += kept[n]
+    print("kept channels: " + ", ".join(f"{k} {b}/{a}" for k, (a, b) in kinds.items()))
+    pct = 100 * after["mflops"] / before["mflops"]
+    print(f"FLOPs {pct:.1f} % of dense -> {out}" + (f" (plot {png})" if png else ""))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    """Distillation fine-tune (or DAP) of a pruned model against the unpruned teacher; save the result."""
+    from .finetune import evaluate, train
+    from .io import save_pruned
+
+    model, data = _model_and_data(args)
+    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed)
+    steps = args.steps or max(1, math.ceil(args.epochs * len(train_loader)))
+    teacher = None
+    if args.teacher is not None:
+        teacher = load_model(args.teacher, args.teacher_args, args.pretrained_teacher,
+                             _data_defaults(args.data, args.teacher), args.seed)
+    elif args.alpha != 0 and args.method == "distill":
+        raise UsageError("--teacher is required for distillation (or pass --alpha 0 for plain cross-entropy)")
+    before = _model_row("before", model, evaluate(model, test_loader, progress=not args.quiet))
+    t0 = time.perf_counter()
+    if args.method == "dap":
+        _run_dap(model, teacher, train_loader, steps, args)
+    else:
+        train(model, train_loader, steps, lr=args.lr, teacher=teacher, alpha=args.alpha,
+              temperature=args.temperature, progress=not args.quiet, desc="finetune")
+    dt = time.perf_counter() - t0
+    after = _model_row("after", model, evaluate(model, test_loader, progress=not args.quiet))
+    out = save_pruned(model, args.out)
+    print(table([before, after], MODEL_COLUMNS))
+    kd = f"alpha {args.alpha}" if teacher is not None else "no teacher"
+    print(f"{args.method}: {steps} steps in {dt:.1f} s ({kd}, lr {args.lr}) -> {out}")
+    return 0
+
+
+def _run_dap(model, teacher, loader, steps, args) -> None:
+    """Delegate to :func:`vitprune_fast.dap.finetune_dap` (prunes ``model`` in place while fine-tuning)."""
+    try:
+        from .dap import finetune_dap
+    except ImportError as e:
+        raise UsageError(f"DAP not available ({e})") from e
+    try:
+        _, _, hist = finetune_dap(model, loader, target=args.dap_target, steps=steps, lr=args.lr, teacher=teacher,
+                                  distill_alpha=args.alpha, progress=not args.quiet)
+    except ValueError as e:  # e.g. too few steps for the DAP schedule
+        raise UsageError(f"DAP: {e}") from e
+    print(f"DAP: params {hist['params_before']:,} -> {hist['params_after']:,} (target {hist['target_params']:,})")
+
+
+def cmd_eval(args) -> int:
+    """Top-1 accuracy on the test split (ImageFolder: val/ or test/ when present)."""
+    from .finetune import evaluate
+
+    model, data = _model_and_data(args)
+    train_loader, test_loader = data.loaders(args.batch_size)
+    loader = train_loader if args.split == "train" else test_loader
+    t0 = time.perf_counter()
+    acc = evaluate(model, loader, progress=not args.quiet)
+    dt = time.perf_counter() - t0
+    print(table([_model_row(args.model, model, acc)], MODEL_COLUMNS))
+    print(f"top-1 {100 * acc:.2f} % on {len(loader.dataset)} {args.split} images of {data.name} in {dt:.1f} s")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """ONNX export (torch.onnx.export, dynamo=True), checked against the torch model with onnxruntime."""
+    from .metrics import input_size
+
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise UsageError("export needs onnx, onnxscript and onnxruntime (pip install them)") from e
+    model = load_model(args.model, args.model_args, args.pretrained).eval()
+    x = torch.randn(args.batch, *input_size(model), generator=torch.Generator().manual_seed(0))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    torch.onnx.export(model, (x,), str(out), dynamo=True, external_data=False)
+    dt = time.perf_counter() - t0
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        want = model(x)
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+    if not err < args.tol:
+        raise VitPruneError(f"onnxruntime output differs from torch: max rel error {err:.2e} >= {args.tol}")
+    print(f"exported {args.model} to {out} ({out.stat().st_size / 1e6:.1f} MB) in {dt:.1f} s; onnxruntime "
+          f"matches torch (max rel error {err:.1e})")
+    return 0
+
+
+def _bench_scripts() -> list[str]:
+    """Benchmark names: the scripts in bench/ other than helpers (``common``, ``report``, ``_*``)."""
+    if not (BENCH_DIR / "__main__.py").is_file():
+        raise UsageError(f"no benchmark runner at {BENCH_DIR} (benchmarks run from a source checkout)")
+    return [p.stem for p in sorted(BENCH_DIR.glob("*.py")) if not p.stem.startswith("_")
+            and p.stem not in ("common", "report")]
+
+
+def cmd_bench(args) -> int:
+    """Thin dispatcher to ``python -m bench [--quick] [--only ...]`` (the runner skips what needs a GPU)."""
+    names = _bench_scripts()
+    if args.list:
+        print("\n".join(names))
+        return 0
+    unknown = [n for n in args.names if n not in names]
+    if unknown:
+        raise UsageError(f"unknown benchmark(s) {unknown}; available: {', '.join(names)}")
+    cmd = [sys.executable, "-m", "bench"] + ([] if args.full else ["--quick"])
+    if args.names:
+        cmd += ["--only", ",".join(args.names)]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    return subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
+
+
+def cmd_demo(args) -> int:
+    """Train (or load cached) small DeiT/Swin on digits, prune to ~50 % FLOPs by every method, fine-tune, compare."""
+    if args.shape:
+        return _demo_shape(args)
+    from .demo import run_demo
+
+    methods = tuple(args.methods.split(",")) if args.methods else None
+    run_demo(out=args.out, fast=args.fast, cache_dir=args.cache, jobs=args.jobs, methods=methods,
+             use_cache=not args.no_cache, progress=not args.quiet)
+    return 0
+
+
+def _demo_shape(args: argparse.Namespace) -> int:
+    """Prune a random-init DeiT-S to the DeiT-Ti shape and compare params / FLOPs / CPU latency (seconds)."""
+    import timm
 
     from . import describe, make_plan, prune_
     from .metrics import count_flops, count_params, measure_latency
     from .score import magnitude_scores
 
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     before = (count_params(model), count_flops(model), measure_latency(model, repeats=args.repeats))
     space = describe(model)
@@ -33,18 +562,171 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are ONE line on stderr (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def _ratio(s: str) -> float:
+    try:
+        r = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not 0 < r <= 1 or math.isnan(r):
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {s}")
+    return r
+
+
+def _keep(s: str) -> float | dict[str, float]:
+    """``0.5`` or ``residual=0.75,attn=0.5,mlp=0.5`` (kinds and/or group names)."""
+    if "=" not in s:
+        return _ratio(s)
+    out = {}
+    for part in s.split(","):
+        key, sep, val = part.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected KIND=RATIO pairs, got {part!r}")
+        out[key.strip()] = _ratio(val)
+    return out
+
+
+def _positive_int(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _json_dict(s: str) -> dict:
+    try:
+        d = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object of create_model kwargs")
+    return d
+
+
+def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--model", required=True, help="timm model name, or a directory written by save_pruned / prune")
+    p.add_argument("--model-args", type=_json_dict, default=None, metavar="JSON",
+                   help='timm create_model kwargs, e.g. \'{"depth": 4, "embed_dim": 96}\'')
+    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (must be available locally)")
+    if data:
+        p.add_argument("--data", default=None, help="ImageFolder dir (train/ + val/ used when present) or 'digits'")
+        p.add_argument("--batch-size", type=_positive_int, default=64)
+        p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_scoring(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--method", choices=METHODS, default=default, required=default is None,
+                   help="upvits (KL, needs --data) | dimap (structured; attn/mlp only) | magnitude | random | "
+                        "taylor (needs --data)")
+    p.add_argument("--proxy", type=_positive_int, default=64, help="UP-ViTs proxy images (from the train split)")
+    p.add_argument("--batches", type=_positive_int, default=4, help="Taylor: training batches to accumulate")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vitprune-fast", description="Structured pruning for timm ViT/DeiT/Swin.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="prune a random-init DeiT-S to the DeiT-Ti shape; print params/FLOPs/latency")
-    demo.add_argument("--repeats", type=int, default=10, help="timed forward passes per model (median reported)")
-    demo.set_defaults(func=_demo)
+    from .finetune import DEFAULT_ALPHA
+
+    ap = _Parser(prog="vitprune-fast", description="Structured pruning for timm ViT/DeiT/Swin.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("score", help="channel scores of a model, written as safetensors")
+    _add_model(p)
+    _add_scoring(p, None)
+    p.add_argument("--out", required=True, help="scores file (.safetensors); a .png histogram is written beside it")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("prune", help="prune by keep ratio, FLOPs fraction or target timm shape; save the model")
+    _add_model(p)
+    _add_scoring(p, "magnitude")
+    p.add_argument("--scores", default=None, help="scores file from `vitprune-fast score` (instead of --method)")
+    p.add_argument("--keep", type=_keep, default=None, help="keep ratio: 0.5, or residual=0.75,attn=0.5,mlp=0.5")
+    p.add_argument("--flops", type=_ratio, default=None, help="target fraction of the dense FLOPs, e.g. 0.5")
+    p.add_argument("--target", default=None, help="timm model whose widths to reach, e.g. deit_tiny_patch16_224")
+    p.add_argument("--heads", type=_positive_int, default=None, help="UP-ViTs head merge: heads per attention")
+    p.add_argument("--attn-mode", choices=("dims", "heads"), default="dims",
+                   help="without --heads: keep every head (dims) or remove whole heads (heads)")
+    p.add_argument("--out", required=True, help="output directory (model.safetensors + architecture.json)")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("finetune", help=f"distill CE + alpha*KL (alpha {DEFAULT_ALPHA}) from the unpruned teacher")
+    _add_model(p)
+    p.add_argument("--teacher", default=None, help="unpruned teacher: timm name or saved directory")
+    p.add_argument("--teacher-args", type=_json_dict, default=None, metavar="JSON", help="teacher create_model kwargs")
+    p.add_argument("--pretrained-teacher", action="store_true")
+    p.add_argument("--method", choices=("distill", "dap"), default="distill")
+    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="KL weight (batch-mean KL, temperature 1)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--dap-target", type=_ratio, default=0.5, help="DAP: fraction of the parameters to remove")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval", help="top-1 accuracy")
+    _add_model(p)
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="ONNX export (dynamo) checked with onnxruntime")
+    _add_model(p, data=False)
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--tol", type=float, default=1e-4, help="max relative error vs torch")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="run the benchmarks in bench/ (python -m bench --quick); results in "
+                                     "bench/results/")
+    p.add_argument("names", nargs="*", help="benchmarks to run (default: all; each skips what this machine lacks)")
+    p.add_argument("--full", action="store_true", help="full sizes instead of --quick")
+    p.add_argument("--list", action="store_true", help="list the benchmarks")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="digits: train small DeiT + Swin, prune to ~50%% FLOPs by every method, compare")
+    p.add_argument("--fast", action="store_true", help="few steps and images (seconds; for tests)")
+    p.add_argument("--out", default="demo_out", help="output directory (JSON, PNGs, pruned models)")
+    p.add_argument("--cache", default=None, help="trained-model cache (default $VITPRUNE_FAST_CACHE or "
+                                                 "~/.cache/vitprune_fast/demo)")
+    p.add_argument("--no-cache", action="store_true", help="retrain the unpruned models")
+    p.add_argument("--jobs", type=_positive_int, default=None, help="worker processes (default: 2 if >= 2 cores)")
+    p.add_argument("--methods", default=None, help="comma list of upvits,dimap,magnitude,random,taylor")
+    p.add_argument("--shape", action="store_true", help="instead: random-init DeiT-S pruned to the DeiT-Ti shape; "
+                                                        "params / FLOPs / latency only")
+    p.add_argument("--repeats", type=_positive_int, default=10, help="--shape: timed forward passes per model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Entry point; bad input ends with one stderr line and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (VitPruneError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+        parser.error(_one_line(e))
+    except RuntimeError as e:  # timm's unknown-model error and similar lookups
+        if "Unknown model" in str(e) or "Unknown pretrained" in str(e):
+            parser.error(_one_line(e))
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""CLI: score -> prune -> save -> load -> finetune -> eval round trip; prune-to-shape; one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vitprune_fast as vpf
+from vitprune_fast import cli
+
+TINY = json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8})  # + img_size 32 from digits
+MODEL = "deit_tiny_patch16_224"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(argv, capsys):
+    assert cli.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_round_trip_score_prune_load_finetune_eval(tmp_path, capsys):
+    scores = tmp_path / "scores.safetensors"
+    out = _run(["score", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--method", "upvits",
+                "--proxy", "4", "--quiet", "--out", str(scores)], capsys)
+    assert "upvits scores of 5 groups" in out
+    loaded = cli.load_scores(scores)
+    assert set(loaded) == {"residual", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"}
+    assert loaded["blocks.1.mlp"].shape == (128,) and (loaded["blocks.1.mlp"] > -1e-5).all()  # KL, up to fp32 rounding
+
+    pruned = tmp_path / "pruned"
+    out = _run(["prune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--scores", str(scores),
+                "--keep", "residual=0.75,attn=0.5,mlp=0.5", "--quiet", "--out", str(pruned)], capsys)
+    assert "kept channels: residual 24/32, attn 32/64, mlp 128/256" in out
+    model = vpf.load_pruned(pruned)
+    assert model.embed_dim == 24 and model.blocks[1].mlp.fc1.out_features == 64
+    assert model.blocks[0].attn.num_heads == 2 and model.blocks[0].attn.head_dim == 8
+    plan = json.loads((pruned / "plan.json").read_text())
+    top = torch.argsort(loaded["blocks.1.mlp"], descending=True, stable=True)[:64].sort().values
+    assert plan["keep"]["blocks.1.mlp"] == top.tolist()  # the highest-scoring units were kept
+
+    # the same name + args + seed rebuilds the same random-init teacher the scores were computed on
+    teacher = cli.load_model(MODEL, json.loads(TINY), defaults={"num_classes": 10, "img_size": 32})
+    x = torch.randn(2, 3, 32, 32)
+    masked_ref = vpf.prune_(teacher, vpf.Plan.from_dict(plan))
+    assert torch.allclose(masked_ref(x), model(x), atol=1e-5)
+
+    tuned = tmp_path / "tuned"
+    out = _run(["finetune", "--model", str(pruned), "--teacher", MODEL, "--teacher-args", TINY, "--data", "digits",
+                "--steps", "3", "--quiet", "--out", str(tuned)], capsys)
+    assert "distill: 3 steps" in out
+    out = _run(["eval", "--model", str(tuned), "--data", "digits", "--quiet"], capsys)
+    assert "on 450 test images of digits" in out
+    acc = float(out.split("top-1 ")[-1].split(" %")[0])
+    assert 0 <= acc <= 100
+    again = vpf.load_pruned(tuned)
+    assert again.embed_dim == 24
+    assert not all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters(), strict=True))
+
+
+def test_prune_by_flops_and_dimap(tmp_path, capsys):
+    out = _run(["prune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--flops", "0.5",
+                "--method", "random", "--quiet", "--out", str(tmp_path / "a")], capsys)
+    pct = float(out.split("FLOPs ")[-1].split(" %")[0])
+    assert 45 <= pct <= 55
+    out = _run(["prune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--flops", "0.6",
+                "--method", "dimap", "--quiet", "--out", str(tmp_path / "b")], capsys)
+    assert "residual 32/32" in out  # DIMAP's structured plan leaves the residual width alone
+    assert 55 <= float(out.split("FLOPs ")[-1].split(" %")[0]) <= 65
+
+
+def test_prune_to_target_shape_merges_heads(tmp_path, capsys):
+    # a 1-block DeiT-S (384 wide, 6 heads, MLP 1536) pruned to DeiT-Ti widths (192, 3 heads, 768)
+    args = json.dumps({"depth": 1, "img_size": 32})
+    _run(["prune", "--model", "deit_small_patch16_224", "--model-args", args, "--target", "deit_tiny_patch16_224",
+          "--quiet", "--out", str(tmp_path / "ti")], capsys)
+    m = vpf.load_pruned(tmp_path / "ti")
+    attn = m.blocks[0].attn
+    assert (m.embed_dim, attn.num_heads, attn.head_dim, m.blocks[0].mlp.fc1.out_features) == (192, 3, 64, 768)
+
+
+def test_shape_targets():
+    import timm
+
+    with torch.device("meta"):
+        small = timm.create_model("deit_small_patch16_224")
+        swin_b = timm.create_model("swin_base_patch4_window7_224")
+        swin_t = timm.create_model("swin_tiny_patch4_window7_224")
+    keep, heads, notes = cli.shape_targets(small, "deit_tiny_patch16_224")
+    assert set(keep.values()) == {0.5} and set(heads.values()) == {3} and notes == []
+    keep, heads, notes = cli.shape_targets(swin_t, "swin_small_patch4_window7_224")  # same widths, deeper
+    assert set(keep.values()) == {1.0} and "depth differs" in notes[0]
+    with pytest.raises(cli.UsageError, match="would grow"):
+        cli.shape_targets(small, "deit_base_patch16_224")
+    with pytest.raises(cli.UsageError, match="4 heads, which cannot be merged into 3"):
+        cli.shape_targets(swin_b, "swin_tiny_patch4_window7_224")
+    with pytest.raises(cli.UsageError, match="is a swin model"):
+        cli.shape_targets(small, "swin_tiny_patch4_window7_224")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "vitprune_fast.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "--model", "no_such_model_xyz", "--data", "digits"], "unknown model 'no_such_model_xyz'"),
+    (["eval", "--model", MODEL, "--data", "/no/such/dir"], "does not exist"),
+    (["prune", "--model", MODEL, "--keep", "1.5", "--out", "x"], "ratio must be in (0, 1]"),
+    (["prune", "--model", MODEL, "--flops", "0", "--out", "x"], "ratio must be in (0, 1]"),
+    (["score", "--model", MODEL, "--method", "nope", "--out", "x"], "invalid choice: 'nope'"),
+    (["prune", "--model", MODEL, "--model-args", "{bad", "--keep", "0.5", "--out", "x"], "not valid JSON"),
+    (["score", "--model", MODEL, "--method", "taylor", "--out", "x"], "--data is required"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(args, needle):
+    r = _cli(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert lines[0].startswith("vitprune-fast") and needle in lines[0], lines[0]
+
+
+def test_export_onnx_matches_torch(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    pruned = tmp_path / "pruned"
+    _run(["prune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--keep", "0.5", "--quiet",
+          "--out", str(pruned)], capsys)
+    out = _run(["export", "--model", str(pruned), "--out", str(tmp_path / "m.onnx")], capsys)
+    assert "onnxruntime matches torch" in out and (tmp_path / "m.onnx").stat().st_size > 0
+
+
+def test_bench_lists_the_scripts(capsys):
+    out = _run(["bench", "--list"], capsys)
+    assert "kl_engine" in out and "common" not in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "no_such_bench"])
+    assert e.value.code == 2 and "unknown benchmark" in capsys.readouterr().err
+
+
+def test_finetune_method_dap_prunes_while_training(tmp_path, capsys):
+    out = _run(["finetune", "--method", "dap", "--model", MODEL, "--model-args", TINY, "--data", "digits",
+                "--steps", "4", "--batch-size", "16", "--dap-target", "0.3", "--quiet", "--out", str(tmp_path / "d")],
+               capsys)
+    assert "DAP: params" in out and "dap: 4 steps" in out
+    before, after = (int(r.split()[1].replace(",", "")) for r in out.splitlines() if r.startswith(("before", "after")))
+    assert after < before
+    assert sum(p.numel() for p in vpf.load_pruned(tmp_path / "d").parameters()) == after
