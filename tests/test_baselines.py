@@ -8,14 +8,7 @@ import vitprune_fast as vpf
 from vitprune_fast.prune import _tensor_of
 from vitprune_fast.score import magnitude_scores, taylor_scores
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin badly on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batches(model, n_batches=2, batch=4, seed=3):

@@ -13,12 +13,7 @@ TINY = json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
 MODEL = "deit_tiny_patch16_224"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(argv, capsys):

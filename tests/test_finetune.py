@@ -7,14 +7,7 @@ from models import make_model
 
 from vitprune_fast.finetune import DEFAULT_ALPHA, _lr_at, distillation_loss, evaluate, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin badly on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kl(q, p):
