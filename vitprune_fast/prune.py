@@ -150,16 +150,16 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
     new_tables = []
     for name, keep, old_hd, heads in head_tables:
         table = _tensor_of(model, name)
-        new_tables.append((table, _head_columns(table.detach(), keep, old_hd, heads)))
+        companions = [v for _, v in _companions(table, optimizer)]  # validated before anything moves
+        new_tables.append((table, companions, _head_columns(table.detach(), keep, old_hd, heads)))
 
     # 2. Move data (in place; C++ extension when available).
     compact_many_(items)
     with torch.no_grad():
-        for table, cols in new_tables:
+        for table, companions, cols in new_tables:
             if isinstance(cols, list):
                 if len(cols) < table.shape[1] or cols != sorted(cols):
-                    compact_many_([(x, 1, torch.tensor(cols)) for x in [table] + [v for _, v in
-                                                                                  _companions(table, optimizer)]])
+                    compact_many_([(x, 1, torch.tensor(cols)) for x in [table] + companions])
             else:  # merged heads: new values; gradient/state of the table restart from zero
                 table.set_(cols.to(table.dtype).contiguous())
                 if table.grad is not None:
