@@ -1,4 +1,9 @@
-"""Shared helpers for the benchmarks: device naming, timing, JSON results."""
+"""Shared helpers for the benchmarks: device naming, timing, measured ceilings, JSON results.
+
+Every benchmark times through :func:`seconds` (CUDA: ``triton.testing.do_bench`` median, which uses CUDA events
+and flushes L2 between runs; CPU: median of repeated ``perf_counter`` runs after a warm-up) and writes through
+:func:`write_json`, so results carry the device, library versions, thread count and load average alike.
+"""
 from __future__ import annotations
 
 import json
@@ -13,42 +18,116 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def device_name(device: str | torch.device = "cpu") -> str:
-    """Human-readable device: the GPU name, or the CPU model from /proc/cpuinfo."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or what ``platform`` knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "cpu"
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    """Human-readable device: the GPU name, or the CPU model."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:60]
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())[:60]
+
+
+def sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn, device: str | torch.device = "cpu", repeats: int = 5, stat: str = "median",
+            warmup: bool = True) -> float:
+    """Seconds per call of ``fn()``.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run) with ``stat`` as return mode.
+    CPU: one untimed warm-up call (unless ``warmup=False``), then ``repeats`` timed calls reduced by ``stat``
+    (``median`` / ``min`` / ``mean``).
+    """
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode=stat) / 1e3
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median, "min": min, "mean": statistics.mean}[stat](times)
 
 
 def timed(fn, repeats: int = 3, device: str | torch.device = "cpu") -> tuple[float, object]:
-    """Median wall seconds over ``repeats`` runs (CUDA-synchronised) and the last result."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    """Median wall seconds over ``repeats`` runs of an expensive ``fn`` (no warm-up; CUDA-synchronised) and
+    the last result. For calls too long for ``do_bench`` (a whole scoring job)."""
     times, out = [], None
     for _ in range(repeats):
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         out = fn()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
 
-def write_json(name: str, device: str | torch.device, payload: dict) -> Path:
+def copy_bandwidth_gbs(device: str | torch.device, nbytes: int | None = None) -> float:
+    """Measured copy bandwidth in GB/s (read + write counted) of a buffer far larger than the caches."""
+    device = torch.device(device)
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = seconds(lambda: dst.copy_(src), device, repeats=5)
+    return 2 * nbytes / t / 1e9
+
+
+def matmul_peak_tflops(device: str | torch.device, dtype: torch.dtype = torch.bfloat16, n: int | None = None) -> float:
+    """Measured dense matmul throughput in TFLOP/s (``2 n^3`` per ``n x n`` product)."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / seconds(lambda: a @ b, device, repeats=3) / 1e12
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__}
+    for mod in ("triton", "timm"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def result_path(name: str, device: str | torch.device, quick: bool = False) -> Path:
+    """``bench/results/<name>[-quick]-<device slug>.json``."""
+    return RESULTS / f"{name}{'-quick' if quick else ''}-{slug(device_name(device))}.json"
+
+
+def document(name: str, device: str | torch.device, payload: dict, quick: bool = False) -> dict:
+    """One benchmark's results with the device, versions, threads, date and load average."""
+    return {"benchmark": name, "device": device_name(device), "backend": torch.device(device).type,
+            **versions(), "threads": torch.get_num_threads(), "quick": quick, "date": time.strftime("%Y-%m-%d"),
+            "loadavg_1min_at_end": os.getloadavg()[0],  # other work on the machine skews CPU timings
+            **payload}
+
+
+def write_json(name: str, device: str | torch.device, payload: dict, quick: bool = False) -> Path:
+    """Write :func:`document` to ``bench/results/<name>[-quick]-<device>.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    dev = device_name(device)
-    path = RESULTS / f"{name}-{slug(dev)}.json"
-    doc = {"benchmark": name, "device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "loadavg_1min_at_end": os.getloadavg()[0], **payload}  # other work on the machine skews CPU timings
-    path.write_text(json.dumps(doc, indent=1))
+    path = result_path(name, device, quick)
+    path.write_text(json.dumps(document(name, device, payload, quick), indent=1) + "\n")
     return path

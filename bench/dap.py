@@ -190,8 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="images per step")
     ap.add_argument("--repeats", type=int, default=5, help="round-robin rounds")
     ap.add_argument("--probe-every", type=int, default=None, help="K of the dap-every-K row (default: auto)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's; 1 gives stable numbers on a shared machine)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: stable numbers on a shared machine; 0: torch's default)")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     args = ap.parse_args(argv)
     if args.threads:
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
               f"probe_every={e['probe_every']} {e['x_plain']:.2f}x")
         sys.stdout.flush()
         rows += out
-    path = write_json("dap-quick" if args.quick else "dap", device, dict(
+    path = write_json("dap", device, quick=args.quick, payload=dict(
         quick=args.quick, batch=args.batch, rounds=args.repeats, threads=torch.get_num_threads(),
         loadavg_1min=[load0, os.getloadavg()[0]], amp="bf16" if device.type == "cuda" else None,
         target_x_plain=TARGET, results=rows))

@@ -1,6 +1,6 @@
 """Benchmark: DIMAP scoring + module thresholds on Swin-T/S/B (random init, float32).
 
-Run: ``python bench/dimap.py [--models swin_tiny_patch4_window7_224,...] [--repeats N] [--ratio 0.55]``.
+Run: ``python bench/dimap.py [--quick] [--models swin_tiny_patch4_window7_224,...] [--repeats N] [--ratio 0.55]``.
 
 Methods (all compute the same faithful DIMAP masks: LAMP score per weight of every qkv / proj / fc1 / fc2 layer,
 then one threshold per module QKV-M / PRJ-M / MLP-M removing ``floor(ratio * |M|)`` weights):
@@ -23,17 +23,14 @@ One untimed warm-up per model and method on GPU (Triton compilation, CUDA contex
 compared with ``loop``'s (``mask_disagreements_vs_loop``; expected 0, or a handful of weights exactly at a
 threshold where float32 scores tie or differ in the last bit).
 
-Results: a table on stdout and ``bench/results/dimap-<device>.json`` (``cpu`` or the GPU name; device included).
+Results: a table on stdout and ``bench/results/dimap-<device>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -41,28 +38,14 @@ from pathlib import Path
 
 import timm
 import torch
-import triton
-from vitprune_fast.kernels.dimap_metric import dimap_metric_ref
 
-from vitprune_fast.score.dimap import dimap_masks, dimap_scores, prunable_weights
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_device, device_name, sync, write_json  # noqa: E402
+from vitprune_fast.kernels.dimap_metric import dimap_metric_ref  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from vitprune_fast.score.dimap import dimap_masks, dimap_scores, prunable_weights  # noqa: E402
+
 MODELS = ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -102,13 +85,13 @@ def _method(name: str):
 
 def _time_once(model, method: str, ratio: float, device: torch.device):
     score_fn, mask_fn = _method(method)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     scores = score_fn(model)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     masks = mask_fn(model, scores, ratio)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, masks
 
@@ -117,9 +100,10 @@ def _disagreements(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> in
     return sum(int(torch.count_nonzero(a[n] != b[n])) for n in a)
 
 
-def bench_model(name: str, methods: list[str], repeats: int, ratio: float, device: torch.device) -> list[dict]:
+def bench_model(name: str, methods: list[str], repeats: int, ratio: float, device: torch.device,
+                kwargs: dict | None = None) -> list[dict]:
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).to(device).eval()
+    model = timm.create_model(name, pretrained=False, **(kwargs or {})).to(device).eval()
     n_prunable = sum(model.get_parameter(n).numel() for v in prunable_weights(model).values() for n in v)
     rows, ref_masks = [], None
     for method in methods:
@@ -151,54 +135,49 @@ def bench_model(name: str, methods: list[str], repeats: int, ratio: float, devic
     return rows
 
 
-def main() -> int:
+def run(device: torch.device, models, methods: list[str], repeats: int, ratio: float,
+        thread_counts: list[int]) -> dict:
+    """Every model (a timm name or ``(name, kwargs)``) and method at every CPU thread count."""
+    out = {"ratio": ratio, "repeats": repeats, "dtype": "float32", "methods": methods,
+           "cpu_threads_default": torch.get_num_threads(), "loadavg_start": os.getloadavg(), "results": []}
+    if "triton" not in methods:
+        out["note"] = "no CUDA: the Triton column needs a GPU and is absent; loop vs torch only"
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for model in models:
+            name, kwargs = (model, {}) if isinstance(model, str) else model
+            rows = bench_model(name, methods, repeats, ratio, device, kwargs)
+            out["results"] += [dict(row, threads=threads) for row in rows]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    out["loadavg_end"] = os.getloadavg()  # other processes on the machine make CPU timings noisy
+    return out
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated timm model names")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 3 CPU, 10 GPU)")
     parser.add_argument("--ratio", type=float, default=0.55, help="rho (DIMAP3 = 0.55)")
     parser.add_argument("--threads", default=None,
                         help="CPU only: comma-separated intra-op thread counts to run (default: 1 and torch's default)")
-    args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    repeats = args.repeats or (10 if cuda else 3)
+    parser.add_argument("--quick", action="store_true", help="Swin-T only, one repeat")
+    args = parser.parse_args(argv)
+    device = default_device()
+    cuda = device.type == "cuda"
+    repeats = 1 if args.quick else args.repeats or (10 if cuda else 3)
+    models = MODELS[:1] if args.quick else args.models.split(",")
     methods = ["loop", "torch"] + (["triton"] if cuda else [])
-    device_name = torch.cuda.get_device_name() if cuda else _cpu_name()
-    meta = {
-        "device": device_name,
-        "backend": device.type,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "timm": timm.__version__,
-        "cpu_threads_default": torch.get_num_threads(),
-        "ratio": args.ratio,
-        "repeats": repeats,
-        "dtype": "float32",
-        "methods": methods,
-        "note": None if cuda else "no CUDA: the Triton column needs a GPU and is absent; loop vs torch only",
-        "loadavg_start": os.getloadavg(),
-        "results": [],
-    }
-    if args.threads:
+    if cuda:
+        thread_counts = [torch.get_num_threads()]
+    elif args.threads:
         thread_counts = [int(t) for t in args.threads.split(",")]
     else:
         thread_counts = sorted({1, torch.get_num_threads()})
-    if cuda:
-        thread_counts = [torch.get_num_threads()]
-    print(f"device: {device_name} ({device.type}), repeats {repeats}, ratio {args.ratio}, threads {thread_counts}")
-    for threads in thread_counts:
-        torch.set_num_threads(threads)
-        for name in args.models.split(","):
-            rows = bench_model(name, methods, repeats, args.ratio, device)
-            meta["results"] += [dict(row, threads=threads) for row in rows]
-            if cuda:
-                torch.cuda.empty_cache()
-    meta["loadavg_end"] = os.getloadavg()  # other processes on the machine make CPU timings noisy
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") if cuda else "cpu"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"dimap-{slug}.json"
-    path.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"device: {device_name(device)} ({device.type}), repeats {repeats}, ratio {args.ratio}, "
+          f"threads {thread_counts}")
+    res = run(device, models, methods, repeats, args.ratio, thread_counts)
+    print("wrote", write_json("dimap", device, res, quick=args.quick))
     return 0
 
 

@@ -5,9 +5,8 @@ the same shape, plus ONNX Runtime CPU latency of a pruned export.
   stock ``deit_small_patch16_224`` / ``deit_tiny_patch16_224`` (target: within 5 % of the stock model).
 * Swin-S and Swin-B pruned to ~50 % FLOPs (keep 0.7 of every width), against dense.
 The speedup vs dense is printed next to the FLOPs ratio. Random weights (speed does not depend on values).
-GPU: CUDA-event medians (triton.testing.do_bench) in bf16 at batch 1 / 64 / 256; CPU: the fastest of repeated
-runs in fp32 at batch 1 / 8 (the minimum, because a shared 2-core box adds bursts of foreign load;
-``--quick``: smaller models, fewer repeats).
+GPU: CUDA-event medians (triton.testing.do_bench) in bf16 at batch 1 / 64 / 256; CPU: medians of repeated runs
+in fp32 at batch 1 / 8 with one intra-op thread (``--quick``: smaller models, fewer repeats).
 
     python bench/pruned_speed.py [--quick]
 """
@@ -16,33 +15,17 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, write_json  # noqa: E402
+from common import default_device, device_name, seconds, write_json  # noqa: E402
 
 import vitprune_fast as vpf  # noqa: E402
 from vitprune_fast.metrics import count_flops, count_params, input_size  # noqa: E402
 from vitprune_fast.score import magnitude_scores  # noqa: E402
-
-
-def _time(fn, device, repeats: int) -> float:
-    """Seconds of ``fn()``: CUDA median (do_bench); CPU minimum over repeats (robust to other load on the box)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _speed(model, device, dtype, batches, repeats) -> dict:
@@ -51,14 +34,14 @@ def _speed(model, device, dtype, batches, repeats) -> dict:
     for b in batches:
         x = torch.randn(b, *input_size(model), device=device, dtype=dtype)
         with torch.inference_mode():
-            t = _time(lambda x=x: model(x), device, repeats)
+            t = seconds(lambda x=x: model(x), device, repeats)
         out[f"bs{b}"] = {"seconds": t, "img_per_s": b / t}
     return out
 
 
-def _pruned(name, keep, heads=None):
+def _pruned(name, kwargs, keep, heads=None):
     torch.manual_seed(0)
-    model = timm.create_model(name).eval()
+    model = timm.create_model(name, **kwargs).eval()
     space = vpf.describe(model)
     vpf.prune_(model, vpf.make_plan(space, magnitude_scores(model), keep=keep, heads=heads))
     return model
@@ -76,44 +59,49 @@ def _onnx_latency(model, repeats) -> float | None:
         torch.onnx.export(model, (x,), path, input_names=["x"], dynamo=True)
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         feed = {"x": x.numpy()}
-        return _time(lambda: sess.run(None, feed), torch.device("cpu"), repeats)
+        return seconds(lambda: sess.run(None, feed), "cpu", repeats)
 
 
-def run(quick: bool) -> dict:
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+# (dense timm name, timm kwargs, [(stock model of the target shape or None, keep ratio, heads)])
+FULL = [("deit_base_patch16_224", {}, [("deit_small_patch16_224", 0.5, 6), ("deit_tiny_patch16_224", 0.25, 3)]),
+        ("swin_small_patch4_window7_224", {}, [(None, 0.7, None)]),
+        ("swin_base_patch4_window7_224", {}, [(None, 0.7, None)])]
+QUICK = [("deit_small_patch16_224", {}, [("deit_tiny_patch16_224", 0.5, 3)]),
+         ("swin_tiny_patch4_window7_224", {}, [(None, 0.7, None)])]
+
+
+def run(quick: bool, device: torch.device | None = None, cases=None, batches=None, repeats=None,
+        onnx: bool = True) -> dict:
+    """Dense, pruned and stock same-shape models timed on ``device`` (defaults: see the module docstring)."""
+    device = device or default_device()
+    cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    batches = (1, 64, 256) if cuda else ((1, 4) if quick else (1, 8))
-    repeats = 3 if quick else 7
-    if quick:
-        cases = [("deit_small_patch16_224", [("deit_tiny_patch16_224", 0.5, 3)]),
-                 ("swin_tiny_patch4_window7_224", [(None, 0.7, None)])]
-    else:
-        cases = [("deit_base_patch16_224", [("deit_small_patch16_224", 0.5, 6), ("deit_tiny_patch16_224", 0.25, 3)]),
-                 ("swin_small_patch4_window7_224", [(None, 0.7, None)]),
-                 ("swin_base_patch4_window7_224", [(None, 0.7, None)])]
+    batches = batches or ((1, 64, 256) if cuda else ((1, 4) if quick else (1, 8)))
+    repeats = repeats or (3 if quick else 7)
     rows = []
-    for dense_name, targets in cases:
+    for dense_name, kwargs, targets in cases or (QUICK if quick else FULL):
         torch.manual_seed(0)
-        dense = timm.create_model(dense_name).eval()
+        dense = timm.create_model(dense_name, **kwargs).eval()
         d_flops = count_flops(dense)
         d_speed = _speed(dense, device, dtype, batches, repeats)
         rows.append({"model": dense_name, "kind": "dense", "params": count_params(dense), "flops": d_flops,
                      **d_speed})
         for stock_name, keep, heads in targets:
-            pruned = _pruned(dense_name, keep, heads)
+            pruned = _pruned(dense_name, kwargs, keep, heads)
             p_flops = count_flops(pruned)
             entry = {"model": f"{dense_name} pruned (keep {keep}{f', {heads} heads' if heads else ''})",
                      "kind": "pruned", "params": count_params(pruned), "flops": p_flops,
                      "flops_ratio_vs_dense": d_flops / p_flops, **_speed(pruned, device, dtype, batches, repeats)}
             entry["speedup_vs_dense"] = {k: d_speed[k]["seconds"] / entry[k]["seconds"] for k in d_speed}
             if stock_name:
-                stock = timm.create_model(stock_name).eval()
+                stock = timm.create_model(stock_name, **kwargs).eval()
                 s_speed = _speed(stock, device, dtype, batches, repeats)
                 rows.append({"model": stock_name, "kind": "stock", "params": count_params(stock),
                              "flops": count_flops(stock.float().cpu()), **s_speed})
+                entry["same_shape_as_stock"] = entry["params"] == rows[-1]["params"]
                 entry["vs_stock_same_shape"] = {k: entry[k]["seconds"] / s_speed[k]["seconds"] for k in s_speed}
-            if "deit" in dense_name:
+                entry["within_5pct_of_stock"] = all(v <= 1.05 for v in entry["vs_stock_same_shape"].values())
+            if onnx and "deit" in dense_name:
                 entry["onnxruntime_cpu_bs1_seconds"] = _onnx_latency(pruned, repeats)
             rows.append(entry)
     return {"dtype": str(dtype), "batches": list(batches), "rows": rows}
@@ -126,8 +114,8 @@ def main() -> None:
                     help="CPU threads (default 1: on a shared box, multi-threaded OpenMP stalls dominate timings)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    res = run(args.quick)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = default_device()
+    res = run(args.quick, dev)
     print(f"pruned-model speed on {device_name(dev)} ({res['dtype']})")
     bs = [f"bs{b}" for b in res["batches"]]
     print(f"{'model':<58}{'params':>12}{'GFLOPs':>8}" + "".join(f"{b + ' ms':>11}" for b in bs) + "  notes")
@@ -142,7 +130,7 @@ def main() -> None:
             notes.append(f"ORT CPU bs1 {1e3 * r['onnxruntime_cpu_bs1_seconds']:.1f} ms")
         print(f"{r['model'][:57]:<58}{r['params']:>12,}{r['flops'] / 1e9:>8.2f}"
               + "".join(f"{1e3 * r[b]['seconds']:>11.1f}" for b in bs) + "  " + "; ".join(notes))
-    print("wrote", write_json("pruned_speed" + ("-quick" if args.quick else ""), dev, res))
+    print("wrote", write_json("pruned_speed", dev, res, quick=args.quick))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ README = HERE.parent / "README.md"
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 
 
-def _latest(prefix: str) -> list[dict]:
+def _latest(prefix: str, results: Path) -> list[dict]:
     """Newest result file per device for a benchmark (files named <prefix>-<device>.json)."""
     by_device = {}
-    for p in sorted(HERE.joinpath("results").glob(f"{prefix}-*.json"), key=lambda p: p.stat().st_mtime):
+    for p in sorted(results.glob(f"{prefix}-*.json"), key=lambda p: p.stat().st_mtime):
         if "quick" in p.name:
             continue
         d = json.loads(p.read_text())
@@ -33,14 +33,24 @@ def _slicing(d: dict) -> list[str]:
 def _kl(d: dict) -> list[str]:
     out = ["| model | candidates × images | method | cand·img/s | vs published | identical selection |",
            "|---|---|---|---|---|---|"]
+    notes = []
     for c in d["configs"]:
         for r in c["rows"]:
             out.append(f"| {c['model']} | {c['candidates']} × {c['images']} | {r['method']} | "
                        f"{r['cand_img_per_s']:.0f} | {r['speedup_vs_published']:.1f}× | {c['identical_selection']} |")
         if "fraction_of_peak" in c:
-            out.append(f"| {c['model']} | | fast engine TFLOP/s | {c['fast_engine_tflops']:.1f} | "
-                       f"{100 * c['fraction_of_peak']:.0f}% of bf16 matmul peak | |")
-    return out
+            dt = c.get("matmul_peak_dtype", "bf16")
+            peak = c.get("matmul_peak_tflops", c.get("bf16_matmul_peak_tflops"))
+            notes.append(f"{c['model']} ({c['dtype']}): fast engine {c['fast_engine_tflops']:.3g} TFLOP/s = "
+                         f"{100 * c['fraction_of_peak']:.0f}% of the measured {dt} matmul peak ({peak:.3g} TFLOP/s); "
+                         f"max relative difference vs the loop {c['max_rel_diff_fast_vs_loop']:.1e}.")
+        if "full_model" in c:
+            f = c["full_model"]
+            hours = f["published_loop_seconds_extrapolated"] / 3600
+            notes.append(f"{c['model']}, all {f['candidates']} candidates: fast engine "
+                         f"{f['fast_engine_seconds']:.1f} s vs the published loop's ~{hours:.2f} h "
+                         f"(extrapolated from its rate above), {f['speedup_vs_published']:.0f}×.")
+    return out + ([""] + [f"- {n}" for n in notes] if notes else [])
 
 
 def _pruned(d: dict) -> list[str]:
@@ -53,8 +63,9 @@ def _pruned(d: dict) -> list[str]:
             notes.append(f"FLOPs ÷{r['flops_ratio_vs_dense']:.2f}; speedup "
                          + ", ".join(f"{k} ×{v:.2f}" for k, v in r["speedup_vs_dense"].items()))
         if "vs_stock_same_shape" in r:
+            ok = {True: " (within 5 %)", False: " (NOT within 5 %)"}.get(r.get("within_5pct_of_stock"), "")
             notes.append("time / stock same shape " + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                                  r["vs_stock_same_shape"].items()))
+                                                                  r["vs_stock_same_shape"].items()) + ok)
         if r.get("onnxruntime_cpu_bs1_seconds"):
             notes.append(f"ONNX Runtime CPU bs1 {1e3 * r['onnxruntime_cpu_bs1_seconds']:.0f} ms")
         out.append(f"| {r['model']} | {r['params']:,} | {r['flops'] / 1e9:.2f} | "
@@ -69,26 +80,95 @@ def _dimap(d: dict) -> list[str]:
     return out
 
 
+def _kernels(d: dict) -> list[str]:
+    out = [f"Measured copy bandwidth (read + write): {d['copy_bandwidth_gbps']:.0f} GB/s.", "",
+           "| op | shape | dtype | Triton ms | Triton GB/s (% of copy) | torch ms | torch GB/s | speedup | "
+           "err vs fp64 (torch) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        tri, tor = r.get("triton"), r.get("torch")
+        tri_cols = (f"{tri['ms']:.4f} | {tri['gbps']:.0f} ({100 * tri.get('frac_copy_bw', 0):.0f}%)"
+                    if tri else "– | – (interpreter only)")
+        tor_cols = f"{tor['ms']:.4f} | {tor['gbps']:.1f}" if tor else "– | –"
+        ok = "" if r["within_tolerance"] else " **out of tolerance**"
+        speedup = f"{r['speedup']:.2f}×" if "speedup" in r else "–"
+        out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {tri_cols} | {tor_cols} | {speedup} | "
+                   f"{r['max_abs_err_vs_fp64']:.1e} ({r['torch_max_abs_err_vs_fp64']:.1e}){ok} |")
+    if d.get("interpreter_smoke"):
+        bad = [r for r in d["interpreter_smoke"] if not r["within_tolerance"]]
+        out += ["", f"Triton interpreter check at tiny shapes: {len(d['interpreter_smoke']) - len(bad)}/"
+                    f"{len(d['interpreter_smoke'])} within tolerance (kernel error ≤ 2 × torch error + atol)."]
+    if d.get("min_frac_copy_bw_memory_bound") is not None:
+        out += ["", f"Slowest memory-bound kernel: {100 * d['min_frac_copy_bw_memory_bound']:.0f}% of copy bandwidth "
+                    f"(target ≥ {100 * d['target_frac_copy_bw']:.0f}%)."]
+    return out
+
+
+def _dap(d: dict) -> list[str]:
+    out = [f"Batch {d['batch']}, {d['rounds']} round-robin rounds, "
+           f"AMP {d.get('amp') or 'off'}; target ≤ {d['target_x_plain']}× a plain step.", "",
+           "| model | config | step ms | × plain | probes ms | mask update ms | device default |",
+           "|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        probes = f"{1e3 * r['median_probes_s']:.1f}" if "median_probes_s" in r else ""
+        update = f"{1e3 * r['median_update_s']:.2f}" if "median_update_s" in r else ""
+        out.append(f"| {r['model']} | {r['config']} | {1e3 * r['median_step_s']:.1f} | {r['x_plain']:.2f} | "
+                   f"{probes} | {update} | {'yes' if r.get('device_default') else ''} |")
+    return out
+
+
+def _gpu_tests(d: dict) -> list[str]:
+    out = [f"`{d['command']}`: {d.get('passed', 0)} passed, {d.get('failed', 0)} failed, "
+           f"{d.get('skipped', 0)} skipped (pytest exit code {d['pytest_exit_code']})."]
+    out += [f"- FAILED {f['test']}: {f['message'][:200]}" for f in d.get("failures", [])]
+    return out
+
+
 def _generic(d: dict) -> list[str]:
     return ["```json", json.dumps({k: v for k, v in d.items() if k not in ("results",)}, indent=1)[:1500], "```"]
 
 
-SECTIONS = [("Slicing: in-place `prune_` vs copy-based", "slicing", _slicing),
+SECTIONS = [("GPU tests (pytest -m gpu)", "gpu_tests", _gpu_tests),
+            ("Slicing: in-place `prune_` vs copy-based", "slicing", _slicing),
             ("UP-ViTs KL engine vs the published loop", "kl_engine", _kl),
             ("Pruned-model speed", "pruned_speed", _pruned),
             ("DIMAP scoring + thresholds", "dimap", _dimap),
-            ("DAP training step", "dap", None),
-            ("Triton kernels", "kernels", None)]
+            ("DAP training step", "dap", _dap),
+            ("Triton kernels", "kernels", _kernels)]
 
 
-def render() -> str:
+def _runs(results: Path) -> list[dict]:
+    """Newest full ``python -m bench`` run summary (``<device>-<date>.json``) per device."""
+    by_device = {}
+    for p in sorted(results.glob("*.json"), key=lambda p: p.stat().st_mtime):
+        d = json.loads(p.read_text())
+        if "status" in d and "benchmark" not in d and not d.get("quick"):
+            by_device[d["device"]] = d
+    return list(by_device.values())
+
+
+def _run_table(d: dict) -> list[str]:
+    out = [f"`python -m bench` on {d['device']} ({d['date']}):", "", "| benchmark | exit code | seconds |",
+           "|---|---|---|"]
+    for name, st in d["status"].items():
+        rc, secs = (st["rc"], st["seconds"]) if isinstance(st, dict) else (st, "–")
+        out.append(f"| {name} | {rc} | {secs} |")
+    return out + [""]
+
+
+def render(results: Path | None = None) -> str:
+    """The README block for the newest results in ``results`` (default bench/results)."""
+    results = results or HERE / "results"
     lines = [START, "", "Generated by `python bench/report.py` from `bench/results/` (newest file per device).", ""]
+    for d in _runs(results):
+        lines += _run_table(d)
     for title, prefix, fn in SECTIONS:
-        for d in _latest(prefix):
-            lines += [f"### {title} — {d.get('device', '?')}", ""]
+        for d in _latest(prefix, results):
+            lines += [f"### {title} — {d.get('device', '?')}", "",
+                      f"{d.get('date', '?')}, torch {d.get('torch', '?')}, {d.get('threads', '?')} CPU threads; "
+                      f"load average at the end {d.get('loadavg_1min_at_end', float('nan')):.1f}.", ""]
             try:
-                lines += (fn or _generic)(d)
-            except (KeyError, TypeError):
+                lines += fn(d)
+            except (KeyError, TypeError):  # results written by an older version of the script
                 lines += _generic(d)
             if d.get("note"):
                 lines += ["", f"Note: {d['note']}"]

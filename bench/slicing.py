@@ -1,6 +1,6 @@
 """Benchmark: in-place pruning (``vpf.prune_``) vs copy-based slicing, wall time and peak extra memory.
 
-Run: ``python bench/slicing.py [--quick] [--devices cpu,cuda] [--repeats N]``.
+Run: ``python bench/slicing.py [--quick] [--devices cpu,cuda] [--repeats N]`` (default device: CUDA where present).
 
 Both methods apply the same plan (keep 0.5 of the residual width, of every attention's dims and of every MLP's
 hidden units, from random scores) to a randomly initialised timm model (``vit_large_patch16_224``,
@@ -44,7 +44,6 @@ MODELS = ["vit_large_patch16_224", "vit_huge_patch14_224"]
 QUICK_MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224"]
 METHODS = ["inplace", "inplace-torch", "copy"]
 KEEP = {"residual": 0.5, "attn": 0.5, "mlp": 0.5}
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ------------------------------------------------------------------------------------------ worker process
@@ -159,23 +158,6 @@ def worker(model_name: str, method: str, device: str, seed: int) -> dict:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
-
-
 def run_one(model_name: str, method: str, device: str, seed: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", model_name, method, device, str(seed)]
     env = {k: v for k, v in os.environ.items() if k != "VITPRUNE_FAST_NO_EXT"}
@@ -214,8 +196,7 @@ def bench_device(device: str, models: list[str], repeats: int, methods: list[str
         if (m, "copy") in by and (m, "inplace") in by
     }
     return {
-        "device": device,
-        "device_name": device_name(device),
+        "device_kind": device,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "keep": KEEP,
@@ -227,7 +208,7 @@ def bench_device(device: str, models: list[str], repeats: int, methods: list[str
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{report['device']} ({report['device_name']}), torch {report['torch']}, {report['threads']} threads, "
+    print(f"\n{report['device_kind']} ({report['device']}), torch {report['torch']}, {report['threads']} threads, "
           f"keep {report['keep']}, median of {report['repeats']}, load avg {report['loadavg_1min']}")
     head = f"| {'model':24s} | {'params MB':>9s} | {'method':14s} | {'time s':>8s} | {'peak extra MB':>13s} | " \
            f"{'% of params':>11s} | {'retained MB':>11s} |"
@@ -245,7 +226,7 @@ def print_table(report: dict) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small models, one repeat")
-    ap.add_argument("--devices", default=None, help="comma list (default: cpu, plus cuda when available)")
+    ap.add_argument("--devices", default=None, help="comma list (default: cuda where available, else cpu)")
     ap.add_argument("--repeats", type=int, default=None, help="fresh processes per measurement (default 3; quick 1)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--worker", nargs=4, metavar=("MODEL", "METHOD", "DEVICE", "SEED"), help=argparse.SUPPRESS)
@@ -257,18 +238,19 @@ def main(argv=None) -> None:
 
     import torch
 
-    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import device_name, write_json
+
+    devices = args.devices.split(",") if args.devices else ["cuda" if torch.cuda.is_available() else "cpu"]
     models = QUICK_MODELS if args.quick else MODELS
     repeats = args.repeats or (1 if args.quick else 3)
     methods = args.methods.split(",")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for device in devices:
         print(f"[{device}] {', '.join(models)}: {', '.join(methods)}", flush=True)
         report = bench_device(device, models, repeats, methods)
+        report["device"] = device_name(device)
         print_table(report)
-        out = RESULTS / f"slicing-{device.split(':')[0]}{'-quick' if args.quick else ''}.json"
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}")
+        print("wrote", write_json("slicing", device, report, quick=args.quick))
 
 
 if __name__ == "__main__":

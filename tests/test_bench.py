@@ -1,0 +1,169 @@
+"""The benchmark scripts' measuring code, run on CPU at tiny sizes, and the README report built from it.
+
+GPU sessions are short and rare, so the code paths a GPU run takes (every Triton kernel timed next to its
+reference, the KL engine's FLOP/s and whole-model rows, DIMAP's Triton column, ...) are exercised here on CPU,
+with the kernels in the Triton interpreter. Timings are never asserted; the results' content and consistency are.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import dap as bench_dap  # noqa: E402
+import dimap as bench_dimap  # noqa: E402
+import gpu_tests  # noqa: E402
+import kl_engine  # noqa: E402
+import pruned_speed  # noqa: E402
+import report  # noqa: E402
+import slicing  # noqa: E402
+
+import bench.kernels as bench_kernels  # noqa: E402  (a top-level `kernels` would be the Triton package dir)
+
+CPU = torch.device("cpu")
+TINY_VIT = dict(img_size=32, patch_size=16, depth=2, embed_dim=16, num_heads=2)
+TINY_SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                 num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    """Every benchmark's payload at tiny sizes, written the way the scripts write them."""
+    out = tmp_path_factory.mktemp("results")
+    old, common.RESULTS = common.RESULTS, out
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        payloads = {
+            "kernels": {"results": bench_kernels.measure(bench_kernels.cases("tiny"), CPU, 10.0, repeats=1),
+                        "copy_bandwidth_gbps": 10.0, "target_frac_copy_bw": 0.7,
+                        "min_frac_copy_bw_memory_bound": 0.1, "all_within_tolerance": True},
+            "kl_engine": kl_engine.run(True, CPU, full_model=True,
+                                       configs=[("deit_tiny_patch16_224", dict(TINY_VIT, num_classes=10), None, 2)]),
+            "dimap": bench_dimap.run(CPU, [("swin_tiny_patch4_window7_224", TINY_SWIN)], ["loop", "torch", "triton"],
+                                     1, 0.55, [1]),
+            "pruned_speed": pruned_speed.run(
+                True, CPU, cases=[("deit_small_patch16_224", dict(img_size=32, patch_size=16, depth=2, num_classes=10),
+                                   [("deit_tiny_patch16_224", 0.5, 3)])], batches=(1, 2), repeats=1, onnx=False),
+            "slicing": slicing.bench_device("cpu", ["vit_tiny_patch16_224"], 1, ["inplace", "copy"]),
+            "dap": {"batch": 2, "rounds": 1, "amp": None, "target_x_plain": 1.5,
+                    "results": bench_dap._bench_model("deit", ("deit_tiny_patch16_224", dict(TINY_VIT, embed_dim=64)),
+                                                      CPU, 2, 1, 2)},
+        }
+        for name, payload in payloads.items():
+            common.write_json(name, CPU, payload)
+    finally:
+        common.RESULTS = old
+        torch.set_num_threads(n_threads)
+    return out, payloads
+
+
+def test_kernel_rows_check_against_fp64_and_time_both(docs):
+    rows = docs[1]["kernels"]["results"]
+    assert {r["op"] for r in rows} == {"kl_div", "masked_layernorm", "expand_ln", "dimap_metric"}
+    for r in rows:
+        assert r["within_tolerance"], r
+        assert r["triton"]["ms"] > 0 and r["torch"]["ms"] > 0
+        assert r["triton"]["gbps"] == pytest.approx(r["bytes"] / (r["triton"]["ms"] * 1e-3) / 1e9)
+        assert r["triton"]["frac_copy_bw"] == pytest.approx(r["triton"]["gbps"] / 10.0)
+
+
+def test_kernel_check_catches_a_wrong_kernel():
+    def broken(dtype, device):
+        kern, ref, ref64, nbytes = bench_kernels.case_kl(3, 2, 101, dtype, device)
+        return (lambda: kern() * 1.01), ref, ref64, nbytes
+
+    (row,) = bench_kernels.measure([("kl_div", "broken", (torch.float64,), broken)], CPU, None,
+                                   time_kernels=False, time_refs=False)
+    assert not row["within_tolerance"]
+
+
+def test_kl_engine_rows(docs):
+    (c,) = docs[1]["kl_engine"]["configs"]
+    assert c["identical_selection"] and c["max_rel_diff_fast_vs_loop"] < 1e-10
+    assert [r["method"] for r in c["rows"]][-1] == "fast engine"
+    assert c["rows"][0]["speedup_vs_published"] == 1.0
+    assert c["fast_engine_tflops"] > 0 and c["fraction_of_peak"] == pytest.approx(
+        c["fast_engine_tflops"] / c["matmul_peak_tflops"])
+    full = c["full_model"]
+    assert full["candidates"] == c["candidates"]  # quick = every candidate already
+    assert full["published_loop_seconds_extrapolated"] == pytest.approx(c["rows"][0]["seconds"])
+
+
+def test_dimap_triton_column_agrees_with_loop(docs):
+    rows = docs[1]["dimap"]["results"]
+    assert [r["method"] for r in rows] == ["loop", "torch", "triton"]
+    assert all(r["mask_disagreements_vs_loop"] == 0 for r in rows)
+    assert len({r["removed"] for r in rows}) == 1
+
+
+def test_pruned_speed_matches_stock_shape(docs):
+    rows = {r["kind"]: r for r in docs[1]["pruned_speed"]["rows"]}
+    assert rows["pruned"]["same_shape_as_stock"]
+    assert rows["pruned"]["params"] == rows["stock"]["params"] and rows["pruned"]["flops"] == rows["stock"]["flops"]
+    assert rows["pruned"]["flops_ratio_vs_dense"] == pytest.approx(rows["dense"]["flops"] / rows["pruned"]["flops"])
+    assert set(rows["pruned"]["vs_stock_same_shape"]) == {"bs1", "bs2"}
+
+
+def test_slicing_in_place_keeps_parameters_and_beats_copy_on_memory(docs):
+    d = docs[1]["slicing"]
+    rows = {r["method"]: r for r in d["results"]}
+    assert rows["inplace"]["same_parameter_objects"] and not rows["copy"]["same_parameter_objects"]
+    assert rows["inplace"]["pruned_param_bytes"] == rows["copy"]["pruned_param_bytes"]
+    assert d["ratios"]["vit_tiny_patch16_224"]["copy_over_inplace_peak"] > 1
+
+
+def test_dap_rows(docs):
+    rows = docs[1]["dap"]["results"]
+    assert [r["config"] for r in rows] == ["plain", "dap-looped", "dap-batched", "dap-every-2"]
+    assert rows[0]["x_plain"] == 1.0 and all(r["median_step_s"] > 0 for r in rows)
+
+
+def test_report_renders_every_section_from_the_results(docs):
+    results, _ = docs
+    text = report.render(results)
+    for title, prefix, _ in report.SECTIONS:
+        if prefix != "gpu_tests":  # recorded on CUDA machines only
+            assert f"### {title} — {common.cpu_name()}" in text
+    assert "```json" not in text  # no section fell back to the raw-JSON renderer
+    assert text.startswith(report.START) and text.endswith(report.END)
+
+
+def test_result_files_carry_device_and_versions(docs):
+    results, _ = docs
+    for p in results.glob("*.json"):
+        d = json.loads(p.read_text())
+        assert d["device"] == common.cpu_name() and d["backend"] == "cpu"
+        assert d["torch"] == torch.__version__ and d["threads"] == 1
+        assert p.name == f"{d['benchmark']}-{common.slug(d['device'])}.json"
+
+
+def test_gpu_test_summary_counts(tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.a" name="ok" time="0.5"/>'
+        '<testcase classname="tests.a" name="bad" time="2.0"><failure message="boom">tb</failure></testcase>'
+        '<testcase classname="tests.b" name="err" time="0.1"><error message="setup">tb</error></testcase>'
+        '<testcase classname="tests.b" name="skip" time="0"><skipped message="no"/></testcase>'
+        "</testsuite></testsuites>")
+    s = gpu_tests.summarize(str(xml))
+    assert (s["collected"], s["passed"], s["failed"], s["skipped"]) == (4, 1, 2, 1)
+    assert [f["test"] for f in s["failures"]] == ["tests.a::bad", "tests.b::err"]
+    assert s["slowest"][0] == {"test": "tests.a::bad", "seconds": 2.0}
+
+
+def test_seconds_statistics():
+    calls = []
+    assert common.seconds(lambda: calls.append(1), CPU, repeats=3) >= 0
+    assert len(calls) == 4  # one warm-up + three timed
+    with pytest.raises(KeyError):
+        common.seconds(lambda: None, CPU, repeats=1, stat="p99")
