@@ -15,6 +15,10 @@ Usage in any training loop::
         dap.step()                                   # probes' optimizer, Taylor scores, κ / mask updates
     plan = dap.finalize(opt)                         # = dap.plan(); dap.remove(); prune_(model, plan, opt)
 
+To resume a long run, save ``dap.state_dict()`` (after ``dap.step()``) with the model's and the optimizer's state
+dicts; a new ``DAP`` built with the same arguments on the same architecture continues exactly after
+``dap.load_state_dict(state)`` (``finetune_dap(checkpoint=...)`` does this for its own loop).
+
 Choices (defaults; ``FAITHFUL`` holds the reference's values for the flagged quirks):
 
 - **Gates.** One gate per block, inside what a stock timm block can express after slicing: attention gates
@@ -55,8 +59,11 @@ Choices (defaults; ``FAITHFUL`` holds the reference's values for the flagged qui
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -66,6 +73,7 @@ from torch import nn
 
 from .arch import describe
 from .dap_probes import BatchedProbes, LoopedProbes, probe_ce
+from .errors import CheckpointError
 from .plan import Plan
 from .prune import prune_
 
@@ -73,6 +81,10 @@ ATTN_MODES = ("dims", "heads")
 MASK_CENTERS = ("midpoint", "reference")
 #: Reference behaviour for the quirks of ``research/dap.md`` §5 (pass as ``DAP(model, **FAITHFUL)``).
 FAITHFUL = dict(train_gates=True, mask_center="reference", projection_iters=20)
+#: Layout version of :meth:`DAP.state_dict`, and its keys.
+STATE_VERSION = 1
+_STATE_KEYS = ("version", "config", "model", "t", "gates_on", "gate", "keep", "units", "goal", "ema", "dpsi_cls",
+               "dpsi_patch", "bpi_n", "taylor", "taylor_n", "history", "probes", "probe_optimizer")
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -363,10 +375,12 @@ class DAP:
         self.label_smoothing, self.probe_every, self.probe_batch = label_smoothing, probe_every, probe_batch
         self.imp_scale, self.gamma, self.alpha, self.per_param_norm = imp_scale, gamma, alpha, per_param_norm
         self.train_gates, self.projection_iters = train_gates, projection_iters
+        self.block_params_only, self.probe_lr, self.probe_weight_decay = block_params_only, probe_lr, probe_weight_decay
         p0 = next(model.parameters())
         k = num_classes if num_classes is not None else getattr(model, "num_classes", 0)
         if not k:
             raise ValueError("the model has no classifier: pass num_classes for the probes")
+        self.num_classes = k
 
         self.blocks: list[_Block] = []
         self.stages: list[_Stage] = []
@@ -402,7 +416,7 @@ class DAP:
 
         self.batched = p0.device.type == "cuda" if batched is None else bool(batched)
         probe_cls = BatchedProbes if self.batched else LoopedProbes
-        dtype = probe_dtype or p0.dtype
+        dtype = self.probe_dtype = probe_dtype or p0.dtype
         self.probes = nn.ModuleList(
             probe_cls(2 * len(s.blocks), s.dim, k, s.has_cls, s.prefix, s.grid, channels_last=channels_last,
                       device=p0.device, dtype=dtype) for s in self.stages)
@@ -588,6 +602,140 @@ class DAP:
             kept_params=self.kept_params()))
         self._reset_accumulators()
 
+    # ------------------------------------------------------------------------------------- checkpointing
+    def _config(self) -> dict:
+        """The arguments that change what DAP computes; a state only loads into a DAP built with the same."""
+        return dict(target=self.target, schedule=dataclasses.asdict(self.schedule), attn_mode=self.attn_mode,
+                    mask_center=self.mask_center, batched=self.batched, probe_dtype=str(self.probe_dtype),
+                    label_smoothing=self.label_smoothing, probe_lr=self.probe_lr,
+                    probe_weight_decay=self.probe_weight_decay, imp_scale=self.imp_scale, gamma=self.gamma,
+                    alpha=self.alpha, per_param_norm=self.per_param_norm, block_params_only=self.block_params_only,
+                    probe_every=self.probe_every, probe_batch=self.probe_batch, train_gates=self.train_gates,
+                    projection_iters=self.projection_iters)
+
+    def _signature(self) -> dict:
+        """What DAP saw of the model: its blocks, probe stages, parameter count and classes."""
+        return dict(blocks=[[b.name, b.kind, b.n, b.ppm, b.num_heads, b.head_dim] for b in self.blocks],
+                    stages=[[s.first, s.prefix, s.has_cls, list(s.grid), s.dim] for s in self.stages],
+                    total_params=self.total_params, num_classes=self.num_classes)
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly where this one stands (save after ``dap.step()``).
+
+        Save it next to the model's and the optimizer's state dicts; a fresh ``DAP(model, ...)`` with the same
+        arguments on the same architecture continues identically after :meth:`load_state_dict`. DAP draws no
+        random numbers after construction (only the probe initialisation, which the state overwrites), so no
+        RNG state is part of it. Layout (version 1):
+
+        - ``version`` (int), ``config`` (the DAP arguments, plain values), ``model`` (the model's DAP blocks
+          ``[name, kind, units, params per unit, heads, head_dim]``, probe stages, parameter count, classes);
+        - ``t`` (int: ``dap.step()`` calls so far, the schedule position), ``gates_on`` (bool);
+        - ``gate`` [G] (the gate values, soft masks included), ``keep`` [G] bool (hard masks of the last update),
+          ``units`` [nb] int64, ``goal`` [nb] float64 (κ goal), ``ema`` [2, nb] float64 or None (κ EMA state);
+        - accumulators of the current window: ``dpsi_cls``, ``dpsi_patch`` [nb] and ``taylor`` [G] sums,
+          ``bpi_n`` and ``taylor_n`` (ints);
+        - ``history`` (list of dicts of plain values: one per mask update);
+        - ``probes`` (the probe modules' ``state_dict``: weights and BatchNorm statistics) and
+          ``probe_optimizer`` (the probes' AdamW ``state_dict``).
+
+        Only tensors and plain Python values: ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it,
+        and every tensor is contiguous with its own storage (safetensors can hold the tensor part). As with
+        ``nn.Module.state_dict``, tensors may share memory with the live DAP: save (or deep-copy) it to keep a
+        snapshot.
+        """
+        if self._probe_pending:
+            raise RuntimeError("DAP.state_dict() was called between dap.loss() and dap.step(): save after dap.step()")
+        return dict(
+            version=STATE_VERSION, config=self._config(), model=self._signature(), t=self.t, gates_on=self._gates_on,
+            gate=self.gate.detach(), keep=torch.cat(self._keep), units=self.units, goal=self.goal,
+            ema=None if self._ema is None else torch.stack(self._ema),
+            dpsi_cls=self._dcls, dpsi_patch=self._dpatch, bpi_n=self._bpi_n, taylor=self._taylor,
+            taylor_n=self._taylor_n, history=copy.deepcopy(self.history),
+            probes=_contiguous(self.probes.state_dict()), probe_optimizer=_contiguous(self.optimizer.state_dict()))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (also the probes and their optimizer): training continues from there.
+
+        Everything is checked first (version, keys, that the model and the DAP arguments are the ones the state
+        was saved with, every tensor's shape and kind, the probe optimizer's layout); on any mismatch a
+        :class:`CheckpointError` lists the problems and this DAP is left unchanged. Tensors are copied (the dict
+        is not kept) and moved to this DAP's device; the gate is updated in place, so an optimizer holding
+        :meth:`gate_parameters` keeps working.
+        """
+        problems = self._state_problems(state)
+        if problems:
+            raise CheckpointError("DAP state does not fit this DAP (nothing was loaded):\n  - "
+                                  + "\n  - ".join(problems))
+        dev, cpu = self.gate.device, torch.device("cpu")
+        with torch.no_grad():
+            self.gate.copy_(state["gate"])
+        self.gate.grad = None
+        keep = state["keep"].to(cpu)
+        self._keep = [keep[b.sl].clone() for b in self.blocks]
+        self.units = state["units"].to(cpu, torch.long, copy=True)
+        self.goal = state["goal"].to(cpu, torch.float64, copy=True)
+        ema = state["ema"]
+        self._ema = None if ema is None else tuple(e.to(cpu, torch.float64, copy=True) for e in ema)
+        self._dcls = state["dpsi_cls"].to(dev, torch.float32, copy=True)
+        self._dpatch = state["dpsi_patch"].to(dev, torch.float32, copy=True)
+        self._taylor = state["taylor"].to(dev, torch.float32, copy=True)
+        self._bpi_n, self._taylor_n = state["bpi_n"], state["taylor_n"]
+        self.history = copy.deepcopy(state["history"])
+        self.probes.load_state_dict(state["probes"])
+        self.optimizer.load_state_dict(state["probe_optimizer"])
+        for group in self.optimizer.param_groups:  # Adam moments back in their parameter's layout (channels-last)
+            for p in group["params"]:
+                st = self.optimizer.state.get(p, {})
+                for k, v in st.items():
+                    if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                        st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+        self.t, self._gates_on, self._probe_pending = state["t"], state["gates_on"], False
+        for f in self._feats:  # in place: the capture hooks hold these lists
+            f[:] = [None] * len(f)
+        self._set_gate_grad()
+
+    def _state_problems(self, state) -> list[str]:
+        """Why ``state`` cannot be loaded into this DAP (empty if it can)."""
+        if not isinstance(state, dict):
+            return [f"expected a dict from DAP.state_dict(), got {type(state).__name__}"]
+        if state.get("version") != STATE_VERSION:
+            return [f"unsupported DAP state version {state.get('version')!r} (this code reads {STATE_VERSION})"]
+        missing, extra = sorted(set(_STATE_KEYS) - set(state)), sorted(set(state) - set(_STATE_KEYS))
+        if missing or extra:
+            return [f"missing keys {missing}, unexpected keys {extra}"]
+        sig = self._signature()
+        if state["model"] != sig:
+            return [_signature_diff(state["model"], sig)]
+        cfg, saved = self._config(), state["config"]
+        if not isinstance(saved, dict):
+            return [f"config: expected a dict, got {type(saved).__name__}"]
+        problems = [f"config {k}: saved {saved.get(k, '<missing>')!r}, this DAP has {v!r}" for k, v in cfg.items()
+                    if k not in saved or saved[k] != v]
+        problems += [f"config {k}: unknown setting" for k in saved if k not in cfg]
+        g, nb = self.gate.numel(), len(self.blocks)
+        for name, shape, kind in (("gate", (g,), "float"), ("keep", (g,), "bool"), ("units", (nb,), "int"),
+                                  ("goal", (nb,), "float"), ("dpsi_cls", (nb,), "float"),
+                                  ("dpsi_patch", (nb,), "float"), ("taylor", (g,), "float")):
+            problems += _tensor_problems(name, state[name], shape, kind)
+        if state["ema"] is not None:
+            problems += _tensor_problems("ema", state["ema"], (2, nb), "float")
+        for name in ("t", "bpi_n", "taylor_n"):
+            v = state[name]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                problems.append(f"{name}: expected an int >= 0, got {v!r}")
+        if not isinstance(state["gates_on"], bool):
+            problems.append(f"gates_on: expected a bool, got {state['gates_on']!r}")
+        if not isinstance(state["history"], list) or not all(isinstance(h, dict) for h in state["history"]):
+            problems.append("history: expected a list of dicts")
+        if not problems:  # hard masks and kept units must agree
+            counts = [int(state["keep"][b.sl].sum()) for b in self.blocks]
+            if counts != state["units"].tolist() or min(counts) < 1:
+                problems.append(f"keep / units disagree: the hard masks keep {counts}, units says "
+                                f"{state['units'].tolist()}")
+        problems += _module_state_problems("probes", state["probes"], self.probes.state_dict())
+        problems += _optimizer_state_problems(state["probe_optimizer"], self.optimizer)
+        return problems
+
     # ---------------------------------------------------------------------------------------- results
     def hard_masks(self) -> list[torch.Tensor]:
         """Per block, the bool mask of gate elements kept by the last mask update (all True before the first).
@@ -675,12 +823,94 @@ def _block_paths(model: nn.Module, blocks: list[nn.Module]) -> list[str]:
     return [names[id(b)] for b in blocks]
 
 
+# ------------------------------------------------------------------------------------- state validation
+def _contiguous(obj):
+    """A copy of nested dicts/lists/tuples with every tensor detached and contiguous (safetensors-ready)."""
+    if torch.is_tensor(obj):
+        return obj.detach().contiguous()
+    if isinstance(obj, dict):
+        return {k: _contiguous(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_contiguous(v) for v in obj)
+    return obj
+
+
+def _signature_diff(saved, mine: dict) -> str:
+    """Where a saved model signature differs from this model's (first difference)."""
+    head = "the state was saved for a different model: "
+    if not isinstance(saved, dict):
+        return head + f"its model entry is a {type(saved).__name__}, not a dict"
+    sb, mb = saved.get("blocks"), mine["blocks"]
+    if not isinstance(sb, list) or len(sb) != len(mb):
+        return head + f"{len(sb) if isinstance(sb, list) else sb!r} DAP blocks saved, this model has {len(mb)}"
+    for i, (a, b) in enumerate(zip(sb, mb, strict=True)):
+        if a != b:
+            return head + f"block {i} is {a} in the state, {b} here ([name, kind, units, params/unit, heads, head_dim])"
+    for k, v in mine.items():
+        if saved.get(k) != v:
+            return head + f"{k}: saved {saved.get(k)!r}, this model {v!r}"
+    return head + f"unknown entries {sorted(set(saved) - set(mine))}"
+
+
+def _tensor_problems(name: str, v, shape: tuple[int, ...], kind: str) -> list[str]:
+    """[] if ``v`` is a tensor of ``shape`` and kind ``float`` | ``int`` | ``bool``, else why not."""
+    if not torch.is_tensor(v):
+        return [f"{name}: expected a tensor, got {type(v).__name__}"]
+    if tuple(v.shape) != tuple(shape):
+        return [f"{name}: shape {tuple(v.shape)}, expected {tuple(shape)}"]
+    got = "bool" if v.dtype == torch.bool else "float" if v.is_floating_point() else "complex" if v.is_complex() \
+        else "int"
+    return [] if got == kind else [f"{name}: dtype {v.dtype}, expected a {kind} tensor"]
+
+
+def _module_state_problems(name: str, saved, mine: dict[str, torch.Tensor]) -> list[str]:
+    """Keys, shapes and kinds of a saved module state dict against the live one."""
+    if not isinstance(saved, dict):
+        return [f"{name}: expected a state dict, got {type(saved).__name__}"]
+    missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+    if missing or extra:
+        return [f"{name}: missing keys {missing}, unexpected keys {extra}"]
+    problems = []
+    for k, v in mine.items():
+        kind = "bool" if v.dtype == torch.bool else "float" if v.is_floating_point() else "int"
+        problems += _tensor_problems(f"{name}.{k}", saved[k], tuple(v.shape), kind)
+    return problems
+
+
+def _optimizer_state_problems(saved, opt: torch.optim.Optimizer) -> list[str]:
+    """Groups, parameter counts and state tensor shapes of a saved optimizer state dict against ``opt``."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
+            or not isinstance(saved.get("param_groups"), list):
+        return ["probe_optimizer: expected an optimizer state dict (state, param_groups)"]
+    groups = saved["param_groups"]
+    sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None for g in groups]
+    mine = [len(g["params"]) for g in opt.param_groups]
+    if sizes != mine:
+        return [f"probe_optimizer: parameter groups of sizes {sizes}, expected {mine}"]
+    params = dict(zip((i for g in groups for i in g["params"]), (p for g in opt.param_groups for p in g["params"]),
+                      strict=True))
+    problems = []
+    for i, st in saved["state"].items():
+        if i not in params or not isinstance(st, dict):
+            problems.append(f"probe_optimizer: state for unknown parameter {i!r}")
+            continue
+        p = params[i]
+        for k, v in st.items():
+            if k == "step":
+                if not (isinstance(v, int | float) or torch.is_tensor(v) and v.numel() == 1):
+                    problems.append(f"probe_optimizer.state[{i}].step: expected a number, got {v!r}")
+            else:
+                problems += _tensor_problems(f"probe_optimizer.state[{i}].{k}", v, tuple(p.shape), "float")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------- fine-tune entry
 def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, steps: int = 1000,
                  lr: float = 5e-4, *, schedule: Schedule | None = None, weight_decay: float = 0.05,
                  teacher: nn.Module | None = None, distill_alpha: float | None = None,
                  amp_dtype: torch.dtype | None = None, eval_mode: bool = False, log_every: int = 1,
-                 dap_kwargs: dict | None = None, progress: bool = False) -> tuple[nn.Module, Plan, dict]:
+                 dap_kwargs: dict | None = None, progress: bool = False, checkpoint: str | os.PathLike | None = None,
+                 checkpoint_every: int = 0) -> tuple[nn.Module, Plan, dict]:
     """A short DAP fine-tune that ends with the physically pruned model.
 
     AdamW at a constant learning rate (the reference uses no LR schedule while pruning), task loss =
@@ -703,6 +933,13 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
         log_every: record the losses every this many steps.
         dap_kwargs: more :class:`DAP` arguments (``attn_mode``, ``batched``, ``**FAITHFUL``, ...).
         progress: tqdm bar.
+        checkpoint: resume file. If it exists, the model, the AdamW state, the DAP state
+            (:meth:`DAP.state_dict`), the logged losses and the global RNG state (CPU, and the model's CUDA
+            device) are loaded from it (checked against this run's model and DAP arguments first) and the run
+            goes on from its step. Written every ``checkpoint_every`` steps (a temporary file, then a rename).
+            A resumed run starts a fresh pass over ``train_loader``: it repeats the uninterrupted run exactly
+            when the checkpoint falls on a pass boundary of a loader whose order does not depend on the RNG.
+        checkpoint_every: steps between checkpoint writes (0: never write).
 
     Returns:
         ``(model, plan, history)``: the same model object, pruned; the applied Plan; a dict with ``step``,
@@ -714,6 +951,8 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
     from .finetune import DEFAULT_ALPHA, distillation_loss
 
     schedule = schedule or Schedule.for_steps(steps)
+    if checkpoint_every < 0 or (checkpoint_every and checkpoint is None):
+        raise ValueError(f"checkpoint_every must be >= 0 and needs a checkpoint path, got {checkpoint_every}")
     if schedule.final > steps:
         raise ValueError(f"the schedule's final update is after step {schedule.final}, but only {steps} steps run")
     dap = DAP(model, target, schedule, **(dap_kwargs or {}))
@@ -730,9 +969,11 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
         teacher.eval()
     history = dict(step=[], loss=[], probe_loss=[], params_before=dap.total_params, target_params=dap.target_params,
                    tolerance=dap.tolerance)
+    start = _load_checkpoint(checkpoint, model, opt, dap, history) if checkpoint and os.path.exists(checkpoint) else 0
     model.train(not eval_mode)
     batches = itertools.chain.from_iterable(itertools.repeat(train_loader))
-    for step, (x, y) in tqdm(zip(range(steps), batches, strict=False), total=steps, disable=not progress, desc="dap"):
+    for step, (x, y) in tqdm(zip(range(start, steps), batches, strict=False), initial=start, total=steps,
+                             disable=not progress, desc="dap"):
         x, y = x.to(p0.device, p0.dtype), y.to(p0.device)
         with torch.autocast(p0.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             with torch.no_grad():
@@ -747,6 +988,13 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
             history["step"].append(step)
             history["loss"].append(loss.item())
             history["probe_loss"].append(probe_loss.item())
+        if checkpoint_every and (step + 1) % checkpoint_every == 0:
+            tmp = f"{os.fspath(checkpoint)}.tmp"
+            cuda = p0.device.type == "cuda"
+            torch.save(dict(step=step + 1, model=model.state_dict(), optimizer=opt.state_dict(), dap=dap.state_dict(),
+                            log={k: history[k] for k in _LOGGED}, rng=torch.get_rng_state(),
+                            cuda_rng=torch.cuda.get_rng_state(p0.device) if cuda else None), tmp)
+            os.replace(tmp, checkpoint)
     history["keep_ratios"] = dap.keep_ratios()
     plan = dap.finalize(opt)
     history["updates"] = dap.history
@@ -755,5 +1003,27 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
     return model, plan, history
 
 
-__all__ = ["DAP", "FAITHFUL", "Schedule", "finetune_dap", "keep_ratio_goal", "normalise_bpi", "project_to_budget",
-           "round_to_budget", "soft_clamp", "soft_mask"]
+_LOGGED = ("step", "loss", "probe_loss")
+
+
+def _load_checkpoint(path, model: nn.Module, opt: torch.optim.Optimizer, dap: DAP, history: dict) -> int:
+    """Restore a ``finetune_dap`` checkpoint into the run's objects; returns the step to continue from."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling / zip errors of a damaged or foreign file
+        raise CheckpointError(f"cannot read DAP checkpoint {path}: {e}") from e
+    if not isinstance(ck, dict) or set(ck) != {"step", "model", "optimizer", "dap", "log", "rng", "cuda_rng"}:
+        raise CheckpointError(f"{path} is not a finetune_dap checkpoint")
+    dap.load_state_dict(ck["dap"])  # first: checks the architecture and the DAP arguments
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    history.update({k: list(ck["log"][k]) for k in _LOGGED})
+    torch.set_rng_state(ck["rng"])
+    dev = dap.gate.device
+    if ck["cuda_rng"] is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(ck["cuda_rng"], dev)
+    return ck["step"]
+
+
+__all__ = ["DAP", "FAITHFUL", "STATE_VERSION", "Schedule", "finetune_dap", "keep_ratio_goal", "normalise_bpi",
+           "project_to_budget", "round_to_budget", "soft_clamp", "soft_mask"]

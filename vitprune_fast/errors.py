@@ -14,4 +14,4 @@ class PlanError(VitPruneError):
 
 
 class CheckpointError(VitPruneError):
-    """A saved pruned model is missing, corrupt, or does not match its architecture file."""
+    """A saved pruned model or training state (``DAP.state_dict``) is missing, corrupt, or does not match."""
