@@ -23,15 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreting, triton_usable
+from .layernorm_common import block_d_for, check_affine_and_devices, launch_config, layer_norm_rows, row_tile
+from .utils import acc_dtype, triton_usable
 
 __all__ = ["expand_ln", "expand_ln_ref"]
-
-# Whole rows live in registers; wider rows than this are rejected (ViTs use D <= 2048).
-_MAX_BLOCK_D = 16384
-# Target elements per program tile on the GPU; the CPU interpreter pays per program, so it gets larger tiles.
-_TILE_ELEMS = 4096
-_TILE_ELEMS_INTERPRET = 65536
 
 
 @triton.jit
@@ -54,13 +49,9 @@ def _expand_ln_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output rows, int64
-    cols = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    row_ok = rows < n_rows_out
-    col_ok = cols < n_cols
-    inb = row_ok[:, None] & col_ok[None, :]  # [BLOCK_M, BLOCK_D]
+    # rows: [BLOCK_M] output rows (int64), cols: [BLOCK_D], inb: [BLOCK_M, BLOCK_D]
+    rows, cols, row_ok, col_ok, inb = row_tile(n_rows_out, n_cols, BLOCK_M, BLOCK_D)
     cand = rows // n_rows_shared  # [BLOCK_M] candidate k
     src = rows - cand * n_rows_shared  # [BLOCK_M] row of y
 
@@ -72,18 +63,8 @@ def _expand_ln_kernel(
     out_off = rows[:, None] * n_cols + cols[None, :]
     tl.store(x_ptr + out_off, x.to(x_ptr.dtype.element_ty), mask=inb)
 
-    # LayerNorm over D (biased variance, as torch), from the unrounded x.
-    mean = tl.sum(x, axis=1) / n_cols  # [BLOCK_M]
-    xc = tl.where(inb, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
-    z = xc * rstd[:, None]
-    if HAS_WEIGHT:
-        lw = tl.load(ln_w_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
-        z = z * lw[None, :]
-    if HAS_BIAS:
-        lb = tl.load(ln_b_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
-        z = z + lb[None, :]
+    # LayerNorm over all D channels, from the unrounded x.
+    z = layer_norm_rows(x, inb, n_cols, ln_w_ptr, ln_b_ptr, cols, col_ok, eps, HAS_WEIGHT, HAS_BIAS)
     tl.store(z_ptr + out_off, z.to(z_ptr.dtype.element_ty), mask=inb)
 
 
@@ -110,12 +91,7 @@ def _check_inputs(
         raise ValueError("need at least one candidate (K >= 1)")
     if tuple(a.shape) != (k, *y.shape[:-1]):
         raise ValueError(f"a must be [K, *y.shape[:-1]] = {(k, *y.shape[:-1])}, got {tuple(a.shape)}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and (p.shape != (d,) or not p.is_floating_point()):
-            raise ValueError(f"{name} must be a float tensor of shape ({d},), got {p.dtype} {tuple(p.shape)}")
-    for p in (a, w, weight, bias):
-        if p is not None and p.device != y.device:
-            raise ValueError(f"all tensors must be on {y.device}, got one on {p.device}")
+    check_affine_and_devices(y, weight, bias, a, w)
     return k, y.numel() // d, d
 
 
@@ -155,13 +131,11 @@ def expand_ln(
             parameters not ``[D]``), non-float inputs, tensors on different devices, or ``D`` above 16384.
     """
     k, n_shared, d = _check_inputs(y, a, w, weight, bias)
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(y)
     if not triton_usable(y, a, w):
         x, z = expand_ln_ref(y, a, w, weight, bias, eps, compute_dtype=acc)
         return x.to(y.dtype), z.to(y.dtype)
-    block_d = triton.next_power_of_2(d)
-    if block_d > _MAX_BLOCK_D:
-        raise ValueError(f"D = {d} is above the supported maximum of {_MAX_BLOCK_D} channels")
+    block_d = block_d_for(d)
     out_shape = _out_shape(y, k)
     n_out = k * n_shared
     x = torch.empty((n_out, d), dtype=y.dtype, device=y.device)
@@ -173,10 +147,7 @@ def expand_ln(
         y2 = y2.contiguous()
     a1 = a.reshape(n_out).contiguous()
     w2 = w.contiguous()
-    tile = _TILE_ELEMS_INTERPRET if interpreting() else _TILE_ELEMS
-    block_m = max(1, min(tile // block_d, triton.next_power_of_2(n_out)))
-    num_warps = 4 if block_m * block_d <= 4096 else 8
-    grid = (triton.cdiv(n_out, block_m),)
+    grid, meta = launch_config(n_out, block_d, weight, bias, acc)
     with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
         _expand_ln_kernel[grid](
             y2,
@@ -191,12 +162,7 @@ def expand_ln(
             d,
             y2.stride(0),
             eps,
-            HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None,
-            ACC_FP64=acc == torch.float64,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
+            **meta,
         )
     return x.view(out_shape), z.view(out_shape)
 

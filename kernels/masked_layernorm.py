@@ -24,16 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreting, triton_usable
+from .layernorm_common import block_d_for, check_affine_and_devices, launch_config, layer_norm_rows, row_tile
+from .utils import acc_dtype, triton_usable
 
 __all__ = ["masked_layer_norm", "masked_layer_norm_ref"]
-
-# Whole rows live in registers; wider rows than this are rejected (ViTs use D <= 2048).
-_MAX_BLOCK_D = 16384
-# Target elements per program tile (BLOCK_M rows of BLOCK_D columns). The CPU interpreter pays per program, not
-# per element, so it gets much larger tiles (same kernel, fewer programs).
-_TILE_ELEMS = 4096
-_TILE_ELEMS_INTERPRET = 65536
 
 
 @triton.jit
@@ -54,13 +48,9 @@ def _masked_layer_norm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64
-    cols = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    inb = row_ok[:, None] & col_ok[None, :]  # [BLOCK_M, BLOCK_D]
+    # rows: [BLOCK_M] int64, cols: [BLOCK_D], inb: [BLOCK_M, BLOCK_D]
+    rows, cols, row_ok, col_ok, inb = row_tile(n_rows, n_cols, BLOCK_M, BLOCK_D)
 
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inb, other=0.0).to(acc_ty)
     sample = rows // rows_per_sample  # [BLOCK_M] mask row of each x row
@@ -68,19 +58,10 @@ def _masked_layer_norm_kernel(
     keep = (m != 0) & inb
 
     # Statistics over the kept channels only. A row with no kept channel (or a padding row) has every term
-    # below masked to 0; cnt is clamped to 1 so it divides 0 by 1 and the row comes out all zeros.
+    # masked to 0; cnt is clamped to 1 so it divides 0 by 1 and the row comes out all zeros.
     cnt = tl.maximum(tl.sum(keep.to(acc_ty), axis=1), 1.0)  # [BLOCK_M]
-    mean = tl.sum(tl.where(keep, x, 0.0), axis=1) / cnt
-    xc = tl.where(keep, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / cnt
-    rstd = 1.0 / tl.sqrt(var + eps)
-    y = xc * rstd[:, None]
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
-        y = y * w[None, :]
-    if HAS_BIAS:
-        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
-        y = y + b[None, :]
+    x = tl.where(keep, x, 0.0)  # layer_norm_rows sums x as is
+    y = layer_norm_rows(x, keep, cnt, w_ptr, b_ptr, cols, col_ok, eps, HAS_WEIGHT, HAS_BIAS)
     y = tl.where(keep, y, 0.0)  # removed channels are exactly 0
     tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inb)
 
@@ -102,12 +83,7 @@ def _check_inputs(
     m = x.numel() // d
     if s < 1 or m % s != 0:
         raise ValueError(f"x has {m} rows, not a multiple of the {s} mask rows (rows are grouped by sample)")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and (p.shape != (d,) or not p.is_floating_point()):
-            raise ValueError(f"{name} must be a float tensor of shape ({d},), got {p.dtype} {tuple(p.shape)}")
-    for p in (mask, weight, bias):
-        if p is not None and p.device != x.device:
-            raise ValueError(f"all tensors must be on {x.device}, got one on {p.device}")
+    check_affine_and_devices(x, weight, bias, mask)
     return m, d, s
 
 
@@ -143,12 +119,10 @@ def masked_layer_norm(
             not a multiple of the mask rows, tensors on different devices, or ``D`` above 16384.
     """
     m_rows, d, s = _check_inputs(x, mask, weight, bias)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     if not triton_usable(x, mask):
         return masked_layer_norm_ref(x, mask, weight, bias, eps, compute_dtype=acc).to(x.dtype)
-    block_d = triton.next_power_of_2(d)
-    if block_d > _MAX_BLOCK_D:
-        raise ValueError(f"D = {d} is above the supported maximum of {_MAX_BLOCK_D} channels")
+    block_d = block_d_for(d)
     x2 = x.reshape(m_rows, d)
     if m_rows > 0 and x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -158,10 +132,7 @@ def masked_layer_norm(
     # Non-zero = kept; bool is reinterpreted in place, other integer masks are compared (no wrap-around at 256).
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).to(torch.uint8)
     mask_u8 = mask_u8.reshape(s, d).contiguous()
-    tile = _TILE_ELEMS_INTERPRET if interpreting() else _TILE_ELEMS
-    block_m = max(1, min(tile // block_d, triton.next_power_of_2(m_rows)))
-    num_warps = 4 if block_m * block_d <= 4096 else 8
-    grid = (triton.cdiv(m_rows, block_m),)
+    grid, meta = launch_config(m_rows, block_d, weight, bias, acc)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _masked_layer_norm_kernel[grid](
             x2,
@@ -174,12 +145,7 @@ def masked_layer_norm(
             x2.stride(0),
             m_rows // s,
             eps,
-            HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None,
-            ACC_FP64=acc == torch.float64,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
+            **meta,
         )
     return y.view(x.shape)
 
