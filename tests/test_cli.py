@@ -81,25 +81,6 @@ def test_prune_to_target_shape_merges_heads(tmp_path, capsys):
     assert (m.embed_dim, attn.num_heads, attn.head_dim, m.blocks[0].mlp.fc1.out_features) == (192, 3, 64, 768)
 
 
-def test_shape_targets():
-    import timm
-
-    with torch.device("meta"):
-        small = timm.create_model("deit_small_patch16_224")
-        swin_b = timm.create_model("swin_base_patch4_window7_224")
-        swin_t = timm.create_model("swin_tiny_patch4_window7_224")
-    keep, heads, notes = cli.shape_targets(small, "deit_tiny_patch16_224")
-    assert set(keep.values()) == {0.5} and set(heads.values()) == {3} and notes == []
-    keep, heads, notes = cli.shape_targets(swin_t, "swin_small_patch4_window7_224")  # same widths, deeper
-    assert set(keep.values()) == {1.0} and "depth differs" in notes[0]
-    with pytest.raises(cli.UsageError, match="would grow"):
-        cli.shape_targets(small, "deit_base_patch16_224")
-    with pytest.raises(cli.UsageError, match="4 heads, which cannot be merged into 3"):
-        cli.shape_targets(swin_b, "swin_tiny_patch4_window7_224")
-    with pytest.raises(cli.UsageError, match="is a swin model"):
-        cli.shape_targets(small, "swin_tiny_patch4_window7_224")
-
-
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "vitprune_fast.cli", *args], capture_output=True, text=True,
                           timeout=120)
@@ -110,6 +91,10 @@ def _cli(*args):
     (["eval", "--model", MODEL, "--data", "/no/such/dir"], "does not exist"),
     (["prune", "--model", MODEL, "--keep", "1.5", "--out", "x"], "ratio must be in (0, 1]"),
     (["prune", "--model", MODEL, "--flops", "0", "--out", "x"], "ratio must be in (0, 1]"),
+    (["prune", "--model", MODEL, "--method", "random", "--flops", "0.0001", "--out", "x"],
+     "below the smallest reachable fraction"),  # PlanError from vitprune_fast.targets
+    (["prune", "--model", MODEL, "--method", "random", "--target", "deit_small_patch16_224", "--out", "x"],
+     "would grow from 192 to 384 channels"),
     (["score", "--model", MODEL, "--method", "nope", "--out", "x"], "invalid choice: 'nope'"),
     (["prune", "--model", MODEL, "--model-args", "{bad", "--keep", "0.5", "--out", "x"], "not valid JSON"),
     (["score", "--model", MODEL, "--method", "taylor", "--out", "x"], "--data is required"),

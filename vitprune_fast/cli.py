@@ -1,17 +1,15 @@
 """``vitprune-fast`` command line: score, prune, finetune, eval, export, bench, demo.
 
 Every bad argument (unknown model, missing data, ratio out of range, bad option values) ends with ONE line on
-stderr and exit code 2, never a traceback. The pipeline helpers here (:func:`compute_scores`,
-:func:`keep_for_flops`, :func:`plan_for_shape`) are also used by the demo.
+stderr and exit code 2, never a traceback. The pipeline helpers here (:func:`compute_scores`, :func:`table`) are
+also used by the demo; plans for a FLOPs or shape target come from :mod:`vitprune_fast.targets`.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -164,154 +162,6 @@ def load_scores(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UsageError(f"{path} is not a safetensors scores file: {e}") from e
 
 
-# ------------------------------------------------------------------------------------------------------- plans
-def plan_with_heads(space, scores, keep, heads: int | Mapping[str, int] | None = None, attn_mode: str = "dims"):
-    """``make_plan`` with a head count per attention group (Swin stages differ), by planning each head count apart.
-
-    Args:
-        space: ``describe(model)``.
-        scores: group scores.
-        keep: as for ``make_plan`` (a ratio or a dict by kind / group name).
-        heads: one head count for every attention (as ``make_plan``) or group name -> head count.
-        attn_mode: see ``make_plan``.
-    """
-    from .plan import Plan, make_plan
-    from .space import PruningSpace
-
-    if heads is None or isinstance(heads, int):
-        return make_plan(space, scores, keep=keep, heads=heads, attn_mode=attn_mode)
-    parts: dict[int | None, dict] = {}
-    for name, g in space.groups.items():
-        h = heads.get(name) if g.kind == "attn" else None
-        parts.setdefault(h, {})[name] = g
-    kept, new_heads = {}, {}
-    for h, groups in parts.items():
-        sub = make_plan(PruningSpace(space.arch, groups), scores, keep=_restrict(keep, groups), heads=h,
-                        attn_mode=attn_mode)
-        kept.update(sub.keep)
-        new_heads.update(sub.heads)
-    return Plan.from_space(space, kept, new_heads)
-
-
-def _restrict(keep, groups: Mapping) -> float | dict:
-    """A keep dict limited to kinds and to the names of ``groups`` (make_plan rejects unknown names)."""
-    from .space import KINDS
-
-    if not isinstance(keep, Mapping):
-        return keep
-    return {k: v for k, v in keep.items() if k in KINDS or k in groups}
-
-
-def _pruned_copy(model: nn.Module, plan) -> nn.Module:
-    from .prune import prune_
-
-    return prune_(copy.deepcopy(model), plan)
-
-
-def keep_for_flops(model: nn.Module, target: float, kinds=("residual", "attn", "mlp"), heads: int | None = None,
-                   attn_mode: str = "dims", iters: int = 14) -> tuple[float, float]:
-    """One keep ratio ``r`` for every group of ``kinds`` whose pruned model has FLOPs closest to ``target`` × dense.
-
-    FLOPs do not depend on which channels are kept, only on how many, so the search prunes copies with dummy
-    scores and counts them with :func:`vitprune_fast.metrics.count_flops` (exact, no model of FLOPs needed).
-
-    Returns:
-        ``(r, achieved FLOPs fraction)``.
-
-    Raises:
-        UsageError: ``target`` outside (0, 1] or below what the smallest plan reaches.
-    """
-    from .arch import describe
-    from .metrics import count_flops
-
-    if not 0 < target <= 1:
-        raise UsageError(f"--flops must be in (0, 1], got {target}")
-    space = describe(model)
-    zeros = {n: torch.zeros(g.size) for n, g in space.groups.items()}
-    dense = count_flops(model)
-    cache: dict[float, float] = {}
-
-    def frac(r: float) -> float:
-        if r not in cache:
-            plan = plan_with_heads(space, zeros, {k: r for k in kinds}, heads, attn_mode)
-            cache[r] = count_flops(_pruned_copy(model, plan)) / dense
-        return cache[r]
-
-    lo, hi = 1e-3, 1.0  # frac is non-decreasing in r
-    if frac(lo) > target:
-        raise UsageError(f"--flops {target} is below the smallest reachable fraction {frac(lo):.3f}")
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if frac(mid) > target:
-            hi = mid
-        else:
-            lo = mid
-    r = min((lo, hi), key=lambda x: abs(frac(x) - target))
-    return r, frac(r)
-
-
-def _canonical(name: str) -> str:
-    """Block-independent group name: ``layers.1.blocks.3.attn`` -> ``layers.1.blocks.0.attn``."""
-    return re.sub(r"blocks\.\d+", "blocks.0", name)
-
-
-def shape_targets(model: nn.Module, target: str) -> tuple[dict[str, float], dict[str, int], list[str]]:
-    """Keep ratios and head counts that give ``model`` the widths of the timm model ``target``.
-
-    Widths come from the target's first block of each stage (embed_dim, num_heads, attention width, MLP hidden
-    width); depth is not changed (a depth difference is returned as a note).
-
-    Returns:
-        ``(keep by group name, heads by attn group name, notes)``.
-
-    Raises:
-        UsageError: unknown target, another architecture, a wider target, or head counts that cannot be merged.
-    """
-    import timm
-
-    from .arch import describe
-
-    if not timm.is_model(target):
-        raise UsageError(f"unknown target model {target!r} (expected a timm model name)")
-    with torch.device("meta"):  # shapes only, no memory
-        ref = timm.create_model(target, pretrained=False)
-    src, tgt = describe(model), describe(ref)
-    if src.arch != tgt.arch:
-        raise UsageError(f"target {target} is a {tgt.arch} model; the model to prune is {src.arch}")
-    by_canon = {}
-    for name, g in tgt.groups.items():
-        by_canon.setdefault(_canonical(name), g)
-    keep, heads, notes = {}, {}, []
-    for name, g in src.groups.items():
-        t = by_canon.get(_canonical(name))
-        if t is None:
-            raise UsageError(f"target {target} has no counterpart of group {name} (different number of stages)")
-        if t.size > g.size:
-            raise UsageError(f"cannot prune to {target}: {name} would grow from {g.size} to {t.size} channels")
-        keep[name] = t.size / g.size
-        if g.kind == "attn":
-            if g.num_heads % t.num_heads:
-                raise UsageError(f"cannot prune to {target}: {name} has {g.num_heads} heads, which cannot be merged "
-                                 f"into {t.num_heads}")
-            heads[name] = t.num_heads
-    n_src = sum(g.kind == "mlp" for g in src.groups.values())
-    n_tgt = sum(g.kind == "mlp" for g in tgt.groups.values())
-    if n_src != n_tgt:
-        notes.append(f"depth differs ({n_src} blocks here, {n_tgt} in {target}): only widths are matched")
-    return keep, heads, notes
-
-
-def plan_for_shape(model: nn.Module, target: str, scores) -> tuple[object, list[str]]:
-    """A Plan giving ``model`` the widths of timm model ``target`` (UP-ViTs head merge where heads shrink)."""
-    from .arch import describe
-
-    keep, heads, notes = shape_targets(model, target)
-    space = describe(model)
-    merge = {n: h for n, h in heads.items() if h != space.groups[n].num_heads}
-    plan = plan_with_heads(space, scores, keep, {n: merge.get(n) for n in heads} if merge else None)
-    return plan, notes
-
-
 # ---------------------------------------------------------------------------------------------------- printing
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Plain-text table: ``columns`` are (key, header, format spec); missing values print as ``-``."""
@@ -371,6 +221,7 @@ def cmd_prune(args) -> int:
     from .plan import make_plan
     from .plots import plot_kept_widths
     from .prune import prune_
+    from .targets import keep_for_flops, plan_for_shape
 
     modes = [args.keep is not None, args.flops is not None, args.target is not None]
     if sum(modes) != 1:

@@ -171,12 +171,12 @@ def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: 
         A JSON-friendly record (unpruned and per-method rows, keep ratio, timings).
     """
     from .arch import describe
-    from .cli import keep_for_flops
     from .data import digits
     from .finetune import DEFAULT_ALPHA, evaluate, train
     from .io import save_pruned
     from .metrics import count_flops, count_params
     from .plots import plot_kept_widths, plot_score_distributions
+    from .targets import keep_for_flops
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     name, kw = MODELS[key]

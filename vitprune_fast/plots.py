@@ -17,8 +17,11 @@ from .space import KINDS, PruningSpace
 _WARNED = False
 
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or None (warned once) when matplotlib is missing."""
+def _pyplot(stacklevel: int = 3):
+    """matplotlib.pyplot on the Agg backend, or None (warned once) when matplotlib is missing.
+
+    ``stacklevel`` is the warning's: 3 points at the caller of the public plot function that called this.
+    """
     global _WARNED
     try:
         import matplotlib
@@ -27,7 +30,8 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         if not _WARNED:
-            warnings.warn("matplotlib is not installed; plots are skipped (pip install matplotlib)", stacklevel=3)
+            warnings.warn("matplotlib is not installed; plots are skipped (pip install matplotlib)",
+                          stacklevel=stacklevel)
             _WARNED = True
         return None
     return plt
@@ -38,7 +42,24 @@ def _color(i: int) -> str:
     return f"C{i % 10}"
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def _kind_panels(space: PruningSpace, height: float):
+    """One row of panels, one per kind present in ``space``.
+
+    Returns:
+        ``(figure, axes, kinds)`` with ``axes[i]`` the panel of ``kinds[i]``, or None without matplotlib.
+    """
+    plt = _pyplot(stacklevel=4)  # warn at the caller of the public plot function, one frame further up
+    if plt is None:
+        return None
+    kinds = [k for k in KINDS if space.of_kind(k)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), height), squeeze=False)
+    return fig, axes[0], kinds
+
+
+def _save(fig, path: str | os.PathLike, title: str = "") -> Path:
+    """Give ``fig`` its title (if any), write it as a PNG at ``path`` and close it."""
+    if title:
+        fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -60,13 +81,12 @@ def plot_kept_widths(space: PruningSpace, widths: Mapping[str, Mapping[str, int]
         path: PNG path.
         title: figure title.
     """
-    plt = _pyplot()
-    if plt is None:
+    panels = _kind_panels(space, 3.6)
+    if panels is None:
         return None
-    kinds = [k for k in KINDS if space.of_kind(k)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.6), squeeze=False)
+    fig, axes, kinds = panels
     labels = list(widths)
-    for ax, kind in zip(axes[0], kinds, strict=True):
+    for ax, kind in zip(axes, kinds, strict=True):
         groups = space.of_kind(kind)
         x = torch.arange(len(groups)).float()
         bw = 0.8 / max(1, len(labels))
@@ -79,10 +99,8 @@ def plot_kept_widths(space: PruningSpace, widths: Mapping[str, Mapping[str, int]
         ax.set_xticks(x.tolist(), short, rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{kind} width per block" if kind != "residual" else "residual width")
         ax.set_ylabel("channels")
-    axes[0][-1].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    axes[-1].legend(fontsize=7)
+    return _save(fig, path, title)
 
 
 def plot_score_distributions(space: PruningSpace, scores: Mapping[str, Mapping[str, torch.Tensor]],
@@ -98,12 +116,11 @@ def plot_score_distributions(space: PruningSpace, scores: Mapping[str, Mapping[s
         path: PNG path.
         title: figure title.
     """
-    plt = _pyplot()
-    if plt is None:
+    panels = _kind_panels(space, 3.4)
+    if panels is None:
         return None
-    kinds = [k for k in KINDS if space.of_kind(k)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.4), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
+    fig, axes, kinds = panels
+    for ax, kind in zip(axes, kinds, strict=True):
         for i, (lab, sc) in enumerate(scores.items()):
             vals = []
             for g in space.of_kind(kind):
@@ -117,9 +134,7 @@ def plot_score_distributions(space: PruningSpace, scores: Mapping[str, Mapping[s
         ax.set_xlabel("normalised score")
         if ax.has_data():
             ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def plot_accuracies(results: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | os.PathLike,
@@ -147,6 +162,4 @@ def plot_accuracies(results: Mapping[str, Mapping[str, Mapping[str, float]]], pa
         ax.set_ylabel("top-1 (%)")
         ax.set_title(model)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, title)

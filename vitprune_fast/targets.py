@@ -1,0 +1,258 @@
+"""Plans for a target: a FLOPs budget or the widths of a stock timm model, and plans with per-group head counts.
+
+These build on :func:`vitprune_fast.plan.make_plan`. None of them modifies the model it is given: FLOPs are
+counted on pruned copies, shapes are read from :func:`vitprune_fast.arch.describe`. Bad input raises
+:class:`~vitprune_fast.errors.PlanError` (an unsupported model: ``UnsupportedModelError``) before any work.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .arch import describe
+from .errors import PlanError
+from .metrics import count_flops
+from .plan import Plan, make_plan
+from .prune import prune_
+from .space import KINDS, PruningSpace
+
+
+def _check_keep_keys(space: PruningSpace, keep) -> None:
+    """Unknown keys of a keep dict raise (as in make_plan, which only sees part of the space here)."""
+    if isinstance(keep, Mapping):
+        unknown = [k for k in keep if k not in KINDS and k not in space.groups]
+        if unknown:
+            raise PlanError(f"keep has unknown keys {unknown}; use kinds {KINDS} or group names")
+
+
+def _restrict(keep, groups: Mapping) -> float | dict:
+    """A keep dict limited to kinds and to the names of ``groups`` (make_plan rejects unknown names)."""
+    if not isinstance(keep, Mapping):
+        return keep
+    return {k: v for k, v in keep.items() if k in KINDS or k in groups}
+
+
+def plan_with_heads(space: PruningSpace, scores: Mapping[str, torch.Tensor] | None,
+                    keep: float | Mapping[str, float], heads: int | Mapping[str, int | None] | None = None,
+                    attn_mode: str = "dims") -> Plan:
+    """``make_plan`` with a head count per attention group (Swin stages differ).
+
+    ``make_plan`` takes one head count for every attention, but Swin stages have different head counts (e.g.
+    3, 6, 12, 24), so reaching another Swin's shape needs one per stage. The groups are split by the head count
+    asked of them and each part is planned apart; ``make_plan`` ranks every group on its own, so this is the
+    plan ``make_plan`` would give with each group's own head count.
+
+    Args:
+        space: ``describe(model)``.
+        scores: group name -> ``[group.size]`` scores, higher = more important (needed for groups kept < 1).
+        keep: as for ``make_plan``: one ratio, or a dict by kind and/or group name.
+        heads: ``None`` (head layout from ``attn_mode``), one head count for every attention (as
+            ``make_plan``), or attn group name -> head count; a group left out or mapped to ``None`` is planned
+            as with ``heads=None``.
+        attn_mode: see ``make_plan``.
+
+    Returns:
+        The Plan for the whole space.
+
+    Raises:
+        PlanError: ``space`` is not a PruningSpace, ``heads`` names a group that is not an attention of
+            ``space``, or anything ``make_plan`` rejects (unknown keep keys, ratios outside (0, 1], head counts
+            that do not divide, missing or misshapen scores).
+    """
+    if not isinstance(space, PruningSpace):
+        raise PlanError(f"plan_with_heads needs the PruningSpace from describe(model), got {type(space).__name__}")
+    if heads is None or not isinstance(heads, Mapping):
+        return make_plan(space, scores, keep=keep, heads=heads, attn_mode=attn_mode)
+    bad = [n for n in heads if n not in space.groups or space.groups[n].kind != "attn"]
+    if bad:
+        raise PlanError(f"heads has keys {bad[:5]} that are not attention groups of this model")
+    _check_keep_keys(space, keep)
+    parts: dict[int | None, dict] = {}  # head count -> the groups planned with it
+    for name, g in space.groups.items():
+        h = heads.get(name) if g.kind == "attn" else None
+        parts.setdefault(h, {})[name] = g
+    kept, new_heads = {}, {}
+    for h, groups in parts.items():
+        sub = make_plan(PruningSpace(space.arch, groups), scores, keep=_restrict(keep, groups), heads=h,
+                        attn_mode=attn_mode)
+        kept.update(sub.keep)  # name -> [kept] indices
+        new_heads.update(sub.heads)
+    return Plan.from_space(space, kept, new_heads)
+
+
+def _check_target(target) -> float:
+    """``target`` as a float in (0, 1]."""
+    if isinstance(target, bool):
+        raise PlanError(f"FLOPs target must be a fraction in (0, 1], got {target!r}")
+    try:
+        t = float(target)
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"FLOPs target must be a fraction in (0, 1], got {target!r}") from e
+    if math.isnan(t) or not 0 < t <= 1:
+        raise PlanError(f"FLOPs target must be in (0, 1], got {target}")
+    return t
+
+
+def _check_kinds(kinds: str | Iterable[str]) -> tuple[str, ...]:
+    """``kinds`` as a non-empty tuple of distinct kinds (one kind may be given as a string)."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(KINDS):
+        raise PlanError(f"kinds must be distinct names from {KINDS}, got {list(kinds)}")
+    return kinds
+
+
+def keep_for_flops(model: nn.Module, target: float, kinds: str | Iterable[str] = KINDS,
+                   heads: int | Mapping[str, int | None] | None = None, attn_mode: str = "dims",
+                   iters: int = 14) -> tuple[float, float]:
+    """One keep ratio ``r`` for every group of ``kinds`` whose pruned model has FLOPs closest to ``target`` x dense.
+
+    FLOPs do not depend on which channels are kept, only on how many, so the search plans with dummy scores,
+    prunes copies of ``model`` and counts them with :func:`vitprune_fast.metrics.count_flops` (exact, no model of
+    FLOPs needed). The model itself is not modified.
+
+    Tolerance: channel counts are integers, so the reachable fractions form a staircase in ``r``. The bisection
+    brackets ``target`` between two ratios ``2**-iters`` apart and returns the one whose fraction is nearer, so
+    ``achieved`` is the reachable fraction nearest to ``target``: it misses ``target`` by at most half of one
+    step of the staircase (the FLOPs of the channels one rounding step adds), and no other single ratio gets
+    closer, up to that resolution of ``r``.
+
+    Args:
+        model: a supported timm ViT/DeiT/Swin (its own device and dtype are used for counting).
+        target: wanted fraction of the dense FLOPs, in (0, 1].
+        kinds: the kinds that get ratio ``r``; the others stay whole.
+        heads: as for :func:`plan_with_heads` (an int, or attn group name -> head count).
+        attn_mode: see ``make_plan``.
+        iters: bisection steps (>= 1).
+
+    Returns:
+        ``(r, achieved)``: the keep ratio and the FLOPs fraction of the model pruned with it (a float in
+        (0, 1]), the same for any scores given to ``make_plan(space, scores, keep={kind: r for kind in kinds},
+        heads=heads, attn_mode=attn_mode)``.
+
+    Raises:
+        PlanError: ``target`` outside (0, 1] or below the smallest reachable fraction (that of ``r = 0.001``),
+            unknown ``kinds``, ``iters`` < 1, or bad ``heads`` / ``attn_mode``.
+        UnsupportedModelError: a model the adapters cannot prune.
+    """
+    target = _check_target(target)
+    kinds = _check_kinds(kinds)
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+        raise PlanError(f"iters must be an int >= 1, got {iters!r}")
+    space = describe(model)
+    zeros = {n: torch.zeros(g.size) for n, g in space.groups.items()}  # name -> [size]; any scores give the same
+
+    def plan(r: float) -> Plan:
+        return plan_with_heads(space, zeros, dict.fromkeys(kinds, r), heads, attn_mode)
+
+    plan(1.0)  # bad heads / attn_mode raise here, before any FLOPs are counted
+    dense = count_flops(model)
+    cache: dict[float, float] = {}
+
+    def frac(r: float) -> float:
+        if r not in cache:
+            cache[r] = count_flops(prune_(copy.deepcopy(model), plan(r))) / dense
+        return cache[r]
+
+    lo, hi = 1e-3, 1.0  # frac is non-decreasing in r; frac(lo) <= target <= frac(hi) from here on
+    if frac(lo) > target:
+        raise PlanError(f"FLOPs target {target} is below the smallest reachable fraction {frac(lo):.3f}")
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if frac(mid) > target:
+            hi = mid
+        else:
+            lo = mid
+    r = min((lo, hi), key=lambda x: abs(frac(x) - target))
+    return r, frac(r)
+
+
+def _canonical(name: str) -> str:
+    """Block-independent group name: ``layers.1.blocks.3.attn`` -> ``layers.1.blocks.0.attn``."""
+    return re.sub(r"blocks\.\d+", "blocks.0", name)
+
+
+def shape_targets(model: nn.Module, target: str) -> tuple[dict[str, float], dict[str, int], list[str]]:
+    """Keep ratios and head counts that give ``model`` the widths of the stock timm model ``target``.
+
+    Widths come from the target's first block of each stage (embed_dim, num_heads, attention width, MLP hidden
+    width); depth is not changed (a depth difference is returned as a note). The target is built on the meta
+    device with timm's default arguments (shapes only, no memory, no weights).
+
+    Args:
+        model: a supported timm ViT/DeiT/Swin (not modified).
+        target: a timm model name of the same architecture, no wider than ``model`` anywhere, whose head
+            counts divide ``model``'s.
+
+    Returns:
+        ``(keep, heads, notes)``: group name -> keep ratio (target width / width; 1.0 where equal), attn group
+        name -> head count of the target, and human-readable notes (e.g. a depth difference).
+
+    Raises:
+        PlanError: not a timm model name, another architecture, another number of stages, a wider target, or
+            head counts that cannot be merged.
+        UnsupportedModelError: a model the adapters cannot prune.
+    """
+    import timm
+
+    if not isinstance(target, str) or not timm.is_model(target):
+        raise PlanError(f"unknown target model {target!r} (expected a timm model name)")
+    src = describe(model)
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            ref = timm.create_model(target, pretrained=False)
+    except Exception as e:  # timm raises many types for models it cannot build this way
+        raise PlanError(f"cannot build target {target}: {type(e).__name__}: {e}") from e
+    tgt = describe(ref)
+    if src.arch != tgt.arch:
+        raise PlanError(f"target {target} is a {tgt.arch} model; the model to prune is {src.arch}")
+    by_canon = {}  # canonical name -> the target's group in the first block of that stage
+    for name, g in tgt.groups.items():
+        by_canon.setdefault(_canonical(name), g)
+    keep, heads, notes = {}, {}, []
+    for name, g in src.groups.items():
+        t = by_canon.get(_canonical(name))
+        if t is None:
+            raise PlanError(f"target {target} has no counterpart of group {name} (different number of stages)")
+        if t.size > g.size:
+            raise PlanError(f"cannot prune to {target}: {name} would grow from {g.size} to {t.size} channels")
+        keep[name] = t.size / g.size
+        if g.kind == "attn":
+            if g.num_heads % t.num_heads:
+                raise PlanError(f"cannot prune to {target}: {name} has {g.num_heads} heads, which cannot be merged "
+                                f"into {t.num_heads}")
+            heads[name] = t.num_heads
+    n_src = sum(g.kind == "mlp" for g in src.groups.values())  # one mlp group per block
+    n_tgt = sum(g.kind == "mlp" for g in tgt.groups.values())
+    if n_src != n_tgt:
+        notes.append(f"depth differs ({n_src} blocks here, {n_tgt} in {target}): only widths are matched")
+    return keep, heads, notes
+
+
+def plan_for_shape(model: nn.Module, target: str,
+                   scores: Mapping[str, torch.Tensor] | None) -> tuple[Plan, list[str]]:
+    """A Plan giving ``model`` the widths of the stock timm model ``target`` (see :func:`shape_targets`).
+
+    Where the target has fewer heads, heads are merged by the UP-ViTs rule (``make_plan``'s ``heads``); where it
+    has as many, every head keeps the same number of dims.
+
+    Args:
+        model: a supported timm ViT/DeiT/Swin (not modified; prune it with ``prune_(model, plan)``).
+        target: a timm model name (see :func:`shape_targets`).
+        scores: group name -> ``[group.size]`` scores for every group that narrows.
+
+    Returns:
+        ``(plan, notes)``, notes as from :func:`shape_targets`.
+
+    Raises:
+        PlanError: as :func:`shape_targets`, or missing / misshapen scores.
+    """
+    keep, heads, notes = shape_targets(model, target)
+    space = describe(model)
+    merge = {n: h for n, h in heads.items() if h != space.groups[n].num_heads}  # attn name -> fewer heads
+    plan = plan_with_heads(space, scores, keep, {n: merge.get(n) for n in heads} if merge else None)
+    return plan, notes
