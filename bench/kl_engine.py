@@ -10,8 +10,9 @@ fast engine's achieved TFLOP/s (torch.utils.flop_counter) against a matmul peak 
 
 Without --quick the rows run on a subset of groups (the published loop over every DeiT-S candidate takes
 hours): the residual width plus a middle block's attn and mlp. CPU: small DeiT and Swin configs at 32 px,
-float64. CUDA: DeiT-S and Swin-T at 224 px, fp32 weights under bf16 autocast, 64 images, and then the fast
-engine on every candidate of the model next to the published loop's time extrapolated from its subset rate.
+float64. CUDA: DeiT-S and Swin-T at 224 px, fp32 weights under bf16 autocast, 64 images. Then the fast engine
+scores every candidate of the model, next to the published loop's time extrapolated from its subset rate (its
+cost per candidate is one student and one teacher forward, whatever the group).
 """
 from __future__ import annotations
 
@@ -72,12 +73,12 @@ def _published_loop_estimate(entry: dict, model_candidates: int) -> float:
 
 def run(quick: bool, device: torch.device | None = None, configs=None, full_model: bool | None = None) -> dict:
     """Every config scored by the three methods on the same candidates; FLOP/s of the fast engine vs a measured
-    matmul peak of the compute dtype (CUDA: bf16; CPU: float64); on CUDA (not quick) also the fast engine on
-    every candidate of the model, against the published loop's extrapolated time."""
+    matmul peak of the compute dtype (CUDA: bf16; CPU: float64); unless quick, also the fast engine on every
+    candidate of the model, against the published loop's time extrapolated from its per-candidate cost."""
     device = device or default_device()
     cuda = device.type == "cuda"
     dtype = torch.float32 if cuda else torch.float64  # CPU: float64, the engine's exactness claim
-    full_model = (cuda and not quick) if full_model is None else full_model
+    full_model = (not quick) if full_model is None else full_model
     peak_dtype = torch.bfloat16 if cuda else torch.float64
     peak = matmul_peak_tflops(device, peak_dtype)
     rows = []

@@ -6,13 +6,15 @@ the same shape, plus ONNX Runtime CPU latency of a pruned export.
 * Swin-S and Swin-B pruned to ~50 % FLOPs (keep 0.7 of every width), against dense.
 The speedup vs dense is printed next to the FLOPs ratio. Random weights (speed does not depend on values).
 GPU: CUDA-event medians (triton.testing.do_bench) in bf16 at batch 1 / 64 / 256; CPU: medians of repeated runs
-in fp32 at batch 1 / 8 with one intra-op thread (``--quick``: smaller models, fewer repeats).
+in fp32 at batch 1 / 8 with one intra-op thread, the models of a case timed round-robin and the ratios taken as
+medians of per-round ratios (``--quick``: smaller models, fewer repeats).
 
     python bench/pruned_speed.py [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,15 +30,36 @@ from vitprune_fast.metrics import count_flops, count_params, input_size  # noqa:
 from vitprune_fast.score import magnitude_scores  # noqa: E402
 
 
-def _speed(model, device, dtype, batches, repeats) -> dict:
-    model = model.to(device, dtype).eval()
-    out = {}
+def _speed(models: dict[str, torch.nn.Module], device, dtype, batches, repeats) -> dict[str, dict]:
+    """Per model and batch: seconds per forward, plus every round's time for per-round ratios.
+
+    CUDA: one ``do_bench`` median per model. CPU: round-robin, each round times every model once (after one
+    warm-up each), so the bursts of other load on a shared machine hit all models of a round alike.
+    """
+    out = {name: {} for name in models}
     for b in batches:
-        x = torch.randn(b, *input_size(model), device=device, dtype=dtype)
+        xs = {name: torch.randn(b, *input_size(m), device=device, dtype=dtype) for name, m in models.items()}
+        rounds = {name: [] for name in models}
         with torch.inference_mode():
-            t = seconds(lambda x=x: model(x), device, repeats)
-        out[f"bs{b}"] = {"seconds": t, "img_per_s": b / t}
+            if device.type == "cuda":
+                for name, m in models.items():
+                    rounds[name].append(seconds(lambda m=m, x=xs[name]: m(x), device))
+            else:
+                for name, m in models.items():
+                    m(xs[name])
+                for _ in range(repeats):
+                    for name, m in models.items():
+                        rounds[name].append(seconds(lambda m=m, x=xs[name]: m(x), device, 1, warmup=False))
+        for name, ts in rounds.items():
+            t = statistics.median(ts)
+            out[name][f"bs{b}"] = {"seconds": t, "img_per_s": b / t, "rounds": ts}
     return out
+
+
+def _ratio(num: dict, den: dict) -> dict[str, float]:
+    """Median over rounds of num / den time, per batch size."""
+    return {k: statistics.median(a / b for a, b in zip(num[k]["rounds"], den[k]["rounds"], strict=True))
+            for k in den}
 
 
 def _pruned(name, kwargs, keep, heads=None):
@@ -81,29 +104,37 @@ def run(quick: bool, device: torch.device | None = None, cases=None, batches=Non
     rows = []
     for dense_name, kwargs, targets in cases or (QUICK if quick else FULL):
         torch.manual_seed(0)
-        dense = timm.create_model(dense_name, **kwargs).eval()
-        d_flops = count_flops(dense)
-        d_speed = _speed(dense, device, dtype, batches, repeats)
-        rows.append({"model": dense_name, "kind": "dense", "params": count_params(dense), "flops": d_flops,
-                     **d_speed})
+        models = {dense_name: timm.create_model(dense_name, **kwargs).eval()}
+        entries = [{"model": dense_name, "kind": "dense", "params": count_params(models[dense_name]),
+                    "flops": count_flops(models[dense_name])}]
         for stock_name, keep, heads in targets:
-            pruned = _pruned(dense_name, kwargs, keep, heads)
-            p_flops = count_flops(pruned)
-            entry = {"model": f"{dense_name} pruned (keep {keep}{f', {heads} heads' if heads else ''})",
-                     "kind": "pruned", "params": count_params(pruned), "flops": p_flops,
-                     "flops_ratio_vs_dense": d_flops / p_flops, **_speed(pruned, device, dtype, batches, repeats)}
-            entry["speedup_vs_dense"] = {k: d_speed[k]["seconds"] / entry[k]["seconds"] for k in d_speed}
-            if stock_name:
-                stock = timm.create_model(stock_name, **kwargs).eval()
-                s_speed = _speed(stock, device, dtype, batches, repeats)
-                rows.append({"model": stock_name, "kind": "stock", "params": count_params(stock),
-                             "flops": count_flops(stock.float().cpu()), **s_speed})
-                entry["same_shape_as_stock"] = entry["params"] == rows[-1]["params"]
-                entry["vs_stock_same_shape"] = {k: entry[k]["seconds"] / s_speed[k]["seconds"] for k in s_speed}
-                entry["within_5pct_of_stock"] = all(v <= 1.05 for v in entry["vs_stock_same_shape"].values())
+            name = f"{dense_name} pruned (keep {keep}{f', {heads} heads' if heads else ''})"
+            models[name] = _pruned(dense_name, kwargs, keep, heads)
+            entry = {"model": name, "kind": "pruned", "params": count_params(models[name]),
+                     "flops": count_flops(models[name]), "stock": stock_name}
+            entry["flops_ratio_vs_dense"] = entries[0]["flops"] / entry["flops"]
             if onnx and "deit" in dense_name:
-                entry["onnxruntime_cpu_bs1_seconds"] = _onnx_latency(pruned, repeats)
-            rows.append(entry)
+                entry["onnxruntime_cpu_bs1_seconds"] = _onnx_latency(models[name], repeats)
+            if stock_name:
+                models[stock_name] = timm.create_model(stock_name, **kwargs).eval()
+                entries.append({"model": stock_name, "kind": "stock", "params": count_params(models[stock_name]),
+                                "flops": count_flops(models[stock_name])})
+                entry["same_shape_as_stock"] = entry["params"] == entries[-1]["params"]
+            entries.append(entry)
+        for m in models.values():
+            m.to(device, dtype)
+        speed = _speed(models, device, dtype, batches, repeats)
+        for e in entries:
+            e.update(speed[e["model"]])
+        for e in entries:
+            if e["kind"] != "pruned":
+                continue
+            e["speedup_vs_dense"] = _ratio(speed[dense_name], speed[e["model"]])
+            if e["stock"]:
+                e["vs_stock_same_shape"] = _ratio(speed[e["model"]], speed[e["stock"]])
+                e["within_5pct_of_stock"] = all(v <= 1.05 for v in e["vs_stock_same_shape"].values())
+        rows += entries
+        del models
     return {"dtype": str(dtype), "batches": list(batches), "rows": rows}
 
 

@@ -46,9 +46,10 @@ def _kl(d: dict) -> list[str]:
                          f"max relative difference vs the loop {c['max_rel_diff_fast_vs_loop']:.1e}.")
         if "full_model" in c:
             f = c["full_model"]
-            hours = f["published_loop_seconds_extrapolated"] / 3600
+            est = f["published_loop_seconds_extrapolated"]
+            est = f"{est / 3600:.2f} h" if est >= 3600 else f"{est:.0f} s"
             notes.append(f"{c['model']}, all {f['candidates']} candidates: fast engine "
-                         f"{f['fast_engine_seconds']:.1f} s vs the published loop's ~{hours:.2f} h "
+                         f"{f['fast_engine_seconds']:.1f} s vs the published loop's ~{est} "
                          f"(extrapolated from its rate above), {f['speedup_vs_published']:.0f}×.")
     return out + ([""] + [f"- {n}" for n in notes] if notes else [])
 
@@ -164,7 +165,7 @@ def render(results: Path | None = None) -> str:
     for title, prefix, fn in SECTIONS:
         for d in _latest(prefix, results):
             lines += [f"### {title} — {d.get('device', '?')}", "",
-                      f"{d.get('date', '?')}, torch {d.get('torch', '?')}, {d.get('threads', '?')} CPU threads; "
+                      f"{d.get('date', '?')}, torch {d.get('torch', '?')}, CPU threads {d.get('threads', '?')}; "
                       f"load average at the end {d.get('loadavg_1min_at_end', float('nan')):.1f}.", ""]
             try:
                 lines += fn(d)

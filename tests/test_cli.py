@@ -135,3 +135,19 @@ def test_finetune_method_dap_prunes_while_training(tmp_path, capsys):
     before, after = (int(r.split()[1].replace(",", "")) for r in out.splitlines() if r.startswith(("before", "after")))
     assert after < before
     assert sum(p.numel() for p in vpf.load_pruned(tmp_path / "d").parameters()) == after
+
+
+def test_finetune_dap_checkpoint_resumes_to_the_same_model(tmp_path, capsys):
+    ckpt = tmp_path / "dap.pt"
+    args = ["finetune", "--method", "dap", "--model", MODEL, "--model-args", TINY, "--data", "digits",
+            "--steps", "6", "--batch-size", "16", "--dap-target", "0.3", "--quiet",
+            "--checkpoint", str(ckpt), "--checkpoint-every", "3"]
+    _run(args + ["--out", str(tmp_path / "a")], capsys)
+    assert torch.load(ckpt, weights_only=True)["step"] == 6
+    _run(args + ["--out", str(tmp_path / "b")], capsys)  # resumes at the end: no step left, same pruned model
+    a, b = (vpf.load_pruned(tmp_path / d).state_dict() for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["finetune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--alpha", "0",
+                  "--checkpoint", str(ckpt), "--out", str(tmp_path / "c")])
+    assert e.value.code == 2 and "--checkpoint resumes DAP runs only" in capsys.readouterr().err

@@ -279,6 +279,8 @@ def cmd_finetune(args) -> int:
                              _data_defaults(args.data, args.teacher), args.seed)
     elif args.alpha != 0 and args.method == "distill":
         raise UsageError("--teacher is required for distillation (or pass --alpha 0 for plain cross-entropy)")
+    if args.checkpoint is not None and args.method != "dap":
+        raise UsageError("--checkpoint resumes DAP runs only (--method dap)")
     before = _model_row("before", model, evaluate(model, test_loader, progress=not args.quiet))
     t0 = time.perf_counter()
     if args.method == "dap":
@@ -303,7 +305,8 @@ def _run_dap(model, teacher, loader, steps, args) -> None:
         raise UsageError(f"DAP not available ({e})") from e
     try:
         _, _, hist = finetune_dap(model, loader, target=args.dap_target, steps=steps, lr=args.lr, teacher=teacher,
-                                  distill_alpha=args.alpha, progress=not args.quiet)
+                                  distill_alpha=args.alpha, progress=not args.quiet, checkpoint=args.checkpoint,
+                                  checkpoint_every=args.checkpoint_every if args.checkpoint else 0)
     except ValueError as e:  # e.g. too few steps for the DAP schedule
         raise UsageError(f"DAP: {e}") from e
     print(f"DAP: params {hist['params_before']:,} -> {hist['params_after']:,} (target {hist['target_params']:,})")
@@ -525,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="KL weight (batch-mean KL, temperature 1)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--dap-target", type=_ratio, default=0.5, help="DAP: fraction of the parameters to remove")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="DAP: resume file (written every --checkpoint-every steps; resumed from when it exists)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=100, metavar="N")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_finetune)
 
