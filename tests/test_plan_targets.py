@@ -67,12 +67,14 @@ def test_shape_targets_ratios_heads_and_notes():
 
 
 FIVE_STAGES = dict(img_size=64, patch_size=2, depths=(1,) * 5, num_heads=(6, 12, 24, 48, 96))
+THREE_STAGES = dict(img_size=64, patch_size=2, depths=(1,) * 3, num_heads=(6, 12, 24))
 
 
 @pytest.mark.parametrize("source,kw,target,needle", [
     ("deit_small_patch16_224", {}, "deit_base_patch16_224", "would grow from 384 to 768"),  # bigger than the model
     ("swin_base_patch4_window7_224", {}, "swin_tiny_patch4_window7_224", "4 heads, which cannot be merged into 3"),
     ("swin_large_patch4_window7_224", FIVE_STAGES, "swin_tiny_patch4_window7_224", "different number of stages"),
+    ("swin_large_patch4_window7_224", THREE_STAGES, "swin_tiny_patch4_window7_224", "different number of stages"),
     ("deit_small_patch16_224", {}, "swin_tiny_patch4_window7_224", "is a swin model"),
     ("deit_small_patch16_224", {}, "no_such_model_xyz", "unknown target model 'no_such_model_xyz'"),
     ("deit_small_patch16_224", {}, None, "unknown target model None"),
@@ -86,7 +88,7 @@ def test_shape_targets_bad_targets_raise(source, kw, target, needle):
 
 @pytest.mark.parametrize("key,target,needle", [
     ("deit", "deit_tiny_patch16_224", "would grow from 48 to 192"),
-    ("swin", "swin_tiny_patch4_window7_224", "layers.0.blocks.0.attn would grow from 16 to 96"),
+    ("swin", "swin_tiny_patch4_window7_224", "no counterpart in the model"),  # 2 stages vs 4
 ])
 def test_plan_for_shape_bad_target_leaves_model_untouched(key, target, needle):
     model = make_model(key)

@@ -213,6 +213,10 @@ def shape_targets(model: nn.Module, target: str) -> tuple[dict[str, float], dict
     by_canon = {}  # canonical name -> the target's group in the first block of that stage
     for name, g in tgt.groups.items():
         by_canon.setdefault(_canonical(name), g)
+    missing = sorted(set(by_canon) - {_canonical(n) for n in src.groups})
+    if missing:  # the target has stages the model lacks: matching the first ones only would be a silent guess
+        raise PlanError(f"target {target} has groups {missing[:3]} with no counterpart in the model "
+                        "(different number of stages)")
     keep, heads, notes = {}, {}, []
     for name, g in src.groups.items():
         t = by_canon.get(_canonical(name))
