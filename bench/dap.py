@@ -187,7 +187,7 @@ def _bench_model(key, spec, device, batch, repeats, probe_every):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small images (96 px DeiT, 64 px Swin)")
-    ap.add_argument("--batch", type=int, default=8, help="images per step")
+    ap.add_argument("--batch", type=int, default=None, help="images per step (default 8 on CPU, 128 on CUDA)")
     ap.add_argument("--repeats", type=int, default=5, help="round-robin rounds")
     ap.add_argument("--probe-every", type=int, default=None, help="K of the dap-every-K row (default: auto)")
     ap.add_argument("--threads", type=int, default=1,
@@ -197,6 +197,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.batch = args.batch or (128 if device.type == "cuda" else 8)
     specs = QUICK if args.quick else MODELS
     load0 = os.getloadavg()[0]
     print(f"device: {device_name(device)}   batch {args.batch}   rounds {args.repeats}   load {load0:.1f}")

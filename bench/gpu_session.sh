@@ -11,7 +11,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-python -c "import vitprune_fast" 2>/dev/null || pip install -q --no-deps --no-build-isolation -e . || exit 1
+# installed? (checked outside the checkout: from its root, ./vitprune_fast would import without the kernels)
+(cd /tmp && python -c "import vitprune_fast.kernels") 2>/dev/null \
+  || pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 case "${1:-}" in
   tests)   python -m bench --only gpu_tests ;;
