@@ -241,10 +241,12 @@ def cmd_prune(args) -> int:
         else:
             keep = args.keep
             if args.flops is not None:
-                r, achieved = keep_for_flops(model, args.flops, heads=args.heads, attn_mode=args.attn_mode)
+                r, achieved = keep_for_flops(model, args.flops, heads=args.heads, attn_mode=args.attn_mode,
+                                             round_to=args.round_to)
                 keep = {"residual": r, "attn": r, "mlp": r}
                 notes.append(f"keep ratio {r:.4f} for residual/attn/mlp reaches {100 * achieved:.1f} % FLOPs")
-            plan = make_plan(space, scores, keep=keep, heads=args.heads, attn_mode=args.attn_mode)
+            plan = make_plan(space, scores, keep=keep, heads=args.heads, attn_mode=args.attn_mode,
+                             round_to=args.round_to)
     prune_(model, plan)
     after = _model_row("pruned", model)
     out = save_pruned(model, args.out)
@@ -513,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=_positive_int, default=None, help="UP-ViTs head merge: heads per attention")
     p.add_argument("--attn-mode", choices=("dims", "heads"), default="dims",
                    help="without --heads: keep every head (dims) or remove whole heads (heads)")
+    p.add_argument("--round-to", type=_positive_int, default=1, metavar="M",
+                   help="round narrowed widths (residual, MLP, head_dim) to multiples of M (8 suits GPU kernels)")
     p.add_argument("--out", required=True, help="output directory (model.safetensors + architecture.json)")
     p.set_defaults(func=cmd_prune)
 

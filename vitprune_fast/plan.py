@@ -88,23 +88,31 @@ def _check_scores(group: Group, scores: Mapping[str, torch.Tensor] | None) -> to
     return s
 
 
-def _plan_attn(g: Group, s: torch.Tensor, r: float, heads: int | None, attn_mode: str) -> tuple[torch.Tensor, int]:
+def _count(r: float, n: int, round_to: int = 1) -> int:
+    """Channels kept of ``n`` at ratio ``r``: at least one, a multiple of ``round_to`` where ``n`` allows it."""
+    if round_to > 1 and n > round_to:
+        return min(n, max(round_to, round_to * round(r * n / round_to)))
+    return max(1, round(r * n))
+
+
+def _plan_attn(g: Group, s: torch.Tensor, r: float, heads: int | None, attn_mode: str,
+               round_to: int = 1) -> tuple[torch.Tensor, int]:
     h, hd = g.num_heads, g.head_dim
     per_head = s.view(h, hd)
     if heads is not None:  # UP-ViTs head merge: h_t groups of h/h_t consecutive heads, same count kept in each
         if heads < 1 or h % heads:
             raise PlanError(f"{g.name}: heads={heads} must divide the number of heads ({h})")
         width = g.size // heads
-        n = max(1, round(r * width))
+        n = _count(r, width, round_to)  # the merged heads' head_dim
         grouped = s.view(heads, width)
         keep = torch.cat([_top(grouped[i], n) + i * width for i in range(heads)])
         return keep, heads
-    if attn_mode == "heads":  # whole-head removal ranked by the summed channel scores
+    if attn_mode == "heads":  # whole-head removal ranked by the summed channel scores; head_dim unchanged
         n = max(1, round(r * h))
         kept_heads = _top(per_head.sum(1), n)
         keep = (kept_heads[:, None] * hd + torch.arange(hd)).flatten()
         return keep, n
-    n = max(1, round(r * hd))  # uniform head_dim: the same number of dims kept in every head
+    n = _count(r, hd, round_to)  # uniform head_dim: the same number of dims kept in every head
     keep = torch.cat([_top(per_head[i], n) + i * hd for i in range(h)])
     return keep, h
 
@@ -115,6 +123,7 @@ def make_plan(
         keep: float | Mapping[str, float] = 1.0,
         heads: int | None = None,
         attn_mode: str = "dims",
+        round_to: int = 1,
 ) -> Plan:
     """Build a Plan from importance scores by the UP-ViTs rules.
 
@@ -131,6 +140,10 @@ def make_plan(
             every attention's head count.
         attn_mode: without ``heads``: ``"dims"`` keeps every head and the same number of dims per head;
             ``"heads"`` removes whole heads ranked by their summed channel scores.
+        round_to: round every narrowed width (residual, MLP hidden, head_dim; merged heads' head_dim) to the
+            nearest multiple of this, at least one multiple (a group of at most ``round_to`` channels is not
+            rounded). GPU kernels want multiples of 8: cuBLAS tensor-core tiles, and SDPA's fused kernels need
+            head_dim % 8 == 0 in half precision. Whole-head removal keeps head_dim and rounds nothing.
 
     Returns:
         The Plan (kept indices sorted, in the original numbering).
@@ -145,6 +158,8 @@ def make_plan(
             raise PlanError(f"keep has unknown keys {unknown}; use kinds {KINDS} or group names")
     if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool)):
         raise PlanError(f"heads must be an int, got {heads!r}")
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise PlanError(f"round_to must be an int >= 1, got {round_to!r}")
     kept: dict[str, torch.Tensor] = {}
     new_heads: dict[str, int] = {}
     for g in space.groups.values():
@@ -156,9 +171,9 @@ def make_plan(
             continue
         s = _check_scores(g, scores) if r < 1.0 else torch.zeros(g.size, dtype=torch.float64)
         if g.kind == "attn":
-            k, nh = _plan_attn(g, s, r, heads, attn_mode)
+            k, nh = _plan_attn(g, s, r, heads, attn_mode, round_to)
             new_heads[g.name] = nh
         else:
-            k = _top(s, max(1, round(r * g.size)))
+            k = _top(s, _count(r, g.size, round_to))
         kept[g.name] = k
     return Plan.from_space(space, kept, new_heads)

@@ -39,7 +39,7 @@ def _restrict(keep, groups: Mapping) -> float | dict:
 
 def plan_with_heads(space: PruningSpace, scores: Mapping[str, torch.Tensor] | None,
                     keep: float | Mapping[str, float], heads: int | Mapping[str, int | None] | None = None,
-                    attn_mode: str = "dims") -> Plan:
+                    attn_mode: str = "dims", round_to: int = 1) -> Plan:
     """``make_plan`` with a head count per attention group (Swin stages differ).
 
     ``make_plan`` takes one head count for every attention, but Swin stages have different head counts (e.g.
@@ -55,6 +55,7 @@ def plan_with_heads(space: PruningSpace, scores: Mapping[str, torch.Tensor] | No
             ``make_plan``), or attn group name -> head count; a group left out or mapped to ``None`` is planned
             as with ``heads=None``.
         attn_mode: see ``make_plan``.
+        round_to: see ``make_plan``.
 
     Returns:
         The Plan for the whole space.
@@ -67,7 +68,7 @@ def plan_with_heads(space: PruningSpace, scores: Mapping[str, torch.Tensor] | No
     if not isinstance(space, PruningSpace):
         raise PlanError(f"plan_with_heads needs the PruningSpace from describe(model), got {type(space).__name__}")
     if heads is None or not isinstance(heads, Mapping):
-        return make_plan(space, scores, keep=keep, heads=heads, attn_mode=attn_mode)
+        return make_plan(space, scores, keep=keep, heads=heads, attn_mode=attn_mode, round_to=round_to)
     bad = [n for n in heads if n not in space.groups or space.groups[n].kind != "attn"]
     if bad:
         raise PlanError(f"heads has keys {bad[:5]} that are not attention groups of this model")
@@ -79,7 +80,7 @@ def plan_with_heads(space: PruningSpace, scores: Mapping[str, torch.Tensor] | No
     kept, new_heads = {}, {}
     for h, groups in parts.items():
         sub = make_plan(PruningSpace(space.arch, groups), scores, keep=_restrict(keep, groups), heads=h,
-                        attn_mode=attn_mode)
+                        attn_mode=attn_mode, round_to=round_to)
         kept.update(sub.keep)  # name -> [kept] indices
         new_heads.update(sub.heads)
     return Plan.from_space(space, kept, new_heads)
@@ -108,7 +109,7 @@ def _check_kinds(kinds: str | Iterable[str]) -> tuple[str, ...]:
 
 def keep_for_flops(model: nn.Module, target: float, kinds: str | Iterable[str] = KINDS,
                    heads: int | Mapping[str, int | None] | None = None, attn_mode: str = "dims",
-                   iters: int = 14) -> tuple[float, float]:
+                   iters: int = 14, round_to: int = 1) -> tuple[float, float]:
     """One keep ratio ``r`` for every group of ``kinds`` whose pruned model has FLOPs closest to ``target`` x dense.
 
     FLOPs do not depend on which channels are kept, only on how many, so the search plans with dummy scores,
@@ -128,11 +129,12 @@ def keep_for_flops(model: nn.Module, target: float, kinds: str | Iterable[str] =
         heads: as for :func:`plan_with_heads` (an int, or attn group name -> head count).
         attn_mode: see ``make_plan``.
         iters: bisection steps (>= 1).
+        round_to: see ``make_plan`` (rounded widths keep the FLOPs non-decreasing in ``r``).
 
     Returns:
         ``(r, achieved)``: the keep ratio and the FLOPs fraction of the model pruned with it (a float in
         (0, 1]), the same for any scores given to ``make_plan(space, scores, keep={kind: r for kind in kinds},
-        heads=heads, attn_mode=attn_mode)``.
+        heads=heads, attn_mode=attn_mode, round_to=round_to)``.
 
     Raises:
         PlanError: ``target`` outside (0, 1] or below the smallest reachable fraction (that of ``r = 0.001``),
@@ -147,7 +149,7 @@ def keep_for_flops(model: nn.Module, target: float, kinds: str | Iterable[str] =
     zeros = {n: torch.zeros(g.size) for n, g in space.groups.items()}  # name -> [size]; any scores give the same
 
     def plan(r: float) -> Plan:
-        return plan_with_heads(space, zeros, dict.fromkeys(kinds, r), heads, attn_mode)
+        return plan_with_heads(space, zeros, dict.fromkeys(kinds, r), heads, attn_mode, round_to)
 
     plan(1.0)  # bad heads / attn_mode raise here, before any FLOPs are counted
     dense = count_flops(model)
