@@ -71,10 +71,13 @@ def _published_loop_estimate(entry: dict, model_candidates: int) -> float:
     return published["seconds"] / entry["candidates"] * model_candidates
 
 
-def run(quick: bool, device: torch.device | None = None, configs=None, full_model: bool | None = None) -> dict:
+def run(quick: bool, device: torch.device | None = None, configs=None, full_model: bool | None = None,
+        on_config=None) -> dict:
     """Every config scored by the three methods on the same candidates; FLOP/s of the fast engine vs a measured
     matmul peak of the compute dtype (CUDA: bf16; CPU: float64); unless quick, also the fast engine on every
-    candidate of the model, against the published loop's time extrapolated from its per-candidate cost."""
+    candidate of the model, against the published loop's time extrapolated from its per-candidate cost.
+    ``on_config(result)`` is called with the results so far after every config (main writes them, so that a
+    run stopped by a time limit keeps the configs it finished)."""
     device = device or default_device()
     cuda = device.type == "cuda"
     dtype = torch.float32 if cuda else torch.float64  # CPU: float64, the engine's exactness claim
@@ -128,6 +131,8 @@ def run(quick: bool, device: torch.device | None = None, configs=None, full_mode
             entry["full_model"] = {"candidates": every, "fast_engine_seconds": t_all,
                                    "published_loop_seconds_extrapolated": est, "speedup_vs_published": est / t_all}
         rows.append(entry)
+        if on_config is not None:
+            on_config({"quick": quick, "configs": rows})
     return {"quick": quick, "configs": rows}
 
 
@@ -136,7 +141,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     dev = default_device()
-    res = run(args.quick, dev)
+    res = run(args.quick, dev, on_config=lambda partial: write_json("kl_engine", dev, partial, quick=args.quick))
     print(f"UP-ViTs KL scoring on {device_name(dev)}")
     for c in res["configs"]:
         print(f"\n{c['model']}  {c['candidates']} candidates x {c['images']} images ({c['dtype']}); "

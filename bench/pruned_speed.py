@@ -70,19 +70,24 @@ def _pruned(name, kwargs, keep, heads=None):
     return model
 
 
-def _onnx_latency(model, repeats) -> float | None:
+def _onnx_latency(model, repeats) -> tuple[float | None, str | None]:
+    """(ONNX Runtime CPU seconds at batch 1, None), or (None, why not): a missing package or a failed export
+    (exporter / onnxscript versions differ between machines) must not lose the GPU timings that follow."""
     try:
         import onnxruntime as ort
     except ImportError:
-        return None
+        return None, "onnxruntime not installed"
     model = model.float().cpu().eval()
     x = torch.randn(1, *input_size(model))
-    with tempfile.TemporaryDirectory() as d:
-        path = f"{d}/m.onnx"
-        torch.onnx.export(model, (x,), path, input_names=["x"], dynamo=True)
-        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        feed = {"x": x.numpy()}
-        return seconds(lambda: sess.run(None, feed), "cpu", repeats)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/m.onnx"
+            torch.onnx.export(model, (x,), path, input_names=["x"], dynamo=True)
+            sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            feed = {"x": x.numpy()}
+            return seconds(lambda: sess.run(None, feed), "cpu", repeats), None
+    except Exception as e:  # any exporter / runtime failure
+        return None, f"{type(e).__name__}: {str(e).strip()[:300]}"
 
 
 # (dense timm name, timm kwargs, [(stock model of the target shape or None, keep ratio, heads)])
@@ -114,7 +119,10 @@ def run(quick: bool, device: torch.device | None = None, cases=None, batches=Non
                      "flops": count_flops(models[name]), "stock": stock_name}
             entry["flops_ratio_vs_dense"] = entries[0]["flops"] / entry["flops"]
             if onnx and "deit" in dense_name:
-                entry["onnxruntime_cpu_bs1_seconds"] = _onnx_latency(models[name], repeats)
+                entry["onnxruntime_cpu_bs1_seconds"], err = _onnx_latency(models[name], repeats)
+                if err:
+                    entry["onnx_error"] = err
+                    print(f"ONNX export / ONNX Runtime failed for {name}: {err}", flush=True)
             if stock_name:
                 models[stock_name] = timm.create_model(stock_name, **kwargs).eval()
                 entries.append({"model": stock_name, "kind": "stock", "params": count_params(models[stock_name]),

@@ -69,6 +69,8 @@ def _pruned(d: dict) -> list[str]:
                                                                   r["vs_stock_same_shape"].items()) + ok)
         if r.get("onnxruntime_cpu_bs1_seconds"):
             notes.append(f"ONNX Runtime CPU bs1 {1e3 * r['onnxruntime_cpu_bs1_seconds']:.0f} ms")
+        elif r.get("onnx_error"):
+            notes.append(f"ONNX export failed ({r['onnx_error'][:80]})")
         out.append(f"| {r['model']} | {r['params']:,} | {r['flops'] / 1e9:.2f} | "
                    + " | ".join(f"{1e3 * r[b]['seconds']:.1f}" for b in bs) + f" | {'; '.join(notes)} |")
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,13 @@ import report  # noqa: E402
 import slicing  # noqa: E402
 
 import bench.kernels as bench_kernels  # noqa: E402  (a top-level `kernels` would be the Triton package dir)
+from bench.__main__ import _call  # noqa: E402
 
 CPU = torch.device("cpu")
 TINY_VIT = dict(img_size=32, patch_size=16, depth=2, embed_dim=16, num_heads=2)
 TINY_SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
                  num_classes=10)
+KL_PARTIALS = []  # what kl_engine.run hands to on_config after each config
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,8 @@ def docs(tmp_path_factory):
                         "copy_bandwidth_gbps": 10.0, "target_frac_copy_bw": 0.7,
                         "min_frac_copy_bw_memory_bound": 0.1, "all_within_tolerance": True},
             "kl_engine": kl_engine.run(True, CPU, full_model=True,
-                                       configs=[("deit_tiny_patch16_224", dict(TINY_VIT, num_classes=10), None, 2)]),
+                                       configs=[("deit_tiny_patch16_224", dict(TINY_VIT, num_classes=10), None, 2)],
+                                       on_config=KL_PARTIALS.append),
             "dimap": bench_dimap.run(CPU, [("swin_tiny_patch4_window7_224", TINY_SWIN)], ["loop", "torch", "triton"],
                                      1, 0.55, [1]),
             "pruned_speed": pruned_speed.run(
@@ -96,6 +100,7 @@ def test_kl_engine_rows(docs):
     full = c["full_model"]
     assert full["candidates"] == c["candidates"]  # quick = every candidate already
     assert full["published_loop_seconds_extrapolated"] == pytest.approx(c["rows"][0]["seconds"])
+    assert KL_PARTIALS == [docs[1]["kl_engine"]]  # written after every config: a stopped run keeps what finished
 
 
 def test_dimap_triton_column_agrees_with_loop(docs):
@@ -135,6 +140,61 @@ def test_report_renders_every_section_from_the_results(docs):
             assert f"### {title} — {common.cpu_name()}" in text
     assert "```json" not in text  # no section fell back to the raw-JSON renderer
     assert text.startswith(report.START) and text.endswith(report.END)
+
+
+def test_report_renders_the_gpu_layout(docs, tmp_path):
+    """CUDA results: other device name and backend, every kernel timed, a failed ONNX export, gpu_tests with a
+    failure, and a day's summary with a benchmark stopped by --timeout and one skipped."""
+    gpu = "NVIDIA H100 80GB HBM3"
+    payloads = json.loads(json.dumps(docs[1]))
+    payloads["kernels"]["interpreter_smoke"] = []
+    for r in payloads["pruned_speed"]["rows"]:
+        if r["kind"] == "pruned":
+            r.update(onnxruntime_cpu_bs1_seconds=None, onnx_error="ModuleNotFoundError: No module named 'onnxscript'")
+    payloads["gpu_tests"] = {"pytest_exit_code": 1, "command": "-m pytest -q -m gpu", "collected": 3, "passed": 2,
+                             "failed": 1, "skipped": 0, "failures": [{"test": "tests.t::a", "message": "boom"}],
+                             "slowest": []}
+    for name, payload in payloads.items():
+        d = dict(common.document(name, CPU, payload), device=gpu, backend="cuda")
+        (tmp_path / f"{name}-{common.slug(gpu)}.json").write_text(json.dumps(d))
+    summary = {"device": gpu, "date": "2026-01-01", "quick": False, "results": {},
+               "status": {"kernels": {"rc": 0, "seconds": 40.0}, "kl_engine": {"rc": "timeout", "seconds": 500.0},
+                          "slicing": "skipped (no time left)"}}
+    (tmp_path / f"{common.slug(gpu)}-2026-01-01.json").write_text(json.dumps(summary))
+    text = report.render(tmp_path)
+    for title, _, _ in report.SECTIONS:
+        assert f"### {title} — {gpu}" in text
+    assert "```json" not in text
+    assert "| kl_engine | timeout | 500.0 |" in text and "ONNX export failed (ModuleNotFoundError" in text
+
+
+def test_bench_timeout_stops_the_benchmark_and_its_children():
+    marker = f"vitprune-bench-child-{time.time_ns()}"
+    child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', " \
+            f"'{marker}']); time.sleep(60)"
+    t0 = time.time()
+    assert _call([sys.executable, "-c", child], 1.5) == "timeout"
+    assert time.time() - t0 < 30
+    time.sleep(0.2)
+    cmdlines = []
+    for f in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmdlines.append(f.read_bytes().decode(errors="replace"))
+        except OSError:  # the process ended meanwhile
+            pass
+    assert not any(marker in c for c in cmdlines)
+    assert _call([sys.executable, "-c", "raise SystemExit(3)"], None) == 3
+
+
+def test_onnx_failure_is_recorded_not_raised(monkeypatch):
+    def broken_export(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'onnxscript'")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    monkeypatch.setattr(pruned_speed, "input_size", lambda m: (3, 8, 8))
+    seconds, err = pruned_speed._onnx_latency(model, 1)
+    assert seconds is None and err  # "onnxruntime not installed" without onnxruntime
 
 
 def test_result_files_carry_device_and_versions(docs):

@@ -23,6 +23,15 @@ pytestmark = pytest.mark.gpu
 KEEP = {"residual": 0.6, "attn": 0.5, "mlp": 0.4}
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """float32 comparisons in IEEE float32: cuDNN convolutions (probes, patch embedding) default to TF32."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def _steps(model, opt, x, n):
     for _ in range(n):
         opt.zero_grad()
@@ -102,7 +111,9 @@ def test_cuda_dimap_triton_scores_match_torch():
 
 @pytest.mark.parametrize("key", ["deit", "swin"])
 def test_cuda_engine_bf16_autocast_selects_like_float64(key):
-    """bf16 autocast changes the numbers, not (much) the selection: kept sets overlap >= 80 % of the float64 ones."""
+    """bf16 autocast changes the numbers, not (much) the selection: the kept sets overlap the float64 ones by >= 85 %
+    over all groups and >= 70 % in every group (a group keeping 32 channels moves in steps of 1/32; bf16 autocast on
+    CPU gave 0.81 at least, 0.91 overall)."""
     model = make_model(key)
     x = make_input(model, 8)
     ref = vpf.upvits_scores(model, x, ("residual", "attn", "mlp"), progress=False)
@@ -112,6 +123,7 @@ def test_cuda_engine_bf16_autocast_selects_like_float64(key):
     space = vpf.describe(model)
     keep = {n: 0.5 for n in ref}
     a, b = vpf.make_plan(space, ref, keep=keep), vpf.make_plan(space, fast, keep=keep)
+    common = {n: len(set(a.keep[n].tolist()) & set(b.keep[n].tolist())) for n in ref}
     for n in ref:
-        overlap = len(set(a.keep[n].tolist()) & set(b.keep[n].tolist())) / len(a.keep[n])
-        assert overlap >= 0.8, (n, overlap)
+        assert common[n] / len(a.keep[n]) >= 0.7, (n, common[n], len(a.keep[n]))
+    assert sum(common.values()) / sum(len(a.keep[n]) for n in ref) >= 0.85

@@ -89,7 +89,7 @@ def masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
                         t.set_(cols.contiguous())
                     continue
                 if removed.numel():
-                    t.index_fill_(sl.dim, sl.indices(removed), 0.0)
+                    t.index_fill_(sl.dim, sl.indices(removed).to(t.device), 0.0)  # index on t's device (CUDA)
                 mod_path, _, pname = sl.name.rpartition(".")
                 if g.kind == "residual" and isinstance(out.get_submodule(mod_path), nn.LayerNorm):
                     mask = torch.zeros(t.shape[0], dtype=torch.bool)

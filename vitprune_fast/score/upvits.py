@@ -315,7 +315,7 @@ class ReferenceEngine:
                 if sl.per_head:
                     continue
                 t = _tensor_of(model, sl.name)
-                idx = sl.indices(torch.tensor([c]))
+                idx = sl.indices(torch.tensor([c])).to(t.device)  # index_select / _fill_ / _copy_: same device
                 saved.append((t, sl.dim, idx, t.detach().index_select(sl.dim, idx).clone()))
                 t.detach().index_fill_(sl.dim, idx, 0.0)
             try:
