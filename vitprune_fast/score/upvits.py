@@ -335,6 +335,7 @@ def _auto_rows(model: nn.Module, x: torch.Tensor) -> int:
     if not x.is_cuda:
         return 256
     probe = x[: min(4, x.shape[0])]
+    model(probe)  # warm-up: autocast's cached low-precision weight copies must not count as per-image memory
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
