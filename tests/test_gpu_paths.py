@@ -1,7 +1,7 @@
 """The library's CUDA paths against its CPU paths (``gpu`` marker: these run on a GPU machine only).
 
 The kernels have their own CUDA tests (test_kernel_*.py); here the orchestration: in-place pruning of a CUDA
-model with its optimizer (the C++ extension's chunked CUDA move), DAP's batched probes, DIMAP's Triton scorer,
+model with its optimizer (the C++ extension's chunked CUDA move), DIMAP's Triton scorer,
 save / load and the UP-ViTs engine under bf16 autocast.
 """
 import copy
@@ -13,7 +13,6 @@ from models import make_input, make_model, random_scores, rel_err
 import vitprune_fast as vpf
 from vitprune_fast import compact
 from vitprune_fast._ext import get_ext
-from vitprune_fast.dap import DAP, Schedule
 from vitprune_fast.io import load_pruned, save_pruned
 from vitprune_fast.masked import masked_copy
 from vitprune_fast.score.dimap import dimap_masks, dimap_scores
@@ -79,22 +78,6 @@ def test_cuda_save_load_round_trip(tmp_path):
     x = make_input(model).cuda()
     assert next(loaded.parameters()).is_cuda
     assert torch.equal(loaded(x), model(x))
-
-
-@pytest.mark.parametrize("key", ["deit", "swin"])
-def test_cuda_dap_batched_probes_equal_looped(key):
-    model = make_model(key, dtype=torch.float32).cuda().train()
-    fast = DAP(model, 0.5, Schedule(0, 5, 10), batched=True)  # the default on CUDA
-    ref = DAP(model, 0.5, Schedule(0, 5, 10), batched=False)
-    ref.probes = torch.nn.ModuleList(p.to_looped() for p in fast.probes)
-    x = make_input(model, 4).cuda()
-    y = torch.randint(0, model.num_classes, (4,), device="cuda")
-    model(x)
-    a, b = fast.loss(y), ref.loss(y)
-    assert abs(a.item() - b.item()) < 1e-4 * abs(b.item())
-    for da, db in ((fast._dcls, ref._dcls), (fast._dpatch, ref._dpatch)):
-        assert torch.allclose(da, db, atol=1e-4)
-    assert fast._dcls.abs().sum() > 0
 
 
 def test_cuda_dimap_triton_scores_match_torch():
