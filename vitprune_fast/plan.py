@@ -121,7 +121,7 @@ def make_plan(
         space: PruningSpace,
         scores: Mapping[str, torch.Tensor] | None,
         keep: float | Mapping[str, float] = 1.0,
-        heads: int | None = None,
+        heads: int | Mapping[str, int | None] | None = None,
         attn_mode: str = "dims",
         round_to: int = 1,
 ) -> Plan:
@@ -137,7 +137,8 @@ def make_plan(
             group name (a group name wins over its kind). Missing kinds keep 1.0. Ratios must be in (0, 1].
         heads: UP-ViTs head-merge rule: merge each run of ``num_heads // heads`` consecutive heads into one
             and keep the top ``keep * attn_dim / heads`` channels inside each merged group. Must divide
-            every attention's head count.
+            every attention's head count. A dict gives a count per attention group (Swin stages differ);
+            a group left out or mapped to ``None`` is planned as with ``heads=None``.
         attn_mode: without ``heads``: ``"dims"`` keeps every head and the same number of dims per head;
             ``"heads"`` removes whole heads ranked by their summed channel scores.
         round_to: round every narrowed width (residual, MLP hidden, head_dim; merged heads' head_dim) to the
@@ -156,22 +157,29 @@ def make_plan(
         unknown = [k for k in keep if k not in KINDS and k not in space.groups]
         if unknown:
             raise PlanError(f"keep has unknown keys {unknown}; use kinds {KINDS} or group names")
-    if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool)):
-        raise PlanError(f"heads must be an int, got {heads!r}")
+    per_group = heads if isinstance(heads, Mapping) else None
+    if per_group is not None:
+        bad = [n for n in per_group if n not in space.groups or space.groups[n].kind != "attn"]
+        if bad:
+            raise PlanError(f"heads has keys {bad[:5]} that are not attention groups of this model")
+    for h in per_group.values() if per_group is not None else [heads]:
+        if h is not None and (not isinstance(h, int) or isinstance(h, bool)):
+            raise PlanError(f"heads must be an int, got {h!r}")
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
         raise PlanError(f"round_to must be an int >= 1, got {round_to!r}")
     kept: dict[str, torch.Tensor] = {}
     new_heads: dict[str, int] = {}
     for g in space.groups.values():
         r = _ratio_for(g, keep)
-        if g.kind == "attn" and heads is not None and heads != g.num_heads:
-            if g.num_heads % heads:
-                raise PlanError(f"{g.name}: heads={heads} must divide the number of heads ({g.num_heads})")
+        h = per_group.get(g.name) if per_group is not None else heads
+        if g.kind == "attn" and h is not None and h != g.num_heads:
+            if g.num_heads % h:
+                raise PlanError(f"{g.name}: heads={h} must divide the number of heads ({g.num_heads})")
         elif r == 1.0:
             continue
         s = _check_scores(g, scores) if r < 1.0 else torch.zeros(g.size, dtype=torch.float64)
         if g.kind == "attn":
-            k, nh = _plan_attn(g, s, r, heads, attn_mode, round_to)
+            k, nh = _plan_attn(g, s, r, h, attn_mode, round_to)
             new_heads[g.name] = nh
         else:
             k = _top(s, _count(r, g.size, round_to))

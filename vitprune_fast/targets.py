@@ -22,38 +22,17 @@ from .prune import prune_
 from .space import KINDS, PruningSpace
 
 
-def _check_keep_keys(space: PruningSpace, keep) -> None:
-    """Unknown keys of a keep dict raise (as in make_plan, which only sees part of the space here)."""
-    if isinstance(keep, Mapping):
-        unknown = [k for k in keep if k not in KINDS and k not in space.groups]
-        if unknown:
-            raise PlanError(f"keep has unknown keys {unknown}; use kinds {KINDS} or group names")
-
-
-def _restrict(keep, groups: Mapping) -> float | dict:
-    """A keep dict limited to kinds and to the names of ``groups`` (make_plan rejects unknown names)."""
-    if not isinstance(keep, Mapping):
-        return keep
-    return {k: v for k, v in keep.items() if k in KINDS or k in groups}
-
-
 def plan_with_heads(space: PruningSpace, scores: Mapping[str, torch.Tensor] | None,
                     keep: float | Mapping[str, float], heads: int | Mapping[str, int | None] | None = None,
                     attn_mode: str = "dims", round_to: int = 1) -> Plan:
-    """``make_plan`` with a head count per attention group (Swin stages differ).
-
-    ``make_plan`` takes one head count for every attention, but Swin stages have different head counts (e.g.
-    3, 6, 12, 24), so reaching another Swin's shape needs one per stage. The groups are split by the head count
-    asked of them and each part is planned apart; ``make_plan`` ranks every group on its own, so this is the
-    plan ``make_plan`` would give with each group's own head count.
+    """``make_plan`` with a head count per attention group (Swin stages differ): the same call, kept by name.
 
     Args:
         space: ``describe(model)``.
         scores: group name -> ``[group.size]`` scores, higher = more important (needed for groups kept < 1).
         keep: as for ``make_plan``: one ratio, or a dict by kind and/or group name.
-        heads: ``None`` (head layout from ``attn_mode``), one head count for every attention (as
-            ``make_plan``), or attn group name -> head count; a group left out or mapped to ``None`` is planned
-            as with ``heads=None``.
+        heads: ``None``, one head count for every attention, or attn group name -> head count (a group left out
+            or mapped to ``None`` is planned as with ``heads=None``).
         attn_mode: see ``make_plan``.
         round_to: see ``make_plan``.
 
@@ -61,29 +40,11 @@ def plan_with_heads(space: PruningSpace, scores: Mapping[str, torch.Tensor] | No
         The Plan for the whole space.
 
     Raises:
-        PlanError: ``space`` is not a PruningSpace, ``heads`` names a group that is not an attention of
-            ``space``, or anything ``make_plan`` rejects (unknown keep keys, ratios outside (0, 1], head counts
-            that do not divide, missing or misshapen scores).
+        PlanError: anything ``make_plan`` rejects (not a PruningSpace, ``heads`` keys that are not attention
+            groups, unknown keep keys, ratios outside (0, 1], head counts that do not divide, missing or
+            misshapen scores).
     """
-    if not isinstance(space, PruningSpace):
-        raise PlanError(f"plan_with_heads needs the PruningSpace from describe(model), got {type(space).__name__}")
-    if heads is None or not isinstance(heads, Mapping):
-        return make_plan(space, scores, keep=keep, heads=heads, attn_mode=attn_mode, round_to=round_to)
-    bad = [n for n in heads if n not in space.groups or space.groups[n].kind != "attn"]
-    if bad:
-        raise PlanError(f"heads has keys {bad[:5]} that are not attention groups of this model")
-    _check_keep_keys(space, keep)
-    parts: dict[int | None, dict] = {}  # head count -> the groups planned with it
-    for name, g in space.groups.items():
-        h = heads.get(name) if g.kind == "attn" else None
-        parts.setdefault(h, {})[name] = g
-    kept, new_heads = {}, {}
-    for h, groups in parts.items():
-        sub = make_plan(PruningSpace(space.arch, groups), scores, keep=_restrict(keep, groups), heads=h,
-                        attn_mode=attn_mode, round_to=round_to)
-        kept.update(sub.keep)  # name -> [kept] indices
-        new_heads.update(sub.heads)
-    return Plan.from_space(space, kept, new_heads)
+    return make_plan(space, scores, keep=keep, heads=heads, attn_mode=attn_mode, round_to=round_to)
 
 
 def _check_target(target) -> float:
