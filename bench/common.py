@@ -83,6 +83,24 @@ def timed(fn, repeats: int = 3, device: str | torch.device = "cpu") -> tuple[flo
     return statistics.median(times), out
 
 
+def round_robin(fns: dict, repeats: int, device: str | torch.device = "cpu"
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(wall seconds, process CPU seconds) of every call, timed round-robin: each round calls every function once,
+    so the load of a shared machine hits all of a round alike (compare them with :func:`median_ratio`)."""
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            c0 = time.process_time()
+            wall[k].append(timed(fn, 1, device)[0])
+            cpu[k].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of ``a[i] / b[i]`` (round-robin timings)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def copy_bandwidth_gbs(device: str | torch.device, nbytes: int | None = None) -> float:
     """Measured copy bandwidth in GB/s (read + write counted) of a buffer far larger than the caches."""
     device = torch.device(device)

@@ -31,7 +31,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, timed, write_json  # noqa: E402
+from common import device_name, median_ratio, round_robin, timed, write_json  # noqa: E402
 
 from vitprune_fast.dap import DAP, Schedule  # noqa: E402
 
@@ -81,18 +80,6 @@ def _setup(spec, device, batch, dap_kw=None, seed=0):
             dap.step()
 
     return model, dap, step, (x, y)
-
-
-def _interleaved(runs: dict, repeats: int, device) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """(wall seconds, process CPU seconds) of every run, timed round-robin: each round times every configuration
-    once, so the load of a shared machine hits all configurations of a round alike (ratios are per round)."""
-    wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}
-    for _ in range(repeats):
-        for k, fn in runs.items():
-            c0 = time.process_time()
-            wall[k].append(timed(fn, 1, device)[0])
-            cpu[k].append(time.process_time() - c0)
-    return wall, cpu
 
 
 def _stepper(spec, device, batch, dap_kw=None, chunk=1):
@@ -139,25 +126,21 @@ def _update_time(dap, repeats):
     return timed(run, repeats, dap.gate.device)[0]
 
 
-def _med_ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
-
-
 def _bench_model(key, spec, device, batch, repeats, probe_every):
     """All configurations of one model; returns JSON rows."""
     plain, model, _ = _stepper(spec, device, batch)
     params = sum(p.numel() for p in model.parameters())
     looped, _, _ = _stepper(spec, device, batch, dict(batched=False))
     batched, _, dap = _stepper(spec, device, batch, dict(batched=True))
-    wall, cpu = _interleaved({"plain": plain, "dap-looped": looped, "dap-batched": batched,
+    wall, cpu = round_robin({"plain": plain, "dap-looped": looped, "dap-batched": batched,
                               "probes-looped": _probe_only(spec, device, batch, False),
                               "probes-batched": _probe_only(spec, device, batch, True)}, repeats, device)
     default = "dap-batched" if device.type == "cuda" else "dap-looped"  # DAP(batched=None) on this device
-    ratio = _med_ratio(wall[default], wall["plain"])
+    ratio = median_ratio(wall[default], wall["plain"])
     k = probe_every or max(1, math.ceil((ratio - 1) / (0.9 * (TARGET - 1))))  # 10 % margin for the overheads
     plain_k, _, _ = _stepper(spec, device, batch, chunk=k)
     every_k, _, _ = _stepper(spec, device, batch, dict(probe_every=k), chunk=k)
-    wk, ck = _interleaved({"plain": plain_k, "every": every_k}, max(1, repeats - 1), device)
+    wk, ck = round_robin({"plain": plain_k, "every": every_k}, max(1, repeats - 1), device)
     wk, ck = ({n: [v / k for v in x] for n, x in d.items()} for d in (wk, ck))  # per step
     per = {  # config: (timing key, probes-only key, wall, cpu); the baseline is "plain" of the same timings
         "plain": ("plain", None, wall, cpu),
@@ -170,14 +153,14 @@ def _bench_model(key, spec, device, batch, repeats, probe_every):
         r = dict(model=key, timm_name=spec[0], config=cfg, params=params, batch=batch,
                  kwargs={n: list(v) if isinstance(v, tuple) else v for n, v in spec[1].items()},
                  step_s=w[name], cpu_s=c[name], plain_step_s=w["plain"], plain_cpu_s=c["plain"],
-                 median_step_s=statistics.median(w[name]), x_plain=_med_ratio(w[name], w["plain"]),
-                 x_plain_cpu=_med_ratio(c[name], c["plain"]))
+                 median_step_s=statistics.median(w[name]), x_plain=median_ratio(w[name], w["plain"]),
+                 x_plain_cpu=median_ratio(c[name], c["plain"]))
         if probes:
             r.update(probes_s=wall[probes], median_probes_s=statistics.median(wall[probes]))
         r["device_default"] = cfg in (default, f"dap-every-{k}")
         if cfg == "dap-batched":
             r["median_update_s"] = statistics.median(_update_time(dap, 1) for _ in range(repeats))
-            r["probes_x_faster_than_looped"] = _med_ratio(wall["probes-looped"], wall["probes-batched"])
+            r["probes_x_faster_than_looped"] = median_ratio(wall["probes-looped"], wall["probes-batched"])
         if cfg.startswith("dap-every"):
             r["probe_every"] = k
         rows.append(r)

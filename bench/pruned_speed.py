@@ -23,7 +23,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_device, device_name, seconds, write_json  # noqa: E402
+from common import default_device, device_name, median_ratio, round_robin, seconds, write_json  # noqa: E402
 
 import vitprune_fast as vpf  # noqa: E402
 from vitprune_fast.metrics import count_flops, count_params, input_size  # noqa: E402
@@ -39,17 +39,14 @@ def _speed(models: dict[str, torch.nn.Module], device, dtype, batches, repeats) 
     out = {name: {} for name in models}
     for b in batches:
         xs = {name: torch.randn(b, *input_size(m), device=device, dtype=dtype) for name, m in models.items()}
-        rounds = {name: [] for name in models}
+        fns = {name: (lambda m=m, x=xs[name]: m(x)) for name, m in models.items()}
         with torch.inference_mode():
             if device.type == "cuda":
-                for name, m in models.items():
-                    rounds[name].append(seconds(lambda m=m, x=xs[name]: m(x), device))
+                rounds = {name: [seconds(fn, device)] for name, fn in fns.items()}
             else:
-                for name, m in models.items():
-                    m(xs[name])
-                for _ in range(repeats):
-                    for name, m in models.items():
-                        rounds[name].append(seconds(lambda m=m, x=xs[name]: m(x), device, 1, warmup=False))
+                for fn in fns.values():  # warm-up
+                    fn()
+                rounds = round_robin(fns, repeats, device)[0]
         for name, ts in rounds.items():
             t = statistics.median(ts)
             out[name][f"bs{b}"] = {"seconds": t, "img_per_s": b / t, "rounds": ts}
@@ -58,8 +55,7 @@ def _speed(models: dict[str, torch.nn.Module], device, dtype, batches, repeats) 
 
 def _ratio(num: dict, den: dict) -> dict[str, float]:
     """Median over rounds of num / den time, per batch size."""
-    return {k: statistics.median(a / b for a, b in zip(num[k]["rounds"], den[k]["rounds"], strict=True))
-            for k in den}
+    return {k: median_ratio(num[k]["rounds"], den[k]["rounds"]) for k in den}
 
 
 def _pruned(name, kwargs, keep, heads=None, round_to=1):
