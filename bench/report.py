@@ -13,15 +13,19 @@ README = HERE.parent / "README.md"
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 
 
-def _latest(prefix: str, results: Path) -> list[dict]:
-    """Newest result file per device for a benchmark (files named <prefix>-<device>.json)."""
+def _newest_per_device(paths, keep=lambda p, d: True) -> list[dict]:
+    """The newest (by mtime) of ``paths`` per device, among the documents ``keep(path, doc)`` accepts."""
     by_device = {}
-    for p in sorted(results.glob(f"{prefix}-*.json"), key=lambda p: p.stat().st_mtime):
-        if "quick" in p.name:
-            continue
+    for p in sorted(paths, key=lambda p: p.stat().st_mtime):
         d = json.loads(p.read_text())
-        by_device[d.get("device", p.stem)] = d
+        if keep(p, d):
+            by_device[d.get("device", p.stem)] = d
     return list(by_device.values())
+
+
+def _latest(prefix: str, results: Path) -> list[dict]:
+    """Newest result file per device for a benchmark (files named <prefix>-<device>.json; quick runs skipped)."""
+    return _newest_per_device(results.glob(f"{prefix}-*.json"), lambda p, d: "quick" not in p.name)
 
 
 def _slicing(d: dict) -> list[str]:
@@ -141,12 +145,8 @@ SECTIONS = [("GPU tests (pytest -m gpu)", "gpu_tests", _gpu_tests),
 
 def _runs(results: Path) -> list[dict]:
     """Newest full ``python -m bench`` run summary (``<device>-<date>.json``) per device."""
-    by_device = {}
-    for p in sorted(results.glob("*.json"), key=lambda p: p.stat().st_mtime):
-        d = json.loads(p.read_text())
-        if "status" in d and "benchmark" not in d and not d.get("quick"):
-            by_device[d["device"]] = d
-    return list(by_device.values())
+    return _newest_per_device(results.glob("*.json"),
+                              lambda p, d: "status" in d and "benchmark" not in d and not d.get("quick"))
 
 
 def _run_table(d: dict) -> list[str]:
