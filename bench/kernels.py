@@ -43,10 +43,6 @@ from vitprune_fast.kernels.masked_layernorm import masked_layer_norm, masked_lay
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}
 
 
-def _elt(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _max_err(out, ref64) -> float:
     outs = out if isinstance(out, tuple) else (out,)
     refs = ref64 if isinstance(ref64, tuple) else (ref64,)
@@ -61,7 +57,7 @@ def _max_err(out, ref64) -> float:
 def case_kl(k, n, c, dtype, device):
     t = (torch.randn(n, c, device=device) * 3).to(dtype)
     s = (t.float().repeat(k, 1) + 0.5 * torch.randn(k * n, c, device=device)).to(dtype)
-    nbytes = (k * n * c + n * c) * _elt(dtype) + k * 4
+    nbytes = (k * n * c + n * c) * dtype.itemsize + k * 4
     return (lambda: kl_per_candidate(t, s, k)), (lambda: kl_div_ref(t, s, k)), \
         (lambda: kl_div_ref(t, s, k, compute_dtype=torch.float64)), nbytes
 
@@ -72,7 +68,7 @@ def case_masked_ln(k, n, tokens, d, dtype, device):
     mask = torch.rand(k, d, device=device) < 0.9
     w = (1 + 0.1 * torch.randn(d, device=device)).to(dtype)
     b = (0.1 * torch.randn(d, device=device)).to(dtype)
-    nbytes = 2 * rows * d * _elt(dtype) + k * d + 2 * d * _elt(dtype)
+    nbytes = 2 * rows * d * dtype.itemsize + k * d + 2 * d * dtype.itemsize
     return (lambda: masked_layer_norm(x, mask, w, b)), (lambda: masked_layer_norm_ref(x, mask, w, b)), \
         (lambda: masked_layer_norm_ref(x, mask, w, b, compute_dtype=torch.float64)), nbytes
 
@@ -83,14 +79,14 @@ def case_expand_ln(k, n, tokens, d, dtype, device):
     w = (0.3 * torch.randn(k, d, device=device)).to(dtype)
     lw = (1 + 0.1 * torch.randn(d, device=device)).to(dtype)
     lb = (0.1 * torch.randn(d, device=device)).to(dtype)
-    nbytes = (n * tokens * d + k * n * tokens + k * d + 2 * d + 2 * k * n * tokens * d) * _elt(dtype)
+    nbytes = (n * tokens * d + k * n * tokens + k * d + 2 * d + 2 * k * n * tokens * d) * dtype.itemsize
     return (lambda: expand_ln(y, a, w, lw, lb)), (lambda: expand_ln_ref(y, a, w, lw, lb)), \
         (lambda: expand_ln_ref(y, a, w, lw, lb, compute_dtype=torch.float64)), nbytes
 
 
 def case_dimap(layers, numel, dtype, device):
     x = (torch.randn(layers, numel, device=device) * 0.02).to(dtype)
-    nbytes = layers * numel * (_elt(dtype) + 4)
+    nbytes = layers * numel * (dtype.itemsize + 4)
     return (lambda: dimap_metric(x, backend="triton")), (lambda: dimap_metric_ref(x)), \
         (lambda: dimap_metric_ref(x.double())), nbytes
 
