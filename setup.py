@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -57,7 +57,7 @@ if os.environ.get("VITPRUNE_FAST_NO_EXT", "0") != "1":
         pass
 
 setup(
-    packages=["vitprune_fast", "vitprune_fast.arch", "vitprune_fast.score", "vitprune_fast.kernels"],
+    packages=find_packages(include=["vitprune_fast", "vitprune_fast.*"]) + ["vitprune_fast.kernels"],
     package_dir={"vitprune_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -94,7 +94,7 @@ def _copy_slice(model, plan, space) -> None:
             setattr(mod, leaf, new)
     for ch_name, heads in plan.heads.items():
         model.get_submodule(space.groups[ch_name].module).num_heads = heads
-    adapter_for(model).sync_attributes(model)
+    adapter_for(model).sync_attributes()
 
 
 def worker(model_name: str, method: str, device: str, seed: int) -> dict:

@@ -25,6 +25,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
@@ -34,7 +35,13 @@
 namespace {
 
 // Bumped whenever the Python-visible API changes; vitprune_fast/_ext.py refuses a stale build.
-constexpr int64_t kApiVersion = 1;
+constexpr int64_t kApiVersion = 2;
+
+// A tensor that does not qualify for in-place compaction (a view, shared storage, ...). Python sees it as
+// NotCompactableError (a RuntimeError) and takes the plain-torch path: it is recognised by type, not message.
+struct NotCompactable : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // Smallest temporary for the chunked (device) path; the budget is max(this, tensor bytes / 16).
 constexpr int64_t kMinChunkBytes = int64_t{4} << 20;
@@ -131,7 +138,7 @@ std::vector<Task> build_tasks(const std::vector<at::Tensor>& tensors, const std:
     size_t ti;
     if (found == task_of.end()) {
       const std::string why = unsupported_reason(t);
-      TORCH_CHECK(why.empty(), "item ", item, ": cannot compact in place: ", why);
+      if (!why.empty()) throw NotCompactable("item " + std::to_string(item) + ": cannot compact in place: " + why);
       ti = tasks.size();
       task_of.emplace(t.unsafeGetTensorImpl(), ti);
       tasks.push_back(Task{t, {}, t.numel() * static_cast<int64_t>(t.element_size())});
@@ -313,6 +320,7 @@ void compact_many(const std::vector<at::Tensor>& tensors, const std::vector<int6
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vitprune_fast C++ extension: in-place compaction of tensors along a dim (data movement only).";
   m.attr("API_VERSION") = kApiVersion;
+  py::register_exception<NotCompactable>(m, "NotCompactableError", PyExc_RuntimeError);
 #ifdef INTRA_OP_PARALLEL
   m.attr("PARALLEL") = true;  // built with OpenMP: at::parallel_for really runs on several threads
 #else
@@ -337,7 +345,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "of ``tensors[i]``. A tensor listed several times gets its steps in order, each index referring to the\n"
       "shape left by the previous one. Afterwards the first prod(new_shape) elements of each storage hold the\n"
       "result; sizes and storage are unchanged (the caller shrinks them). Everything is validated before any\n"
-      "data moves: ValueError for a bad index/dim, RuntimeError for a tensor that does not qualify.\n"
+      "data moves: ValueError for a bad index/dim, NotCompactableError (a RuntimeError) for a tensor that\n"
+      "does not qualify.\n"
       "``force_chunked`` runs the device (ATen, chunked) algorithm on CPU tensors too and ``chunk_bytes`` sets\n"
       "its temporary budget (0: max(4 MiB, tensor/16)); both exist for tests.");
 

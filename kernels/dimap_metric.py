@@ -28,10 +28,9 @@ rows of 1M weights); on short rows there is one chunk per row and step 3 is a no
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from .utils import triton_usable
+from ..errors import InputError
+from .utils import resolve_backend, tl, triton
 
 __all__ = ["dimap_metric", "dimap_metric_ref", "sort_desc"]
 
@@ -102,9 +101,9 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _check(x: torch.Tensor) -> None:
     if x.dim() != 2:
-        raise ValueError(f"expected x of shape [L, N] (one flattened layer per row), got {tuple(x.shape)}")
+        raise InputError(f"expected x of shape [L, N] (one flattened layer per row), got {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"x must be floating point, got {x.dtype}")
+        raise InputError(f"x must be floating point, got {x.dtype}")
 
 
 def dimap_metric_ref(x: torch.Tensor, squared: bool = False) -> torch.Tensor:
@@ -200,15 +199,11 @@ def dimap_metric(x: torch.Tensor, squared: bool = False, backend: str = "auto") 
         ``[L, N]`` scores in float32 (float64 for float64 input), on ``x``'s device.
 
     Raises:
-        ValueError: ``x`` is not a 2-D float tensor, an unknown backend, or ``"triton"`` where it cannot run.
+        InputError: ``x`` is not a 2-D float tensor.
+        ConfigError: an unknown backend.
+        KernelUnavailableError: ``"triton"`` where it cannot run (no triton; a CPU tensor without the interpreter).
     """
     _check(x)
-    if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
-    if backend == "torch":
+    if resolve_backend(backend, x, interpret_auto=False) == "torch":
         return _dimap_metric_torch(x, squared)
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if not triton_usable(x):
-        raise ValueError("the Triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
     return _dimap_metric_triton(x.contiguous(), squared)

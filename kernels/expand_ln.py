@@ -20,11 +20,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
-import triton.language as tl
 
+from ..errors import InputError
 from .layernorm_common import block_d_for, check_affine_and_devices, launch_config, layer_norm_rows, row_tile
-from .utils import acc_dtype, triton_usable
+from .utils import acc_dtype, resolve_backend, tl, triton
 
 __all__ = ["expand_ln", "expand_ln_ref"]
 
@@ -78,19 +77,19 @@ def _check_inputs(
     """Validate the arguments; return ``(K, N, D)`` with ``N`` the number of shared rows of ``y``."""
     for name, t in (("y", y), ("a", a), ("w", w)):
         if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            raise InputError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if y.dim() < 2:
-        raise ValueError(f"y must be [n, T, D] (or [n, D]), got {tuple(y.shape)}")
+        raise InputError(f"y must be [n, T, D] (or [n, D]), got {tuple(y.shape)}")
     d = y.shape[-1]
     if d < 1:
-        raise ValueError("y has no channels (D = 0)")
+        raise InputError("y has no channels (D = 0)")
     if w.dim() != 2 or w.shape[1] != d:
-        raise ValueError(f"w must be [K, D] with D = {d}, got {tuple(w.shape)}")
+        raise InputError(f"w must be [K, D] with D = {d}, got {tuple(w.shape)}")
     k = w.shape[0]
     if k < 1:
-        raise ValueError("need at least one candidate (K >= 1)")
+        raise InputError("need at least one candidate (K >= 1)")
     if tuple(a.shape) != (k, *y.shape[:-1]):
-        raise ValueError(f"a must be [K, *y.shape[:-1]] = {(k, *y.shape[:-1])}, got {tuple(a.shape)}")
+        raise InputError(f"a must be [K, *y.shape[:-1]] = {(k, *y.shape[:-1])}, got {tuple(a.shape)}")
     check_affine_and_devices(y, weight, bias, a, w)
     return k, y.numel() // d, d
 
@@ -106,6 +105,7 @@ def expand_ln(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-6,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expand a shared block output into ``K`` rank-1-perturbed candidates and LayerNorm them, in one pass.
 
@@ -119,20 +119,21 @@ def expand_ln(
         weight: optional ``[D]`` weight of the next LayerNorm (the next block's ``norm1``).
         bias: optional ``[D]`` bias of that LayerNorm.
         eps: that LayerNorm's eps (timm ViTs use 1e-6; pass ``norm.eps``).
+        backend: ``"auto"`` (the Triton kernel on CUDA tensors, or anywhere under ``TRITON_INTERPRET=1``; else
+            the reference), ``"triton"`` or ``"torch"`` (:func:`expand_ln_ref` in the accumulation dtype).
 
     Returns:
         ``(x, z)``, both ``[K * n, T, D]`` in ``y``'s dtype, candidate-major (rows ``k * n .. k * n + n - 1`` are
         candidate ``k``): the residual stream and its LayerNorm. Computed in fp32 (fp64 for fp64 ``y``).
-        Runs the Triton kernel on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``); plain CPU tensors
-        fall back to :func:`expand_ln_ref` in the accumulation dtype.
 
     Raises:
-        ValueError: on shapes that do not fit (``a`` not ``[K, *y.shape[:-1]]``, ``w`` not ``[K, D]``, LayerNorm
+        KernelUnavailableError: ``backend="triton"`` where the kernel cannot run.
+        InputError: on shapes that do not fit (``a`` not ``[K, *y.shape[:-1]]``, ``w`` not ``[K, D]``, LayerNorm
             parameters not ``[D]``), non-float inputs, tensors on different devices, or ``D`` above 16384.
     """
     k, n_shared, d = _check_inputs(y, a, w, weight, bias)
     acc = acc_dtype(y)
-    if not triton_usable(y, a, w):
+    if resolve_backend(backend, y, a, w) == "torch":
         x, z = expand_ln_ref(y, a, w, weight, bias, eps, compute_dtype=acc)
         return x.to(y.dtype), z.to(y.dtype)
     block_d = block_d_for(d)
@@ -194,7 +195,8 @@ def expand_ln_ref(
     k, _, d = _check_inputs(y, a, w, weight, bias)
     dtype = compute_dtype or y.dtype
     w_b = w.to(dtype).view(k, *([1] * (y.dim() - 1)), d)  # [K, 1, 1, D]
-    x = (y.to(dtype).unsqueeze(0) - a.to(dtype).unsqueeze(-1) * w_b).reshape(_out_shape(y, k))
+    # contiguous like the kernel's output: later reductions (token pooling) then sum in the same order
+    x = (y.to(dtype).unsqueeze(0) - a.to(dtype).unsqueeze(-1) * w_b).reshape(_out_shape(y, k)).contiguous()
     wt = weight.to(dtype) if weight is not None else None
     bs = bias.to(dtype) if bias is not None else None
     z = torch.nn.functional.layer_norm(x, (d,), wt, bs, eps)

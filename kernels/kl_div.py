@@ -25,10 +25,9 @@ import contextlib
 import operator
 
 import torch
-import triton
-import triton.language as tl
 
-from .utils import triton_usable
+from ..errors import ConfigError, InputError
+from .utils import acc_dtype, resolve_backend, tl, triton
 
 __all__ = ["kl_per_candidate", "kl_div_ref"]
 
@@ -99,35 +98,32 @@ def _check_inputs(teacher_logits: torch.Tensor, student_logits: torch.Tensor, nu
     except TypeError:
         k = None
     if k is None or isinstance(num_candidates, bool) or k < 1:
-        raise ValueError(f"num_candidates must be a positive int, got {num_candidates!r}")
+        raise ConfigError(f"num_candidates must be a positive int, got {num_candidates!r}")
     if teacher_logits.dim() != 2 or student_logits.dim() != 2:
-        raise ValueError(
+        raise InputError(
             "expected teacher_logits [n, C] and student_logits [K*n, C], got "
             f"{tuple(teacher_logits.shape)} and {tuple(student_logits.shape)}"
         )
     n, n_classes = teacher_logits.shape
     if n_classes < 1:
-        raise ValueError("need at least one class (C >= 1)")
+        raise InputError("need at least one class (C >= 1)")
     if student_logits.shape[1] != n_classes:
-        raise ValueError(f"class counts differ: teacher C={n_classes}, student C={student_logits.shape[1]}")
+        raise InputError(f"class counts differ: teacher C={n_classes}, student C={student_logits.shape[1]}")
     if student_logits.shape[0] != k * n:
-        raise ValueError(
+        raise InputError(
             f"student_logits has {student_logits.shape[0]} rows; expected num_candidates * n = "
             f"{k} * {n} = {k * n} (candidate-major stacking)"
         )
     for name, x in (("teacher_logits", teacher_logits), ("student_logits", student_logits)):
         if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+            raise InputError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if teacher_logits.device != student_logits.device:
-        raise ValueError(f"tensors on different devices: {teacher_logits.device} vs {student_logits.device}")
+        raise InputError(f"tensors on different devices: {teacher_logits.device} vs {student_logits.device}")
     return k, n
 
 
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
-
-
-def kl_per_candidate(teacher_logits: torch.Tensor, student_logits: torch.Tensor, num_candidates: int) -> torch.Tensor:
+def kl_per_candidate(teacher_logits: torch.Tensor, student_logits: torch.Tensor, num_candidates: int,
+                     backend: str = "auto") -> torch.Tensor:
     """Per-candidate KL(q || p) summed over images, fused with both log-softmaxes.
 
     ``score[k] = sum_i sum_c softmax(t_i)_c * (log_softmax(t_i)_c - log_softmax(s_{k*n+i})_c)``: temperature 1,
@@ -140,21 +136,23 @@ def kl_per_candidate(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
             ``k * n .. k * n + n - 1`` belong to candidate ``k`` and row ``k * n + i`` pairs with teacher row ``i``.
             May have a different float dtype than the teacher.
         num_candidates: ``K`` (>= 1).
+        backend: ``"auto"`` (the Triton kernel on CUDA tensors, or anywhere under ``TRITON_INTERPRET=1``; else
+            the reference), ``"triton"`` or ``"torch"`` (:func:`kl_div_ref` in the accumulation dtype).
 
     Returns:
         ``[K]`` scores in float32 (float64 when either input is float64), accumulated in that dtype.
-        Runs the Triton kernel on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``); plain CPU tensors
-        fall back to :func:`kl_div_ref` computed in the accumulation dtype.
 
     Raises:
-        ValueError: on mismatched shapes (``student_logits.shape[0] != K * n`` or different ``C``), non-float
-            inputs, tensors on different devices, or ``num_candidates < 1``.
+        InputError: on mismatched shapes (``student_logits.shape[0] != K * n`` or different ``C``), non-float
+            inputs or tensors on different devices.
+        ConfigError: ``num_candidates < 1`` or an unknown backend.
+        KernelUnavailableError: ``backend="triton"`` where the kernel cannot run.
     """
     k, n = _check_inputs(teacher_logits, student_logits, num_candidates)
-    acc = _acc_dtype(teacher_logits, student_logits)
+    acc = acc_dtype(teacher_logits, student_logits)
     if n == 0:
         return torch.zeros(k, dtype=acc, device=student_logits.device)
-    if not triton_usable(teacher_logits, student_logits):
+    if resolve_backend(backend, teacher_logits, student_logits) == "torch":
         return kl_div_ref(teacher_logits, student_logits, k, compute_dtype=acc)
 
     t = teacher_logits if teacher_logits.stride(1) == 1 else teacher_logits.contiguous()
@@ -202,6 +200,5 @@ def kl_div_ref(
     dtype = compute_dtype or torch.promote_types(teacher_logits.dtype, student_logits.dtype)
     t = teacher_logits.to(dtype)
     s = student_logits.to(dtype).reshape(k, n, -1)
-    log_q = torch.log_softmax(t, dim=-1)
-    kl_rows = (log_q.exp() * (log_q - torch.log_softmax(s, dim=-1))).sum(dim=-1)  # [K, n]
-    return kl_rows.sum(dim=1)
+    log_q = torch.log_softmax(t, dim=-1)  # [n, C]
+    return (log_q.exp() * (log_q - torch.log_softmax(s, dim=-1))).sum(dim=(1, 2))  # [K]

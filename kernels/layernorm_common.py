@@ -8,10 +8,9 @@ kernel) and the host-side checks and launch sizing that both launchers apply. Ea
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from .utils import interpreting
+from ..errors import InputError
+from .utils import interpreting, tl, triton
 
 # Whole rows live in registers; wider rows than this are rejected (ViTs use D <= 2048).
 MAX_BLOCK_D = 16384
@@ -97,26 +96,26 @@ def check_affine_and_devices(
         *others: further inputs that must be on ``x``'s device (``None`` entries are skipped).
 
     Raises:
-        ValueError: on a weight / bias that is not a float ``[D]`` tensor, or a tensor on another device.
+        InputError: on a weight / bias that is not a float ``[D]`` tensor, or a tensor on another device.
     """
     d = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and (p.shape != (d,) or not p.is_floating_point()):
-            raise ValueError(f"{name} must be a float tensor of shape ({d},), got {p.dtype} {tuple(p.shape)}")
+            raise InputError(f"{name} must be a float tensor of shape ({d},), got {p.dtype} {tuple(p.shape)}")
     for p in (*others, weight, bias):
         if p is not None and p.device != x.device:
-            raise ValueError(f"all tensors must be on {x.device}, got one on {p.device}")
+            raise InputError(f"all tensors must be on {x.device}, got one on {p.device}")
 
 
 def block_d_for(d: int) -> int:
     """``BLOCK_D`` for rows of ``d`` channels: the next power of two.
 
     Raises:
-        ValueError: if that is above :data:`MAX_BLOCK_D`.
+        InputError: if that is above :data:`MAX_BLOCK_D`.
     """
     block_d = triton.next_power_of_2(d)
     if block_d > MAX_BLOCK_D:
-        raise ValueError(f"D = {d} is above the supported maximum of {MAX_BLOCK_D} channels")
+        raise InputError(f"D = {d} is above the supported maximum of {MAX_BLOCK_D} channels")
     return block_d
 
 

@@ -21,11 +21,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
-import triton.language as tl
 
+from ..errors import InputError
 from .layernorm_common import block_d_for, check_affine_and_devices, launch_config, layer_norm_rows, row_tile
-from .utils import acc_dtype, triton_usable
+from .utils import acc_dtype, resolve_backend, tl, triton
 
 __all__ = ["masked_layer_norm", "masked_layer_norm_ref"]
 
@@ -71,18 +70,18 @@ def _check_inputs(
 ) -> tuple[int, int, int]:
     """Validate the arguments; return ``(M, D, S)``."""
     if x.dim() < 1 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor [..., D], got {x.dtype} {tuple(x.shape)}")
+        raise InputError(f"x must be a floating-point tensor [..., D], got {x.dtype} {tuple(x.shape)}")
     d = x.shape[-1]
     if d < 1:
-        raise ValueError("x has no channels (D = 0)")
+        raise InputError("x has no channels (D = 0)")
     if mask.dim() not in (1, 2) or mask.shape[-1] != d:
-        raise ValueError(f"mask must be [D] or [S, D] with D = {d}, got {tuple(mask.shape)}")
+        raise InputError(f"mask must be [D] or [S, D] with D = {d}, got {tuple(mask.shape)}")
     if mask.is_floating_point() or mask.is_complex():
-        raise ValueError(f"mask must be bool or an integer dtype (non-zero = kept), got {mask.dtype}")
+        raise InputError(f"mask must be bool or an integer dtype (non-zero = kept), got {mask.dtype}")
     s = 1 if mask.dim() == 1 else mask.shape[0]
     m = x.numel() // d
     if s < 1 or m % s != 0:
-        raise ValueError(f"x has {m} rows, not a multiple of the {s} mask rows (rows are grouped by sample)")
+        raise InputError(f"x has {m} rows, not a multiple of the {s} mask rows (rows are grouped by sample)")
     check_affine_and_devices(x, weight, bias, mask)
     return m, d, s
 
@@ -93,6 +92,7 @@ def masked_layer_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-6,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """LayerNorm over the kept channels of each sample; removed channels come out exactly 0.
 
@@ -108,19 +108,20 @@ def masked_layer_norm(
         weight: optional ``[D]`` affine weight (LayerNorm ``weight``), applied to kept channels.
         bias: optional ``[D]`` affine bias.
         eps: added to the variance, as in ``torch.nn.LayerNorm`` (timm ViTs use 1e-6; pass ``norm.eps``).
+        backend: ``"auto"`` (the Triton kernel on CUDA tensors, or anywhere under ``TRITON_INTERPRET=1``; else
+            the reference), ``"triton"`` or ``"torch"`` (:func:`masked_layer_norm_ref` in the accumulation dtype).
 
     Returns:
         Tensor with the shape and dtype of ``x``. Statistics are accumulated in fp32 (fp64 for fp64 ``x``).
-        Runs the Triton kernel on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``); plain CPU tensors
-        fall back to :func:`masked_layer_norm_ref` in the accumulation dtype.
 
     Raises:
-        ValueError: on a mask / weight / bias shape that does not match ``x``, a float mask, a row count that is
+        KernelUnavailableError: ``backend="triton"`` where the kernel cannot run.
+        InputError: on a mask / weight / bias shape that does not match ``x``, a float mask, a row count that is
             not a multiple of the mask rows, tensors on different devices, or ``D`` above 16384.
     """
     m_rows, d, s = _check_inputs(x, mask, weight, bias)
     acc = acc_dtype(x)
-    if not triton_usable(x, mask):
+    if resolve_backend(backend, x, mask) == "torch":
         return masked_layer_norm_ref(x, mask, weight, bias, eps, compute_dtype=acc).to(x.dtype)
     block_d = block_d_for(d)
     x2 = x.reshape(m_rows, d)

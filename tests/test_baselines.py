@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from models import make_model
 
 import vitprune_fast as vpf
-from vitprune_fast.prune import _tensor_of
 from vitprune_fast.score import magnitude_scores, taylor_scores
+from vitprune_fast.space import tensor_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,7 +93,7 @@ def test_magnitude_equals_per_channel_sum(key, p):
             for sl in group.slices:
                 if sl.per_head:
                     continue
-                t = _tensor_of(model, sl.name).detach()
+                t = tensor_of(model, sl.name).detach()
                 part = t.index_select(sl.dim, sl.indices(torch.tensor([c])))
                 total += part.abs().sum().item() if p == 1 else part.square().sum().item()
             want = total if p == 1 else total ** 0.5

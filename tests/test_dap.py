@@ -11,7 +11,7 @@ from models import CONFIGS, SWIN_KEYS, VIT_KEYS, make_input, make_model, rel_err
 import vitprune_fast as vpf
 from vitprune_fast import dap as D
 from vitprune_fast.dap import DAP, FAITHFUL, Schedule, finetune_dap
-from vitprune_fast.dap_probes import BatchedProbes, LoopedProbes, probe_ce
+from vitprune_fast.dap.probes import BatchedProbes, LoopedProbes, probe_ce
 from vitprune_fast.errors import UnsupportedModelError
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitprune_fast as vpf
+from vitprune_fast.flops import flop_profile
 from vitprune_fast.score.dimap import (
     apply_masks_,
     dimap_masks,
@@ -21,7 +22,6 @@ from vitprune_fast.score.dimap import (
     dimap_scores,
     dimap_structured_plan,
     find_blocks,
-    flop_profile,
     prunable_weights,
     sparsity_report,
     structured_plan_flops,
@@ -376,7 +376,7 @@ def test_structured_scores_per_group(arch):
 def test_structured_scores_scale_invariant_and_whole_heads():
     model = _make("swin", torch.float64)
     before = dimap_scores(model, structured=True)
-    heads_before = dimap_scores(model, structured=True, heads="whole")
+    heads_before = dimap_scores(model, structured=True, attn_mode="heads")
     with torch.no_grad():
         for b, c in zip(find_blocks(model), [4.0, -0.1, 30.0, 0.5], strict=True):
             for lin in ("attn.qkv", "attn.proj"):
@@ -422,11 +422,11 @@ def _masked_reference(model: nn.Module, plan) -> nn.Module:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("heads", ["dims", "whole"])
+@pytest.mark.parametrize("heads", ["dims", "heads"])
 @pytest.mark.parametrize("target", [dict(ratio=0.4), dict(flops=0.6)], ids=["ratio", "flops"])
 def test_structured_plan_removal_equals_masking(arch, heads, target):
     model = _make(arch, torch.float64)
-    plan = dimap_structured_plan(model, heads=heads, **target)
+    plan = dimap_structured_plan(model, attn_mode=heads, **target)
     assert isinstance(plan, vpf.Plan) and plan.keep
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     ref = _masked_reference(model, plan)(x)
@@ -441,7 +441,7 @@ def test_structured_plan_removal_equals_masking(arch, heads, target):
         keep = plan.keep.get(b.attn, torch.arange(b.attn_dim))
         heads_now = plan.heads.get(b.attn, b.num_heads)
         assert len(keep) % heads_now == 0 and len(keep) >= 1
-        if heads == "whole":
+        if heads == "heads":
             assert len(keep) == heads_now * b.head_dim
         else:
             assert heads_now == b.num_heads
@@ -485,7 +485,7 @@ def test_structured_plan_errors():
     with pytest.raises(ValueError, match="exactly one"):
         dimap_structured_plan(model)
     with pytest.raises(ValueError, match="heads"):
-        dimap_structured_plan(model, ratio=0.3, heads="some")
+        dimap_structured_plan(model, ratio=0.3, attn_mode="some")
     with pytest.raises(ValueError, match="mode"):
         dimap_structured_plan(model, ratio=0.3, mode="layer")
     with pytest.raises(ValueError, match="unreachable"):

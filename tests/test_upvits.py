@@ -7,9 +7,10 @@ import torch
 from models import randomize_
 
 import vitprune_fast as vpf
+from vitprune_fast.arch import Trunk, adapter_for
 from vitprune_fast.depth import lowest_units, prune_depth_, remove_units_
+from vitprune_fast.overrides import replaced_output
 from vitprune_fast.score import upvits as up
-from vitprune_fast.score.trunk import Trunk
 
 SMALL = {  # tiny configs: the reference loop runs one full forward per candidate
     "deit": ("deit_tiny_patch16_224", dict(img_size=16, patch_size=8, depth=2, embed_dim=12, num_heads=2,
@@ -169,7 +170,8 @@ def test_uniform_width_plan_from_scores_prunes_to_smaller_model():
 def test_depth_removal_equals_skipping_the_unit(key, kind):
     model, x = small(key), images()
     trunk = Trunk.of(model)
-    with torch.no_grad(), up._hooks([(m, up._zero) for m in up._unit_branches(trunk.blocks, kind, 0)]):
+    refs = adapter_for(model).blocks()
+    with torch.no_grad(), replaced_output([(m, up._zero) for m in up._unit_branches(model, refs, kind, 0)]):
         want = model(x)
     pruned = remove_units_(copy.deepcopy(model), [(kind, 0)])
     assert len(Trunk.of(pruned).blocks) == len(trunk.blocks) - 1

@@ -1,9 +1,30 @@
-"""vitprune_fast: structured pruning for timm vision transformers (UP-ViTs, DIMAP, DAP)."""
-from . import score
+"""vitprune_fast: structured pruning for timm vision transformers (UP-ViTs, DIMAP, DAP).
+
+Data flows one way: ``model --arch adapter--> PruningSpace --scorer--> scores --planner--> Plan --prune_--> model``.
+
+- :mod:`vitprune_fast.arch`: adapters, the one owner of model structure (groups, blocks, stages, trunk).
+- :mod:`vitprune_fast.plan` / :mod:`vitprune_fast.targets`: Plans from scores, ratios, FLOPs or a timm shape.
+- :mod:`vitprune_fast.prune` (+ :mod:`vitprune_fast.compact` and the C++ extension in ``csrc/``): in-place slicing.
+- :mod:`vitprune_fast.score`: scorers (UP-ViTs engines, DIMAP, baselines) and their registry.
+- :mod:`vitprune_fast.dap`: DAP, which prunes while fine-tuning.
+- :mod:`vitprune_fast.kernels`: the Triton kernels. Their source is the top-level ``kernels/`` folder of the
+  repository (the product's layout), installed as this subpackage; each op has one dispatch point (Triton on CUDA,
+  its plain-torch reference elsewhere) and everything works without triton installed.
+"""
+from . import metrics, score
 from .arch import describe
 from .dap import DAP, finetune_dap
 from .dap import Schedule as DAPSchedule
-from .errors import CheckpointError, PlanError, UnsupportedModelError, VitPruneError
+from .errors import (
+    CallOrderError,
+    CheckpointError,
+    ConfigError,
+    InputError,
+    KernelUnavailableError,
+    PlanError,
+    UnsupportedModelError,
+    VitPruneError,
+)
 from .io import load_pruned, save_pruned
 from .plan import Plan, make_plan
 from .prune import prune_
@@ -11,13 +32,12 @@ from .score.dimap import apply_masks_, dimap_masks, dimap_scores, dimap_structur
 from .score.upvits import upvits_scores
 from .space import Group, PruningSpace, TensorSlice
 from .targets import keep_for_flops, plan_for_shape, plan_with_heads, shape_targets
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
-    "CheckpointError", "Group", "Plan", "PlanError", "PruningSpace", "TensorSlice", "UnsupportedModelError",
-    "VitPruneError", "describe", "keep_for_flops", "load_pruned", "make_plan", "plan_for_shape", "plan_with_heads",
-    "prune_", "save_pruned", "score", "shape_targets",
-    "upvits_scores", "DAP", "DAPSchedule", "finetune_dap", "apply_masks_", "dimap_masks", "dimap_scores",
-    "dimap_structured_plan", "sparsity_report",
+    "CallOrderError", "CheckpointError", "ConfigError", "DAP", "DAPSchedule", "Group", "InputError",
+    "KernelUnavailableError", "Plan", "PlanError", "PruningSpace", "TensorSlice", "UnsupportedModelError",
+    "VitPruneError", "__version__", "apply_masks_", "describe", "dimap_masks", "dimap_scores", "dimap_structured_plan",
+    "finetune_dap", "keep_for_flops", "load_pruned", "make_plan", "metrics", "plan_for_shape", "plan_with_heads",
+    "prune_", "save_pruned", "score", "shape_targets", "sparsity_report", "upvits_scores",
 ]

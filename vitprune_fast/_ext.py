@@ -16,7 +16,7 @@ import torch  # noqa: F401 -- libtorch must be loaded before the extension modul
 
 ENV_DISABLE = "VITPRUNE_FAST_NO_EXT"
 JIT_NAME = "vitprune_fast_compact"  # distinct from `_C` so a JIT build never shadows the setup.py one
-API_VERSION = 1  # must match kApiVersion in csrc/compact.cpp
+API_VERSION = 2  # must match kApiVersion in csrc/compact.cpp
 
 _lock = threading.Lock()
 _loaded = False  # a load was attempted (successful or not); never retried within a process

@@ -1,8 +1,8 @@
 """``vitprune-fast`` command line: score, prune, finetune, eval, export, bench, demo.
 
 Every bad argument (unknown model, missing data, ratio out of range, bad option values) ends with ONE line on
-stderr and exit code 2, never a traceback. The pipeline helpers here (:func:`compute_scores`, :func:`table`) are
-also used by the demo; plans for a FLOPs or shape target come from :mod:`vitprune_fast.targets`.
+stderr and exit code 2, never a traceback. Scoring methods come from :mod:`vitprune_fast.score.registry` (shared
+with the demo and the benchmarks); plans for a FLOPs or shape target from :mod:`vitprune_fast.targets`.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from .errors import VitPruneError
+from .score.registry import DATA_METHODS, METHODS, SCORERS, compute_scores, get_scorer
+from .table import table
 
-METHODS = ("upvits", "dimap", "magnitude", "random", "taylor")
-DATA_METHODS = ("upvits", "taylor")  # scorers that need images
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -100,44 +100,6 @@ def _model_and_data(args, need_data: bool = True):
 
 
 # ------------------------------------------------------------------------------------------------------ scores
-def compute_scores(method: str, model: nn.Module, train_loader=None, proxy: int = 64, batches: int = 4,
-                   seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Scores of ``method`` for every group ``method`` defines (higher = more important).
-
-    Args:
-        method: ``upvits`` (KL, fast engine, on the first ``proxy`` training images), ``dimap`` (structured,
-            attn/mlp groups only), ``magnitude`` (group L2), ``random`` (seeded), ``taylor`` (first ``batches``
-            training batches).
-        model: the model (not modified).
-        train_loader: ``(images, labels)`` batches; needed by ``upvits`` and ``taylor``.
-        proxy: UP-ViTs proxy images.
-        batches: Taylor batches.
-        seed: random-scores seed.
-        progress: progress bars.
-    """
-    from . import score, upvits_scores
-    from .data import take_images
-
-    if method in DATA_METHODS and train_loader is None:
-        raise UsageError(f"--method {method} needs --data")
-    if method == "upvits":
-        images, _ = take_images(train_loader, proxy)
-        p = next(model.parameters())
-        # chunks of 64 bound the cached block inputs (the engine sums the chunks' scores)
-        return upvits_scores(model, images.to(p.device, p.dtype), batch_size=64, progress=progress)
-    if method == "taylor":
-        return score.taylor_scores(model, train_loader, num_batches=batches, progress=progress)
-    if method == "magnitude":
-        return score.magnitude_scores(model)
-    if method == "random":
-        return score.random_scores(model, torch.Generator().manual_seed(seed))
-    if method == "dimap":
-        from .score.dimap import dimap_scores
-
-        return {k: v.detach().double().cpu() for k, v in dimap_scores(model, structured=True).items()}
-    raise UsageError(f"unknown method {method!r}; choose from {METHODS}")
-
-
 def save_scores(scores: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
     """Scores as safetensors (one 1-D float64 tensor per group name)."""
     from safetensors.torch import save_file
@@ -163,17 +125,6 @@ def load_scores(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------- printing
-def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Plain-text table: ``columns`` are (key, header, format spec); missing values print as ``-``."""
-    cells = [[h for _, h, _ in columns]]
-    for r in rows:
-        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    lines = ["  ".join(c[i].rjust(widths[i]) if i else c[i].ljust(widths[i]) for i in range(len(c))) for c in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _model_row(label: str, model: nn.Module, acc: float | None = None) -> dict:
     from .metrics import count_flops, count_params
 
@@ -192,9 +143,8 @@ def cmd_score(args) -> int:
     from .plots import plot_score_distributions
 
     model, data = _model_and_data(args, need_data=args.method in DATA_METHODS)
-    loader = data.loaders(args.batch_size, seed=args.seed)[0] if data is not None else None
     t0 = time.perf_counter()
-    scores = compute_scores(args.method, model, loader, args.proxy, args.batches, args.seed, not args.quiet)
+    scores = _compute(args, model, data)
     dt = time.perf_counter() - t0
     out = save_scores(scores, args.out, {"method": args.method, "model": args.model})
     png = plot_score_distributions(describe(model), {args.method: scores}, out.with_suffix(".png"),
@@ -207,9 +157,8 @@ def cmd_score(args) -> int:
     return 0
 
 
-def _scores_for_prune(args, model, data):
-    if args.scores:
-        return load_scores(args.scores)
+def _compute(args, model, data):
+    """``--method`` scores of ``model`` on the training split of ``data`` (if any)."""
     loader = data.loaders(args.batch_size, seed=args.seed)[0] if data is not None else None
     return compute_scores(args.method, model, loader, args.proxy, args.batches, args.seed, not args.quiet)
 
@@ -230,12 +179,11 @@ def cmd_prune(args) -> int:
     space = describe(model)
     before = _model_row("unpruned", model)
     notes = []
-    if args.method == "dimap" and args.flops is not None and not args.scores:  # DIMAP's own module thresholds
-        from .score.dimap import dimap_structured_plan
-
-        plan = dimap_structured_plan(model, flops=args.flops)
+    own_flops_plan = get_scorer(args.method).plan_for_flops
+    if own_flops_plan is not None and args.flops is not None and not args.scores:  # e.g. DIMAP's module thresholds
+        plan = own_flops_plan(model, args.flops)
     else:
-        scores = _scores_for_prune(args, model, data)
+        scores = load_scores(args.scores) if args.scores else _compute(args, model, data)
         if args.target is not None:
             plan, notes = plan_for_shape(model, args.target, scores)
         else:
@@ -487,8 +435,8 @@ def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 def _add_scoring(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--method", choices=METHODS, default=default, required=default is None,
-                   help="upvits (KL, needs --data) | dimap (structured; attn/mlp only) | magnitude | random | "
-                        "taylor (needs --data)")
+                   help=" | ".join(f"{n}: {s.summary}" + (" (needs --data)" if s.needs_data else "")
+                                   for n, s in SCORERS.items()))
     p.add_argument("--proxy", type=_positive_int, default=64, help="UP-ViTs proxy images (from the train split)")
     p.add_argument("--batches", type=_positive_int, default=4, help="Taylor: training batches to accumulate")
 
@@ -581,10 +529,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (VitPruneError, FileNotFoundError, NotADirectoryError, ImportError) as e:
         parser.error(_one_line(e))
-    except RuntimeError as e:  # timm's unknown-model error and similar lookups
-        if "Unknown model" in str(e) or "Unknown pretrained" in str(e):
-            parser.error(_one_line(e))
-        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from ._ext import get_ext
+from .errors import InputError
 
 _counts = {"ext": 0, "torch": 0, "noop": 0}  # tensors handled per path since import
 _last: str | None = None
@@ -60,7 +61,7 @@ def compact_(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tenso
         the new elements.
 
     Raises:
-        ValueError: bad dim or index; the tensor is then untouched.
+        InputError: bad dim or index (a ValueError); the tensor is then untouched.
     """
     compact_many_([(tensor, dim, index)])
     return tensor
@@ -71,13 +72,13 @@ def compact_many_(items: Sequence[tuple[torch.Tensor, int, torch.Tensor]]) -> No
 
     A tensor listed several times is compacted step by step in list order, each index referring to the
     shape left by the previous step (e.g. rows then columns of a weight). Every item is validated before
-    anything moves, so a ValueError leaves all tensors untouched.
+    anything moves, so an InputError leaves all tensors untouched.
 
     Args:
         items: ``(tensor, dim, index)`` triples with the same meaning as in ``compact_``.
 
     Raises:
-        ValueError: a bad tensor, dim or index (the message names the item).
+        InputError: a bad tensor, dim or index (the message names the item).
     """
     _run(items)
 
@@ -104,11 +105,10 @@ def _run(items: Sequence[tuple[torch.Tensor, int, torch.Tensor]], *, force_chunk
         try:
             ext.compact_many_([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat],
                               force_chunked, chunk_bytes)
-        except RuntimeError as exc:
-            if "cannot compact in place" not in str(exc):
-                raise  # failed while moving (e.g. CUDA out of memory for a chunk): nothing safe to fall back to
+        except ext.NotCompactableError:
             # A tensor stopped qualifying after our check. C++ validates everything before moving any byte, so
-            # nothing was touched: take the torch path for the whole batch.
+            # nothing was touched: take the torch path for the whole batch. (Any other error happened while
+            # moving, e.g. CUDA out of memory for a chunk: nothing safe to fall back to, so it propagates.)
             fallback += native
             native = []
         for tensor, _, shape in native:
@@ -140,25 +140,25 @@ def _shrink(tensor: torch.Tensor, shape: list[int]) -> None:
 def _validate(items) -> dict[int, tuple[torch.Tensor, list[tuple[int, torch.Tensor]], list[int]]]:
     """Check every item; group steps per tensor object; drop steps that keep everything."""
     if isinstance(items, tuple) and len(items) == 3 and isinstance(items[0], torch.Tensor):
-        raise ValueError("compact_many_ takes a list of (tensor, dim, index) items, got a single item")
+        raise InputError("compact_many_ takes a list of (tensor, dim, index) items, got a single item")
     plans: dict[int, tuple[torch.Tensor, list[tuple[int, torch.Tensor]], list[int]]] = {}
     for k, item in enumerate(items):
         if not isinstance(item, (tuple, list)) or len(item) != 3:
-            raise ValueError(f"item {k}: expected a (tensor, dim, index) triple, got {type(item).__name__}")
+            raise InputError(f"item {k}: expected a (tensor, dim, index) triple, got {type(item).__name__}")
         tensor, dim, index = item
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"item {k}: expected a torch.Tensor, got {type(tensor).__name__}")
+            raise InputError(f"item {k}: expected a torch.Tensor, got {type(tensor).__name__}")
         if tensor.layout != torch.strided:
-            raise ValueError(f"item {k}: only strided (dense) tensors can be compacted, got {tensor.layout}")
+            raise InputError(f"item {k}: only strided (dense) tensors can be compacted, got {tensor.layout}")
         tensor_plan = plans.setdefault(id(tensor), (tensor, [], list(tensor.shape)))
         shape = tensor_plan[2]
         ndim = len(shape)
         if ndim == 0:
-            raise ValueError(f"item {k}: cannot compact a 0-d tensor")
+            raise InputError(f"item {k}: cannot compact a 0-d tensor")
         if isinstance(dim, bool) or not isinstance(dim, int):
-            raise ValueError(f"item {k}: dim must be an int, got {type(dim).__name__}")
+            raise InputError(f"item {k}: dim must be an int, got {type(dim).__name__}")
         if not -ndim <= dim < ndim:
-            raise ValueError(f"item {k}: dim {dim} out of range for a {ndim}-D tensor of shape {tuple(shape)}")
+            raise InputError(f"item {k}: dim {dim} out of range for a {ndim}-D tensor of shape {tuple(shape)}")
         dim %= ndim
         idx = _check_index(index, shape[dim], f"item {k} (dim {dim} of shape {tuple(shape)})")
         if idx.numel() < shape[dim]:  # a strictly increasing in-range index of full length is arange: no-op
@@ -170,19 +170,19 @@ def _validate(items) -> dict[int, tuple[torch.Tensor, list[tuple[int, torch.Tens
 def _check_index(index, n: int, where: str) -> torch.Tensor:
     """The index as a contiguous int64 CPU tensor, after checking it is 1-D, non-empty, sorted, unique, < n."""
     if not isinstance(index, torch.Tensor):
-        raise ValueError(f"{where}: index must be a torch.Tensor, got {type(index).__name__}")
+        raise InputError(f"{where}: index must be a torch.Tensor, got {type(index).__name__}")
     if index.dtype != torch.int64:
-        raise ValueError(f"{where}: index must be int64 (torch.long), got {index.dtype}")
+        raise InputError(f"{where}: index must be int64 (torch.long), got {index.dtype}")
     if index.dim() != 1:
-        raise ValueError(f"{where}: index must be 1-D, got shape {tuple(index.shape)}")
+        raise InputError(f"{where}: index must be 1-D, got shape {tuple(index.shape)}")
     if index.numel() == 0:
-        raise ValueError(f"{where}: index is empty (cannot remove every slice)")
+        raise InputError(f"{where}: index is empty (cannot remove every slice)")
     if index.device.type == "meta":
-        raise ValueError(f"{where}: index is on the meta device (its values are unknown)")
+        raise InputError(f"{where}: index is on the meta device (its values are unknown)")
     idx = index.detach().to("cpu").contiguous()
     if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-        raise ValueError(f"{where}: index must be strictly increasing (sorted, no duplicates)")
+        raise InputError(f"{where}: index must be strictly increasing (sorted, no duplicates)")
     lo, hi = int(idx[0]), int(idx[-1])
     if lo < 0 or hi >= n:
-        raise ValueError(f"{where}: index values must lie in [0, {n}), got range [{lo}, {hi}]")
+        raise InputError(f"{where}: index values must lie in [0, {n}), got range [{lo}, {hi}]")
     return idx

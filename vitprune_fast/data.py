@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .errors import ConfigError
+
 DIGITS = "digits"
 DIGITS_SIZE = 32
 DIGITS_CLASSES = 10
@@ -131,7 +133,7 @@ def load_data(spec: str, model: nn.Module | None = None) -> DataBundle:
     if spec == DIGITS:
         return digits()
     if model is None:
-        raise ValueError("an ImageFolder needs the model to resolve its transforms")
+        raise ConfigError("an ImageFolder needs the model to resolve its transforms")
     return image_folder(spec, model)
 
 

@@ -30,12 +30,14 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from .errors import VitPruneError
+from .errors import ConfigError
+from .score.registry import METHODS as ALL_METHODS
+from .score.registry import compute_scores, get_scorer
+from .table import table
 
 CACHE_ENV = "VITPRUNE_FAST_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "vitprune_fast" / "demo"
-METHODS = ("upvits", "dimap", "magnitude", "random")
-ALL_METHODS = METHODS + ("taylor",)
+METHODS = ("upvits", "dimap", "magnitude", "random")  # the default selection from ALL_METHODS (the registry)
 DATA_VERSION = "digits-32px-v1"  # bump when data.digits changes: invalidates cached models
 
 # timm names + kwargs: 32-px inputs, 10 classes, ~7 MFLOPs each.
@@ -139,26 +141,18 @@ def proxy_subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0) -> tor
 
 
 def _prune_by(method: str, base, space, cfg: DemoConfig, ratio: float, frac: float, proxy: torch.Tensor,
-              train_loader) -> tuple[torch.nn.Module, dict | None, float]:
-    """(pruned copy, scores or None, scoring seconds) for one method at the shared keep ratio."""
-    from .cli import compute_scores
+              train_loader) -> tuple[torch.nn.Module, dict, float]:
+    """(pruned copy, scores, scoring seconds) for one method at the shared keep ratio (or its own FLOPs plan)."""
     from .plan import make_plan
     from .prune import prune_
 
     t0 = time.perf_counter()
-    if method == "dimap":  # DIMAP's own module-wise thresholds at the same FLOPs fraction (residual untouched)
-        from .score.dimap import dimap_scores, dimap_structured_plan
-
-        plan = dimap_structured_plan(base, flops=frac)
-        scores = {k: v.detach().double().cpu() for k, v in dimap_scores(base, structured=True).items()}
+    scorer = get_scorer(method)
+    scores = compute_scores(method, base, train_loader, batches=cfg.taylor_batches, seed=cfg.seed, progress=False,
+                            images=proxy, chunk=len(proxy))
+    if scorer.plan_for_flops is not None:  # e.g. DIMAP's module-wise thresholds at the same FLOPs fraction
+        plan = scorer.plan_for_flops(base, frac)
     else:
-        if method == "upvits":
-            from . import upvits_scores
-
-            scores = upvits_scores(base, proxy, batch_size=len(proxy), progress=False)
-        else:
-            scores = compute_scores(method, base, train_loader, batches=cfg.taylor_batches, seed=cfg.seed,
-                                    progress=False)
         plan = make_plan(space, scores, keep={"residual": ratio, "attn": ratio, "mlp": ratio})
     dt = time.perf_counter() - t0
     return prune_(copy.deepcopy(base), plan), scores, dt
@@ -200,9 +194,7 @@ def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: 
     save_pruned(base, out / "models" / f"{key}-unpruned", model_name=name)
     all_scores, widths = {}, {}
     for method in cfg.methods:
-        student, scores, t_score = _prune_by(method, base, space, cfg, ratio, frac, proxy, train_loader)
-        if scores is not None:
-            all_scores[method] = scores
+        student, all_scores[method], t_score = _prune_by(method, base, space, cfg, ratio, frac, proxy, train_loader)
         widths[method] = {n: gr.size for n, gr in describe(student).groups.items()}
         before = evaluate(student, test_loader)
         report("step", f"{method}: scored in {t_score:.1f} s, top-1 pruned {100 * before:.1f} %")
@@ -348,7 +340,6 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, cache_dir:
     Returns:
         The record written to ``demo.json``.
     """
-    from .cli import table
     from .plots import plot_accuracies
 
     t0 = time.perf_counter()
@@ -357,13 +348,8 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, cache_dir:
     if methods:
         bad = [m for m in methods if m not in ALL_METHODS]
         if bad or len(set(methods)) != len(methods):
-            raise VitPruneError(f"--methods must be distinct names from {ALL_METHODS}, got {list(methods)}")
+            raise ConfigError(f"--methods must be distinct names from {ALL_METHODS}, got {list(methods)}")
         cfg = replace(cfg, methods=tuple(methods))
-    if "dimap" in cfg.methods:
-        try:
-            from .score.dimap import dimap_structured_plan  # noqa: F401
-        except ImportError as e:
-            raise VitPruneError(f"DIMAP is not available ({e}); pass --methods without dimap") from e
     from .data import require_sklearn
 
     require_sklearn()  # fail here with one clear line, not inside a worker process

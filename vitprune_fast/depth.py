@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .arch import adapter_for
 from .errors import PlanError
-from .score.trunk import Trunk
 
 DEPTH_KINDS = ("block", "hybrid")
 
@@ -49,25 +49,17 @@ def lowest_units(scores: dict[str, torch.Tensor], n: int, kinds: Sequence[str] =
     return chosen
 
 
-def _container(model: nn.Module, trunk: Trunk, i: int) -> tuple[nn.Sequential, int, nn.Module]:
-    """(Sequential holding block i, local index, owner module)."""
-    if trunk.arch == "vit":
-        return model.blocks, i, model
-    s = trunk.stage_of[i]
-    stage = model.layers[s]
-    return stage.blocks, i - trunk.stage_of.index(s), stage
-
-
 def remove_units_(model: nn.Module, units: Sequence[tuple[str, int]]) -> nn.Module:
     """Physically remove block units (indices refer to the model as it is before this call)."""
-    trunk = Trunk.of(model)
+    adapter = adapter_for(model)
+    trunk = adapter.trunk()
     n = len(trunk.blocks)
     drop = set()
     for kind, i in units:
         if kind not in DEPTH_KINDS or not 0 <= i < n - (kind == "hybrid"):
             raise PlanError(f"unit ({kind!r}, {i}) does not exist in a model with {n} blocks")
         if kind == "hybrid" and trunk.stage_of[i] != trunk.stage_of[i + 1]:
-            raise PlanError(f"hybrid unit {i} crosses a PatchMerging (stage boundary)")
+            raise PlanError(f"hybrid unit {i} crosses a stage boundary (Swin: a PatchMerging)")
         drop.add(i if kind == "block" else i + 1)
     for s in set(trunk.stage_of):
         if all(i in drop for i, st in enumerate(trunk.stage_of) if st == s):
@@ -80,19 +72,13 @@ def remove_units_(model: nn.Module, units: Sequence[tuple[str, int]]) -> nn.Modu
             for part in ("norm2", "mlp", "ls2", "drop_path2"):
                 if hasattr(b, part):
                     setattr(a, part, getattr(b, part))
-    keep_by_container: dict[int, tuple[nn.Sequential, nn.Module, list[nn.Module]]] = {}
+    kept: dict[int, list[nn.Module]] = {}  # stage -> kept block modules, in order
     for i, blk in enumerate(trunk.blocks):
-        seq, _, owner = _container(model, trunk, i)
-        entry = keep_by_container.setdefault(id(seq), (seq, owner, []))
+        kept.setdefault(trunk.stage_of[i], [])
         if i not in drop:
-            entry[2].append(blk)
-    for _seq, owner, kept in keep_by_container.values():
-        new = nn.Sequential(*kept)
-        if owner is model:
-            model.blocks = new
-        else:
-            owner.blocks = new
-            owner.depth = len(kept)
+            kept[trunk.stage_of[i]].append(blk)
+    for stage, blocks in kept.items():
+        adapter.set_stage_blocks(stage, blocks)
     return model
 
 

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import ConfigError, InputError
+
 DEFAULT_ALPHA = 6.4
 
 
@@ -64,7 +66,7 @@ def evaluate(model: nn.Module, loader: Iterable, progress: bool = False, desc: s
     finally:
         model.train(was_training)
     if total == 0:
-        raise ValueError("evaluation loader yielded no images")
+        raise InputError("evaluation loader yielded no images")
     return correct / total
 
 
@@ -104,7 +106,7 @@ def train(model: nn.Module, loader: Iterable, steps: int, lr: float = 1e-3, weig
         The loss of every step.
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise ConfigError(f"steps must be >= 1, got {steps}")
     p0 = next(model.parameters())
     opt = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10) if warmup is None else warmup
@@ -119,7 +121,7 @@ def train(model: nn.Module, loader: Iterable, steps: int, lr: float = 1e-3, weig
             t_logits = batch[2].to(p0.device, p0.dtype) if len(batch) > 2 else None
             if augment is not None:
                 if t_logits is not None:
-                    raise ValueError("augment cannot be combined with precomputed teacher logits")
+                    raise ConfigError("augment cannot be combined with precomputed teacher logits")
                 x = augment(x)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps, warmup, lr)

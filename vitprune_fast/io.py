@@ -10,6 +10,7 @@ from torch import nn
 
 from .arch import adapter_for
 from .errors import CheckpointError
+from .version import __version__
 
 FORMAT = "vitprune_fast.pruned/1"
 WEIGHTS = "model.safetensors"
@@ -27,23 +28,21 @@ def _model_name(model: nn.Module, model_name: str | None) -> str:
 
 
 def _architecture(model: nn.Module, model_name: str | None, model_kwargs: dict | None) -> dict:
-    from . import __version__
-
     adapter = adapter_for(model)
-    space = adapter.describe(model)
-    kwargs = adapter.build_recipe(model)
+    space = adapter.describe()
+    kwargs = adapter.build_recipe()
     kwargs.update(model_kwargs or {})
     return {
         "format": FORMAT,
         "library_version": __version__,
         "timm_version": __import__("timm").__version__,
-        "arch": adapter.ARCH,
+        "arch": adapter.arch,
         "model_name": _model_name(model, model_name),
         "model_kwargs": kwargs,
         "groups": {n: {"kind": g.kind, "size": g.size, **({"num_heads": g.num_heads} if g.kind == "attn" else {})}
                    for n, g in space.groups.items()},
         "tensors": {k: list(v.shape) for k, v in model.state_dict().items()},
-        "extra": adapter.extra_state(model),
+        "extra": adapter.extra_state(),
     }
 
 
@@ -57,7 +56,7 @@ def _build(arch: dict, device: str | torch.device = "meta") -> nn.Module:
     except Exception as e:  # timm raises many types for bad names/kwargs
         raise CheckpointError(f"cannot build timm model {arch['model_name']!r} with {arch['model_kwargs']}: {e}") from e
     adapter = adapter_for(model)
-    space = adapter.describe(model)
+    space = adapter.describe()
     for name, g in arch["groups"].items():
         if name not in space.groups or space.groups[name].kind != g["kind"]:
             raise CheckpointError(f"architecture.json group {name!r} does not exist in the rebuilt model")
@@ -72,9 +71,9 @@ def _build(arch: dict, device: str | torch.device = "meta") -> nn.Module:
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if name in saved and list(t.shape) != saved[name]:
                 t.set_(torch.empty(saved[name], dtype=t.dtype, device=t.device))
-    adapter.sync_attributes(model)
+    adapter.sync_attributes()
     try:
-        adapter.apply_extra_state(model, arch.get("extra", {}))
+        adapter.apply_extra_state(arch.get("extra", {}))
     except (AttributeError, KeyError, TypeError) as e:
         raise CheckpointError(f"architecture.json 'extra' does not fit the rebuilt model: {e}") from e
     return model

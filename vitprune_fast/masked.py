@@ -12,34 +12,15 @@ import copy
 import torch
 from torch import nn
 
-from .arch import adapter_for
+from .arch import describe
+from .kernels.masked_layernorm import masked_layer_norm
 from .plan import Plan
-from .prune import _head_columns, _tensor_of, resolve_plan
-
-
-def masked_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
-    """LayerNorm over the channels where ``mask`` is True; 0 on the others.
-
-    Args:
-        x: [..., D] input.
-        mask: [D] or broadcastable [..., D] bool keep-mask.
-        weight, bias: [D] affine parameters (or None).
-        eps: LayerNorm epsilon.
-    """
-    m = mask.to(x.dtype)
-    n = m.sum(-1, keepdim=True)
-    mean = (x * m).sum(-1, keepdim=True) / n
-    var = (((x - mean) * m) ** 2).sum(-1, keepdim=True) / n
-    y = (x - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y * m
+from .prune import head_columns, resolve_plan
+from .space import tensor_of
 
 
 class MaskedLayerNorm(nn.Module):
-    """Drop-in replacement for a LayerNorm whose input has removed channels."""
+    """Drop-in replacement for a LayerNorm whose input has removed channels (plain-torch reference path)."""
 
     def __init__(self, ln: nn.LayerNorm, mask: torch.Tensor):
         super().__init__()
@@ -47,7 +28,7 @@ class MaskedLayerNorm(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return masked_layer_norm(x, self.mask, self.ln.weight, self.ln.bias, self.ln.eps)
+        return masked_layer_norm(x, self.mask, self.ln.weight, self.ln.bias, self.ln.eps, backend="torch")
 
 
 def _is_head_subset(keep: torch.Tensor, head_dim: int, heads: int) -> bool:
@@ -68,8 +49,7 @@ def masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
     LayerNorms. A change of head count (UP-ViTs head merge) re-groups the heads of the copy and keeps the
     original attention scale, which is what the merged pruned model computes.
     """
-    adapter = adapter_for(model)
-    changes = resolve_plan(adapter.describe(model), plan)
+    changes = resolve_plan(describe(model), plan)
     out = copy.deepcopy(model)
     with torch.no_grad():
         for ch in changes:
@@ -80,10 +60,10 @@ def masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
             merging = g.kind == "attn" and not _is_head_subset(ch.keep, g.head_dim, ch.heads)
             norms = {}
             for sl in g.slices:
-                t = _tensor_of(out, sl.name)
+                t = tensor_of(out, sl.name)
                 if sl.per_head:
                     if merging:  # merged heads: the same mean-of-columns rule as prune_
-                        cols = _head_columns(t, ch.keep, g.head_dim, ch.heads)
+                        cols = head_columns(t, ch.keep, g.head_dim, ch.heads)
                         if isinstance(cols, list):
                             cols = t[:, cols]
                         t.set_(cols.contiguous())
@@ -115,4 +95,4 @@ def forward_masked_logits(model: nn.Module, plan: Plan, x: torch.Tensor) -> torc
         return m(x)
 
 
-__all__ = ["MaskedLayerNorm", "masked_copy", "masked_layer_norm", "forward_masked_logits"]
+__all__ = ["MaskedLayerNorm", "masked_copy", "forward_masked_logits"]

@@ -1,4 +1,4 @@
-"""Model measurements: parameters, FLOPs (torch.utils.flop_counter) and CPU/GPU latency."""
+"""Model measurements: parameters, FLOPs (from :mod:`vitprune_fast.flops`) and CPU/GPU latency."""
 from __future__ import annotations
 
 import statistics
@@ -6,7 +6,11 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from .arch import adapter_for
+from .flops import count_flops
+
+__all__ = ["count_flops", "count_params", "input_size", "measure_latency"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -15,40 +19,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the timm model expects."""
-    pe = model.patch_embed
-    h, w = pe.img_size
-    return pe.proj.in_channels, h, w
-
-
-def count_flops(model: nn.Module, batch: int = 1, x: torch.Tensor | None = None) -> int:
-    """FLOPs of one forward pass (multiply-add = 2 FLOPs), counted by torch.utils.flop_counter.
-
-    Args:
-        model: the model (its own device and dtype are used).
-        batch: batch size when ``x`` is not given.
-        x: optional input.
-
-    Returns:
-        Total FLOPs per forward of the given batch.
-    """
-    p = next(model.parameters())
-    if x is None:
-        x = torch.randn(batch, *input_size(model), device=p.device, dtype=p.dtype)
-    was_training = model.training
-    model.eval()
-    # The flop counter has no formula for CPU fused SDPA; timm's explicit path does the same matmuls.
-    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
-    try:
-        for m in fused:
-            m.fused_attn = False
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(x)
-    finally:
-        for m, f in fused.items():
-            m.fused_attn = f
-        model.train(was_training)
-    return int(fc.get_total_flops())
+    """(C, H, W) the model expects (asks its adapter)."""
+    return adapter_for(model).input_size()
 
 
 def measure_latency(model: nn.Module, batch: int = 1, warmup: int = 3, repeats: int = 10) -> float:

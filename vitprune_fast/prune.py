@@ -12,7 +12,7 @@ from .arch import adapter_for
 from .compact import compact_many_
 from .errors import PlanError
 from .plan import Plan
-from .space import Group, PruningSpace
+from .space import Group, PruningSpace, tensor_of
 
 # Optimizer state entries that are second moments: they scale with the square of a reparametrisation.
 _SQUARED_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
@@ -73,13 +73,6 @@ def resolve_plan(space: PruningSpace, plan: Plan) -> list[_GroupChange]:
     return changes
 
 
-def _tensor_of(model: nn.Module, name: str) -> torch.Tensor:
-    try:
-        return model.get_parameter(name)
-    except AttributeError:
-        return model.get_buffer(name)
-
-
 def _companions(p: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> list[tuple[str, torch.Tensor]]:
     """Tensors that must be sliced like ``p``: its .grad and its per-element optimizer state."""
     out = []
@@ -96,8 +89,19 @@ def _companions(p: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> lis
     return out
 
 
-def _head_columns(table: torch.Tensor, keep: torch.Tensor, old_hd: int, heads: int) -> torch.Tensor | list[int]:
-    """Kept columns of a per-head table, or the merged table when a new head spans several old heads."""
+def head_columns(table: torch.Tensor, keep: torch.Tensor, old_hd: int, heads: int) -> torch.Tensor | list[int]:
+    """A per-head table (Swin relative-position bias, ``[rows, heads]``) for a new head layout.
+
+    Args:
+        table: ``[rows, old heads]``.
+        keep: sorted kept attention channels, in ``heads`` equal consecutive chunks (chunk g = new head g).
+        old_hd: head_dim before the change.
+        heads: new head count.
+
+    Returns:
+        The kept columns (list of old head indices) when every new head comes from one old head, else the new
+        ``[rows, heads]`` table: the mean of the merged heads' columns (documented choice; no exact one exists).
+    """
     spans = [torch.unique(chunk // old_hd) for chunk in keep.view(heads, -1)]
     if all(s.numel() == 1 for s in spans):
         return [int(s) for s in spans]
@@ -125,7 +129,7 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
         The same model object.
     """
     adapter = adapter_for(model)
-    space = adapter.describe(model)
+    space = adapter.describe()
     changes = resolve_plan(space, plan)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise PlanError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -141,7 +145,7 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
                 ops[sl.name].append((sl.dim, sl.indices(ch.keep)))
     items = []
     for name, dim_idx in ops.items():
-        t = _tensor_of(model, name)
+        t = tensor_of(model, name)
         targets = [t] + [v for _, v in _companions(t, optimizer)]
         for dim, idx in dim_idx:
             if idx.max() >= t.shape[dim]:
@@ -149,9 +153,9 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
             items += [(x, dim, idx) for x in targets]
     new_tables = []
     for name, keep, old_hd, heads in head_tables:
-        table = _tensor_of(model, name)
+        table = tensor_of(model, name)
         companions = [v for _, v in _companions(table, optimizer)]  # validated before anything moves
-        new_tables.append((table, companions, _head_columns(table.detach(), keep, old_hd, heads)))
+        new_tables.append((table, companions, head_columns(table.detach(), keep, old_hd, heads)))
 
     # 2. Move data (in place; C++ extension when available).
     compact_many_(items)
@@ -172,7 +176,7 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
     for ch in changes:
         if ch.group.kind == "attn":
             model.get_submodule(ch.group.module).num_heads = ch.heads
-    adapter.sync_attributes(model)
+    adapter.sync_attributes()
     for ch in changes:
         if ch.group.kind != "attn":
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 KINDS = ("residual", "attn", "mlp")
 
@@ -61,7 +62,7 @@ class Group:
 class PruningSpace:
     """All prunable groups of one model, plus what is needed to rebuild it."""
 
-    arch: str  # "vit" | "swin"
+    arch: str  # the adapter's family name: "vit" | "swin"
     groups: dict[str, Group]
 
     def of_kind(self, kind: str) -> list[Group]:
@@ -70,3 +71,11 @@ class PruningSpace:
     def __repr__(self) -> str:
         counts = {k: len(self.of_kind(k)) for k in KINDS}
         return f"PruningSpace(arch={self.arch}, groups={counts})"
+
+
+def tensor_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer ``name`` of ``model`` (what a :class:`TensorSlice` names)."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_buffer(name)

@@ -1,12 +1,12 @@
 """Plans for a target: a FLOPs budget or the widths of a stock timm model, and plans with per-group head counts.
 
 These build on :func:`vitprune_fast.plan.make_plan`. None of them modifies the model it is given: FLOPs are
-counted on pruned copies, shapes are read from :func:`vitprune_fast.arch.describe`. Bad input raises
+counted on pruned meta-device copies (:func:`vitprune_fast.flops.plan_flops`), shapes are read from
+:func:`vitprune_fast.arch.describe`. Bad input raises
 :class:`~vitprune_fast.errors.PlanError` (an unsupported model: ``UnsupportedModelError``) before any work.
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -16,9 +16,8 @@ from torch import nn
 
 from .arch import describe
 from .errors import PlanError
-from .metrics import count_flops
+from .flops import count_flops, plan_flops
 from .plan import Plan, make_plan
-from .prune import prune_
 from .space import KINDS, PruningSpace
 
 
@@ -73,9 +72,9 @@ def keep_for_flops(model: nn.Module, target: float, kinds: str | Iterable[str] =
                    iters: int = 14, round_to: int = 1) -> tuple[float, float]:
     """One keep ratio ``r`` for every group of ``kinds`` whose pruned model has FLOPs closest to ``target`` x dense.
 
-    FLOPs do not depend on which channels are kept, only on how many, so the search plans with dummy scores,
-    prunes copies of ``model`` and counts them with :func:`vitprune_fast.metrics.count_flops` (exact, no model of
-    FLOPs needed). The model itself is not modified.
+    FLOPs do not depend on which channels are kept, only on how many, so the search plans with dummy scores and
+    counts each candidate ratio on a pruned meta-device copy (:func:`vitprune_fast.flops.plan_flops`: exact, no
+    model of FLOPs, no weights copied). The model itself is not modified.
 
     Tolerance: channel counts are integers, so the reachable fractions form a staircase in ``r``. The bisection
     brackets ``target`` between two ratios ``2**-iters`` apart and returns the one whose fraction is nearer, so
@@ -118,7 +117,7 @@ def keep_for_flops(model: nn.Module, target: float, kinds: str | Iterable[str] =
 
     def frac(r: float) -> float:
         if r not in cache:
-            cache[r] = count_flops(prune_(copy.deepcopy(model), plan(r))) / dense
+            cache[r] = plan_flops(model, plan(r)) / dense
         return cache[r]
 
     lo, hi = 1e-3, 1.0  # frac is non-decreasing in r; frac(lo) <= target <= frac(hi) from here on

@@ -1,24 +1,52 @@
-"""Architecture adapters: describe a timm model as prunable groups, keep its attributes consistent."""
-from __future__ import annotations
+"""Architecture adapters: the one owner of model structure (see :mod:`vitprune_fast.arch.base`).
 
-from types import ModuleType
+``adapter_for(model)`` returns the registered :class:`Adapter` bound to ``model``; adapters registered later take
+precedence over earlier ones, so a subclass of a supported model class can bring its own adapter.
+"""
+from __future__ import annotations
 
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..space import PruningSpace
-from . import swin, vit
+from .base import Adapter, BlockRef, StageRef, Trunk
+from .swin import SwinAdapter
+from .vit import ViTAdapter
 
-ADAPTERS: tuple[ModuleType, ...] = (vit, swin)
+_ADAPTERS: list[type[Adapter]] = [SwinAdapter, ViTAdapter]  # checked in order: most specific first
 
 
-def adapter_for(model: nn.Module) -> ModuleType:
-    """The adapter module for ``model`` or a clear error naming what is unsupported."""
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Add an adapter class, checked before every adapter registered so far (usable as a class decorator).
+
+    Raises:
+        TypeError: ``cls`` is not an :class:`Adapter` subclass with an ``arch`` name.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)) or not isinstance(getattr(cls, "arch", None), str):
+        raise TypeError(f"expected a subclass of vitprune_fast.arch.Adapter with an `arch` name, got {cls!r}")
+    if cls not in _ADAPTERS:
+        _ADAPTERS.insert(0, cls)
+    return cls
+
+
+def unregister_adapter(cls: type[Adapter]) -> None:
+    """Remove an adapter added by :func:`register_adapter` (no-op if it is not registered)."""
+    if cls in _ADAPTERS:
+        _ADAPTERS.remove(cls)
+
+
+def adapters() -> tuple[type[Adapter], ...]:
+    """The registered adapter classes, in the order they are tried."""
+    return tuple(_ADAPTERS)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter bound to ``model``, or a clear error naming what is unsupported."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    for ad in ADAPTERS:
-        if ad.matches(model):
-            return ad
+    for cls in _ADAPTERS:
+        if cls.matches(model):
+            return cls(model)
     raise UnsupportedModelError(
         f"{type(model).__module__}.{type(model).__name__} is not supported: vitprune_fast prunes timm "
         "VisionTransformer (ViT/DeiT/DeiT-distilled) and SwinTransformer models"
@@ -29,13 +57,17 @@ def describe(model: nn.Module) -> PruningSpace:
     """Describe ``model`` as a PruningSpace: groups of channels that are removed together.
 
     Args:
-        model: a timm ``VisionTransformer`` or ``SwinTransformer``.
+        model: a model a registered adapter supports (timm ``VisionTransformer`` or ``SwinTransformer``).
 
     Returns:
-        The model's PruningSpace. Group names are timm module paths (``blocks.3.attn``,
-        ``layers.2.blocks.5.mlp``) plus ``residual`` (ViT) or ``layers.{s}.residual`` (Swin).
+        The model's PruningSpace. Group names are module paths (``blocks.3.attn``, ``layers.2.blocks.5.mlp``)
+        plus ``residual`` (ViT) or ``layers.{s}.residual`` (Swin).
 
     Raises:
         UnsupportedModelError: the model or one of its modules cannot be pruned exactly.
     """
-    return adapter_for(model).describe(model)
+    return adapter_for(model).describe()
+
+
+__all__ = ["Adapter", "BlockRef", "StageRef", "SwinAdapter", "Trunk", "ViTAdapter", "adapter_for", "adapters",
+           "describe", "register_adapter", "unregister_adapter"]

@@ -1,7 +1,6 @@
 """Helpers shared by the architecture adapters."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -50,12 +49,3 @@ def sync_generic_attributes(model: nn.Module) -> None:
             m.out_channels = m.weight.shape[0]
             m.in_channels = m.weight.shape[1] * m.groups
 
-
-def set_scale_fold(qkv: nn.Linear, q_rows: int, factor: float) -> None:
-    """Multiply the q rows of a fused qkv projection by ``factor`` (keeps q·k·scale unchanged)."""
-    if factor == 1.0:
-        return
-    with torch.no_grad():
-        qkv.weight[:q_rows].mul_(factor)
-        if qkv.bias is not None:
-            qkv.bias[:q_rows].mul_(factor)

@@ -1,147 +1,183 @@
 """Adapter for timm ``SwinTransformer``: one residual group per stage, window attention, PatchMerging."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, TensorSlice
+from .base import Adapter, BlockRef, StageRef
 from .common import is_layernorm, linear_slices, norm_slices, sync_generic_attributes
 
-ARCH = "swin"
 
+class SwinAdapter(Adapter):
+    """timm ``SwinTransformer``: stage s is ``layers.s`` (its PatchMerging, then its blocks)."""
 
-def matches(model: nn.Module) -> bool:
-    from timm.models.swin_transformer import SwinTransformer
+    arch = "swin"
 
-    return isinstance(model, SwinTransformer)
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        from timm.models.swin_transformer import SwinTransformer
 
+        return isinstance(model, SwinTransformer)
 
-def _check_stage(model: nn.Module, s: int) -> None:
-    from timm.layers import Mlp
-    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
+    def _check_stage(self, s: int) -> None:
+        from timm.layers import Mlp
+        from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 
-    stage = model.layers[s]
-    if s > 0 and not isinstance(stage.downsample, PatchMerging):
-        raise UnsupportedModelError(f"layers.{s}.downsample: stage without PatchMerging is not supported")
-    for b, blk in enumerate(stage.blocks):
-        where = f"layers.{s}.blocks.{b}"
-        if type(blk) is not SwinTransformerBlock:
-            raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported (only SwinTransformerBlock)")
-        if type(blk.attn) is not WindowAttention:
-            raise UnsupportedModelError(f"{where}.attn: {type(blk.attn).__name__} is not supported")
-        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.norm, nn.Identity):
-            raise UnsupportedModelError(f"{where}.mlp: {type(blk.mlp).__name__} is not supported")
-        for nm in ("norm1", "norm2"):
-            if not is_layernorm(getattr(blk, nm)):
-                raise UnsupportedModelError(f"{where}.{nm}: only LayerNorm is supported")
-
-
-def describe(model: nn.Module) -> PruningSpace:
-    """Describe a timm SwinTransformer: ``layers.{s}.residual``, ``layers.{s}.blocks.{b}.attn/.mlp``."""
-    head_fc = getattr(model.head, "fc", None)
-    if not isinstance(head_fc, (nn.Linear, nn.Identity)):
-        raise UnsupportedModelError(f"head.fc: {type(head_fc).__name__} is not supported")
-    groups: dict[str, Group] = {}
-    n_stages = len(model.layers)
-    for s, stage in enumerate(model.layers):
-        _check_stage(model, s)
-        p = f"layers.{s}"
-        if s == 0:
-            res = [TensorSlice("patch_embed.proj.weight", 0)]
-            if model.patch_embed.proj.bias is not None:
-                res.append(TensorSlice("patch_embed.proj.bias", 0))
-            res += norm_slices(model, "patch_embed.norm")
-        else:  # PatchMerging at the start of the stage produces this stage's width
-            res = linear_slices(model, f"{p}.downsample.reduction", "out")
-        width = model.get_parameter(res[0].name).shape[0]
+        stage = self.model.layers[s]
+        if s > 0 and not isinstance(stage.downsample, PatchMerging):
+            raise UnsupportedModelError(f"layers.{s}.downsample: stage without PatchMerging is not supported")
         for b, blk in enumerate(stage.blocks):
-            q = f"{p}.blocks.{b}"
-            res += norm_slices(model, f"{q}.norm1") + norm_slices(model, f"{q}.norm2")
-            res += linear_slices(model, f"{q}.attn.qkv", "in") + linear_slices(model, f"{q}.attn.proj", "out")
-            res += linear_slices(model, f"{q}.mlp.fc1", "in") + linear_slices(model, f"{q}.mlp.fc2", "out")
-            attn = blk.attn
-            a = attn.qkv.out_features // 3
-            groups[f"{q}.attn"] = Group(
-                f"{q}.attn", "attn", a,
-                linear_slices(model, f"{q}.attn.qkv", "out", repeats=3, stride=a)
-                + linear_slices(model, f"{q}.attn.proj", "in")
-                + [TensorSlice(f"{q}.attn.relative_position_bias_table", 1, per_head=True)],
-                num_heads=attn.num_heads, head_dim=a // attn.num_heads, module=f"{q}.attn",
-            )
-            groups[f"{q}.mlp"] = Group(
-                f"{q}.mlp", "mlp", blk.mlp.fc1.out_features,
-                linear_slices(model, f"{q}.mlp.fc1", "out") + linear_slices(model, f"{q}.mlp.fc2", "in"),
-                module=f"{q}.mlp",
-            )
-        if s + 1 < n_stages:  # next PatchMerging sees 4 neighbours concatenated: [x0 | x1 | x2 | x3], each width C
-            nxt = f"layers.{s + 1}.downsample"
-            res += norm_slices(model, f"{nxt}.norm", repeats=4, stride=width)
-            res += linear_slices(model, f"{nxt}.reduction", "in", repeats=4, stride=width)
-        else:
-            res += norm_slices(model, "norm")
-            if isinstance(head_fc, nn.Linear):
-                res += linear_slices(model, "head.fc", "in")
-        groups[f"{p}.residual"] = Group(f"{p}.residual", "residual", width, res, module=p)
-    order = sorted(groups, key=lambda n: (n.split(".blocks")[0], 0 if n.endswith("residual") else 1))
-    return PruningSpace(ARCH, {n: groups[n] for n in order})
+            where = f"layers.{s}.blocks.{b}"
+            if type(blk) is not SwinTransformerBlock:
+                raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported "
+                                            "(only SwinTransformerBlock)")
+            if type(blk.attn) is not WindowAttention:
+                raise UnsupportedModelError(f"{where}.attn: {type(blk.attn).__name__} is not supported")
+            if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.norm, nn.Identity):
+                raise UnsupportedModelError(f"{where}.mlp: {type(blk.mlp).__name__} is not supported")
+            for nm in ("norm1", "norm2"):
+                if not is_layernorm(getattr(blk, nm)):
+                    raise UnsupportedModelError(f"{where}.{nm}: only LayerNorm is supported")
 
+    def describe(self) -> PruningSpace:
+        """``layers.{s}.residual``, ``layers.{s}.blocks.{b}.attn`` / ``.mlp``."""
+        model = self.model
+        head_fc = getattr(model.head, "fc", None)
+        if not isinstance(head_fc, (nn.Linear, nn.Identity)):
+            raise UnsupportedModelError(f"head.fc: {type(head_fc).__name__} is not supported")
+        groups: dict[str, Group] = {}
+        n_stages = len(model.layers)
+        for s, stage in enumerate(model.layers):
+            self._check_stage(s)
+            p = f"layers.{s}"
+            if s == 0:
+                res = [TensorSlice("patch_embed.proj.weight", 0)]
+                if model.patch_embed.proj.bias is not None:
+                    res.append(TensorSlice("patch_embed.proj.bias", 0))
+                res += norm_slices(model, "patch_embed.norm")
+            else:  # PatchMerging at the start of the stage produces this stage's width
+                res = linear_slices(model, f"{p}.downsample.reduction", "out")
+            width = model.get_parameter(res[0].name).shape[0]
+            for b, blk in enumerate(stage.blocks):
+                q = f"{p}.blocks.{b}"
+                res += norm_slices(model, f"{q}.norm1") + norm_slices(model, f"{q}.norm2")
+                res += linear_slices(model, f"{q}.attn.qkv", "in") + linear_slices(model, f"{q}.attn.proj", "out")
+                res += linear_slices(model, f"{q}.mlp.fc1", "in") + linear_slices(model, f"{q}.mlp.fc2", "out")
+                attn = blk.attn
+                a = attn.qkv.out_features // 3
+                groups[f"{q}.attn"] = Group(
+                    f"{q}.attn", "attn", a,
+                    linear_slices(model, f"{q}.attn.qkv", "out", repeats=3, stride=a)
+                    + linear_slices(model, f"{q}.attn.proj", "in")
+                    + [TensorSlice(f"{q}.attn.relative_position_bias_table", 1, per_head=True)],
+                    num_heads=attn.num_heads, head_dim=a // attn.num_heads, module=f"{q}.attn",
+                )
+                groups[f"{q}.mlp"] = Group(
+                    f"{q}.mlp", "mlp", blk.mlp.fc1.out_features,
+                    linear_slices(model, f"{q}.mlp.fc1", "out") + linear_slices(model, f"{q}.mlp.fc2", "in"),
+                    module=f"{q}.mlp",
+                )
+            if s + 1 < n_stages:  # next PatchMerging sees 4 neighbours concatenated: [x0 | x1 | x2 | x3], each width C
+                nxt = f"layers.{s + 1}.downsample"
+                res += norm_slices(model, f"{nxt}.norm", repeats=4, stride=width)
+                res += linear_slices(model, f"{nxt}.reduction", "in", repeats=4, stride=width)
+            else:
+                res += norm_slices(model, "norm")
+                if isinstance(head_fc, nn.Linear):
+                    res += linear_slices(model, "head.fc", "in")
+            groups[f"{p}.residual"] = Group(f"{p}.residual", "residual", width, res, module=p)
+        order = sorted(groups, key=lambda n: (n.split(".blocks")[0], 0 if n.endswith("residual") else 1))
+        return PruningSpace(self.arch, {n: groups[n] for n in order})
 
-def sync_attributes(model: nn.Module) -> None:
-    """Derive every size attribute from the tensors (after slicing or when rebuilding from a checkpoint)."""
-    sync_generic_attributes(model)
-    dims = []
-    for s, stage in enumerate(model.layers):
-        if s == 0:
-            c = model.patch_embed.proj.weight.shape[0]
-        else:
-            c = stage.downsample.reduction.weight.shape[0]
-            stage.downsample.dim = stage.downsample.reduction.weight.shape[1] // 4
-            stage.downsample.out_dim = c
-        dims.append(c)
-        stage.dim = c
-        for blk in stage.blocks:
-            blk.dim = c
-            blk.attn.dim = c
-            hd = blk.attn.qkv.weight.shape[0] // 3 // blk.attn.num_heads
-            blk.attn.scale = hd ** -0.5
-        if s < len(model.feature_info):
-            model.feature_info[s]["num_chs"] = c
-    model.num_features = model.head_hidden_size = dims[-1]
-    model.embed_dim = dims[0]
-    head = model.head
-    head.in_features = dims[-1]
-    head.num_features = dims[-1] * head.global_pool.feat_mult() if hasattr(head, "global_pool") else dims[-1]
+    def stages(self) -> list[StageRef]:
+        model = self.model
+        out, index = [], 0
+        for s, stage in enumerate(model.layers):
+            blocks = []
+            for b in range(len(stage.blocks)):
+                blocks.append(BlockRef.pre_norm(model, index, s, f"layers.{s}.blocks.{b}"))
+                index += 1
+            entry = None if isinstance(stage.downsample, nn.Identity) else f"layers.{s}.downsample"
+            grid = tuple(stage.blocks[0].input_resolution) if len(stage.blocks) else (0, 0)
+            width = (model.patch_embed.proj.weight if s == 0 else stage.downsample.reduction.weight).shape[0]
+            out.append(StageRef(s, tuple(blocks), f"layers.{s}.residual", entry, width, grid))
+        return out
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.patch_embed(images)
 
-def build_recipe(model: nn.Module) -> dict:
-    """Structural create_model kwargs that rebuild this model's module tree (sizes are restored separately)."""
-    pe = model.patch_embed
-    return dict(
-        img_size=list(pe.img_size),
-        patch_size=pe.patch_size[0],
-        in_chans=pe.proj.in_channels,
-        num_classes=model.num_classes,
-        global_pool=model.global_pool,
-        embed_dim=model.layers[0].dim,  # per-stage widths are restored from the saved shapes
-        depths=[len(st.blocks) for st in model.layers],
-        num_heads=[st.blocks[0].attn.num_heads if len(st.blocks) else 1 for st in model.layers],
-        window_size=[list(st.blocks[0].attn.window_size) if len(st.blocks) else 7 for st in model.layers],
-        qkv_bias=model.layers[0].blocks[0].attn.qkv.bias is not None,
-        strict_img_size=not model.dynamic_img_size,
-    )
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.forward_head(m.norm(x))
 
+    def embed_modules(self) -> list[nn.Module]:
+        return [self.model.patch_embed]
 
-def extra_state(model: nn.Module) -> dict:
-    """Per-block window/shift layout: after depth pruning it no longer follows timm's even/odd rule."""
-    return {f"layers.{s}.blocks.{b}": {"window_size": list(blk.window_size), "shift_size": list(blk.shift_size),
-                                       "target_shift_size": list(blk.target_shift_size)}
-            for s, st in enumerate(model.layers) for b, blk in enumerate(st.blocks)}
+    def input_size(self) -> tuple[int, int, int]:
+        pe = self.model.patch_embed
+        h, w = pe.img_size
+        return pe.proj.in_channels, h, w
 
+    def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
+        st = self.model.layers[stage]
+        st.blocks = nn.Sequential(*blocks)
+        st.depth = len(blocks)
 
-def apply_extra_state(model: nn.Module, state: dict) -> None:
-    for path, d in state.items():
-        blk = model.get_submodule(path)
-        blk.window_size, blk.shift_size = tuple(d["window_size"]), tuple(d["shift_size"])
-        blk.target_shift_size = tuple(d["target_shift_size"])
-        blk.window_area = blk.window_size[0] * blk.window_size[1]
-        blk._init_buffers()  # attention mask for this shift
+    def sync_attributes(self) -> None:
+        model = self.model
+        sync_generic_attributes(model)
+        dims = []
+        for s, stage in enumerate(model.layers):
+            if s == 0:
+                c = model.patch_embed.proj.weight.shape[0]
+            else:
+                c = stage.downsample.reduction.weight.shape[0]
+                stage.downsample.dim = stage.downsample.reduction.weight.shape[1] // 4
+                stage.downsample.out_dim = c
+            dims.append(c)
+            stage.dim = c
+            for blk in stage.blocks:
+                blk.dim = c
+                blk.attn.dim = c
+                hd = blk.attn.qkv.weight.shape[0] // 3 // blk.attn.num_heads
+                blk.attn.scale = hd ** -0.5
+            if s < len(model.feature_info):
+                model.feature_info[s]["num_chs"] = c
+        model.num_features = model.head_hidden_size = dims[-1]
+        model.embed_dim = dims[0]
+        head = model.head
+        head.in_features = dims[-1]
+        head.num_features = dims[-1] * head.global_pool.feat_mult() if hasattr(head, "global_pool") else dims[-1]
+
+    def build_recipe(self) -> dict:
+        model = self.model
+        pe = model.patch_embed
+        return dict(
+            img_size=list(pe.img_size),
+            patch_size=pe.patch_size[0],
+            in_chans=pe.proj.in_channels,
+            num_classes=model.num_classes,
+            global_pool=model.global_pool,
+            embed_dim=model.layers[0].dim,  # per-stage widths are restored from the saved shapes
+            depths=[len(st.blocks) for st in model.layers],
+            num_heads=[st.blocks[0].attn.num_heads if len(st.blocks) else 1 for st in model.layers],
+            window_size=[list(st.blocks[0].attn.window_size) if len(st.blocks) else 7 for st in model.layers],
+            qkv_bias=model.layers[0].blocks[0].attn.qkv.bias is not None,
+            strict_img_size=not model.dynamic_img_size,
+        )
+
+    def extra_state(self) -> dict:
+        """Per-block window/shift layout: after depth pruning it no longer follows timm's even/odd rule."""
+        return {f"layers.{s}.blocks.{b}": {"window_size": list(blk.window_size), "shift_size": list(blk.shift_size),
+                                           "target_shift_size": list(blk.target_shift_size)}
+                for s, st in enumerate(self.model.layers) for b, blk in enumerate(st.blocks)}
+
+    def apply_extra_state(self, state: dict) -> None:
+        for path, d in state.items():
+            blk = self.model.get_submodule(path)
+            blk.window_size, blk.shift_size = tuple(d["window_size"]), tuple(d["shift_size"])
+            blk.target_shift_size = tuple(d["target_shift_size"])
+            blk.window_area = blk.window_size[0] * blk.window_size[1]
+            blk._init_buffers()  # attention mask for this shift

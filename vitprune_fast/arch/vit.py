@@ -1,144 +1,188 @@
 """Adapter for timm ``VisionTransformer`` (ViT, DeiT, DeiT-distilled, LayerScale, with/without class token)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, TensorSlice
+from .base import Adapter, BlockRef, StageRef
 from .common import is_layernorm, linear_slices, norm_slices, sync_generic_attributes
 
-ARCH = "vit"
 
+class ViTAdapter(Adapter):
+    """timm ``VisionTransformer``: one stage, one residual group, blocks in ``model.<blocks_attr>``.
 
-def matches(model: nn.Module) -> bool:
-    from timm.models.vision_transformer import VisionTransformer
+    Subclasses of the model class that only rename the block list set ``blocks_attr``.
+    """
 
-    return isinstance(model, VisionTransformer)
+    arch = "vit"
+    blocks_attr = "blocks"
 
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
 
-def _check_block(model: nn.Module, i: int) -> None:
-    from timm.layers import Mlp
-    from timm.models.vision_transformer import Block
+        return isinstance(model, VisionTransformer)
 
-    blk = model.blocks[i]
-    where = f"blocks.{i}"
-    if type(blk) is not Block:
-        raise UnsupportedModelError(f"{where}: block type {type(blk).__name__} is not supported (only timm Block)")
-    attn, mlp = blk.attn, blk.mlp
-    if not hasattr(attn, "qkv") or not isinstance(attn.qkv, nn.Linear) or not hasattr(attn, "num_heads"):
-        raise UnsupportedModelError(f"{where}.attn: {type(attn).__name__} has no fused qkv Linear")
-    if not hasattr(attn, "attn_dim"):
-        raise UnsupportedModelError(f"{where}.attn: this timm version's Attention has no attn_dim; need timm>=1.0.15")
-    for part in ("q_norm", "k_norm", "norm"):
-        if not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
-            raise UnsupportedModelError(f"{where}.attn.{part}: qk/scale norms are not supported")
-    if getattr(attn, "gate", None) is not None:
-        raise UnsupportedModelError(f"{where}.attn.gate: gated attention is not supported")
-    if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
-        raise UnsupportedModelError(f"{where}.mlp: {type(mlp).__name__} is not supported (only timm Mlp, no norm)")
-    for ls in ("ls1", "ls2"):
-        m = getattr(blk, ls)
-        if not isinstance(m, nn.Identity) and not hasattr(m, "gamma"):
-            raise UnsupportedModelError(f"{where}.{ls}: {type(m).__name__} is not supported")
-    for nm in ("norm1", "norm2"):
-        if not is_layernorm(getattr(blk, nm)):
-            raise UnsupportedModelError(f"{where}.{nm}: only LayerNorm is supported")
+    @property
+    def _blocks(self) -> nn.Sequential:
+        return getattr(self.model, self.blocks_attr)
 
+    def _check_block(self, i: int) -> None:
+        from timm.layers import Mlp
+        from timm.models.vision_transformer import Attention, Block
 
-def describe(model: nn.Module) -> PruningSpace:
-    """Describe a timm VisionTransformer as residual / attn / mlp groups."""
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError("attention pooling head (attn_pool) is not supported")
-    if not isinstance(model.patch_embed.proj, nn.Conv2d):
-        raise UnsupportedModelError("patch_embed.proj must be a Conv2d")
-    if not isinstance(model.head, (nn.Linear, nn.Identity)):
-        raise UnsupportedModelError(f"head: {type(model.head).__name__} is not supported")
-    groups: dict[str, Group] = {}
-    res: list[TensorSlice] = []
-    res += [TensorSlice("patch_embed.proj.weight", 0)]
-    if model.patch_embed.proj.bias is not None:
-        res.append(TensorSlice("patch_embed.proj.bias", 0))
-    res += norm_slices(model, "patch_embed.norm")
-    for tok in ("cls_token", "reg_token", "dist_token", "pos_embed"):
-        if getattr(model, tok, None) is not None:
-            res.append(TensorSlice(tok, 2))
-    res += norm_slices(model, "norm_pre")
-    for i, blk in enumerate(model.blocks):
-        _check_block(model, i)
-        p = f"blocks.{i}"
-        res += norm_slices(model, f"{p}.norm1") + norm_slices(model, f"{p}.norm2")
-        res += linear_slices(model, f"{p}.attn.qkv", "in") + linear_slices(model, f"{p}.attn.proj", "out")
-        res += linear_slices(model, f"{p}.mlp.fc1", "in") + linear_slices(model, f"{p}.mlp.fc2", "out")
+        blk = self._blocks[i]
+        where = f"{self.blocks_attr}.{i}"
+        if type(blk) is not Block:
+            raise UnsupportedModelError(f"{where}: block type {type(blk).__name__} is not supported (only timm Block)")
+        attn, mlp = blk.attn, blk.mlp
+        if type(attn) is not Attention:
+            raise UnsupportedModelError(f"{where}.attn: attention class {type(attn).__module__}.{type(attn).__name__} "
+                                        "is not supported (only timm's ViT Attention with a fused qkv Linear)")
+        if not isinstance(attn.qkv, nn.Linear):
+            raise UnsupportedModelError(f"{where}.attn.qkv: {type(attn.qkv).__name__} is not an nn.Linear")
+        if not hasattr(attn, "attn_dim"):  # the attention width attribute came with timm 1.0.15's Attention
+            raise UnsupportedModelError(f"{where}.attn: timm's ViT Attention has no attn_dim in timm "
+                                        f"{_timm_version()}; vitprune_fast needs timm>=1.0.15")
+        for part in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
+                raise UnsupportedModelError(f"{where}.attn.{part}: qk/scale norms are not supported")
+        if getattr(attn, "gate", None) is not None:
+            raise UnsupportedModelError(f"{where}.attn.gate: gated attention is not supported")
+        if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
+            raise UnsupportedModelError(f"{where}.mlp: {type(mlp).__name__} is not supported (only timm Mlp, no norm)")
         for ls in ("ls1", "ls2"):
-            if hasattr(getattr(blk, ls), "gamma"):
-                res.append(TensorSlice(f"{p}.{ls}.gamma", 0))
-        attn = blk.attn
-        a = attn.attn_dim
-        groups[f"{p}.attn"] = Group(
-            f"{p}.attn", "attn", a,
-            linear_slices(model, f"{p}.attn.qkv", "out", repeats=3, stride=a)
-            + linear_slices(model, f"{p}.attn.proj", "in"),
-            num_heads=attn.num_heads, head_dim=attn.head_dim, module=f"{p}.attn",
+            m = getattr(blk, ls)
+            if not isinstance(m, nn.Identity) and not hasattr(m, "gamma"):
+                raise UnsupportedModelError(f"{where}.{ls}: {type(m).__name__} is not supported")
+        for nm in ("norm1", "norm2"):
+            if not is_layernorm(getattr(blk, nm)):
+                raise UnsupportedModelError(f"{where}.{nm}: only LayerNorm is supported")
+
+    def describe(self) -> PruningSpace:
+        """Residual / attn / mlp groups of a timm VisionTransformer."""
+        model = self.model
+        if getattr(model, "attn_pool", None) is not None:
+            raise UnsupportedModelError("attention pooling head (attn_pool) is not supported")
+        if not isinstance(model.patch_embed.proj, nn.Conv2d):
+            raise UnsupportedModelError("patch_embed.proj must be a Conv2d")
+        if not isinstance(model.head, (nn.Linear, nn.Identity)):
+            raise UnsupportedModelError(f"head: {type(model.head).__name__} is not supported")
+        groups: dict[str, Group] = {}
+        res: list[TensorSlice] = []
+        res += [TensorSlice("patch_embed.proj.weight", 0)]
+        if model.patch_embed.proj.bias is not None:
+            res.append(TensorSlice("patch_embed.proj.bias", 0))
+        res += norm_slices(model, "patch_embed.norm")
+        for tok in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+            if getattr(model, tok, None) is not None:
+                res.append(TensorSlice(tok, 2))
+        res += norm_slices(model, "norm_pre")
+        for i, blk in enumerate(self._blocks):
+            self._check_block(i)
+            p = f"{self.blocks_attr}.{i}"
+            res += norm_slices(model, f"{p}.norm1") + norm_slices(model, f"{p}.norm2")
+            res += linear_slices(model, f"{p}.attn.qkv", "in") + linear_slices(model, f"{p}.attn.proj", "out")
+            res += linear_slices(model, f"{p}.mlp.fc1", "in") + linear_slices(model, f"{p}.mlp.fc2", "out")
+            for ls in ("ls1", "ls2"):
+                if hasattr(getattr(blk, ls), "gamma"):
+                    res.append(TensorSlice(f"{p}.{ls}.gamma", 0))
+            attn = blk.attn
+            a = attn.attn_dim
+            groups[f"{p}.attn"] = Group(
+                f"{p}.attn", "attn", a,
+                linear_slices(model, f"{p}.attn.qkv", "out", repeats=3, stride=a)
+                + linear_slices(model, f"{p}.attn.proj", "in"),
+                num_heads=attn.num_heads, head_dim=attn.head_dim, module=f"{p}.attn",
+            )
+            h = blk.mlp.fc1.out_features
+            groups[f"{p}.mlp"] = Group(
+                f"{p}.mlp", "mlp", h,
+                linear_slices(model, f"{p}.mlp.fc1", "out") + linear_slices(model, f"{p}.mlp.fc2", "in"),
+                module=f"{p}.mlp",
+            )
+        res += norm_slices(model, "norm") + norm_slices(model, "fc_norm")
+        for head in ("head", "head_dist"):
+            if isinstance(getattr(model, head, None), nn.Linear):
+                res += linear_slices(model, head, "in")
+        groups = {"residual": Group("residual", "residual", model.embed_dim, res, module="")} | groups
+        return PruningSpace(self.arch, groups)
+
+    def stages(self) -> list[StageRef]:
+        model = self.model
+        blocks = tuple(BlockRef.pre_norm(model, i, 0, f"{self.blocks_attr}.{i}") for i in range(len(self._blocks)))
+        return [StageRef(0, blocks, "residual", None, model.patch_embed.proj.weight.shape[0],
+                         tuple(model.patch_embed.grid_size), model.num_prefix_tokens, model.cls_token is not None)]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.patch_embed(images)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.forward_head(m.norm(x))
+
+    def embed_modules(self) -> list[nn.Module]:
+        return [self.model.patch_embed, self.model.norm_pre]
+
+    def input_size(self) -> tuple[int, int, int]:
+        pe = self.model.patch_embed
+        h, w = pe.img_size
+        return pe.proj.in_channels, h, w
+
+    def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
+        if stage != 0:
+            raise IndexError(f"a VisionTransformer has one stage, got stage {stage}")
+        setattr(self.model, self.blocks_attr, nn.Sequential(*blocks))
+
+    def sync_attributes(self) -> None:
+        model = self.model
+        sync_generic_attributes(model)
+        c = model.patch_embed.proj.weight.shape[0]
+        model.embed_dim = model.num_features = model.head_hidden_size = c
+        for blk in self._blocks:
+            attn = blk.attn
+            attn.attn_dim = attn.qkv.weight.shape[0] // 3
+            attn.head_dim = attn.attn_dim // attn.num_heads
+            attn.scale = attn.head_dim ** -0.5
+
+    def build_recipe(self) -> dict:
+        model = self.model
+        pe = model.patch_embed
+        c = model.embed_dim
+        blocks = self._blocks
+        heads = blocks[0].attn.num_heads if len(blocks) else 1
+        kw = dict(
+            img_size=list(pe.img_size) if pe.img_size is not None else None,
+            patch_size=list(pe.patch_size),
+            in_chans=pe.proj.in_channels,
+            num_classes=model.num_classes,
+            global_pool=model.global_pool,
+            depth=len(blocks),
+            embed_dim=c,
+            num_heads=heads if c % heads == 0 else 1,
+            class_token=model.cls_token is not None,
+            reg_tokens=model.reg_token.shape[1] if getattr(model, "reg_token", None) is not None else 0,
+            no_embed_class=model.no_embed_class,
+            pos_embed="learn" if model.pos_embed is not None else "none",
+            qkv_bias=blocks[0].attn.qkv.bias is not None if len(blocks) else True,
+            init_values=1e-5 if len(blocks) and hasattr(blocks[0].ls1, "gamma") else None,
+            pre_norm=not isinstance(model.norm_pre, nn.Identity),
+            fc_norm=not isinstance(model.fc_norm, nn.Identity),
+            dynamic_img_size=getattr(model, "dynamic_img_size", False),
         )
-        h = blk.mlp.fc1.out_features
-        groups[f"{p}.mlp"] = Group(
-            f"{p}.mlp", "mlp", h,
-            linear_slices(model, f"{p}.mlp.fc1", "out") + linear_slices(model, f"{p}.mlp.fc2", "in"),
-            module=f"{p}.mlp",
-        )
-    res += norm_slices(model, "norm") + norm_slices(model, "fc_norm")
-    for head in ("head", "head_dist"):
-        if isinstance(getattr(model, head, None), nn.Linear):
-            res += linear_slices(model, head, "in")
-    groups = {"residual": Group("residual", "residual", model.embed_dim, res, module="")} | groups
-    return PruningSpace(ARCH, groups)
+        if isinstance(model.fc_norm, nn.Identity) and isinstance(model.norm, nn.Identity):
+            kw["final_norm"] = False  # only passed when needed: older timm has no such kwarg
+            kw.pop("fc_norm")
+        return kw
 
 
-def sync_attributes(model: nn.Module) -> None:
-    """Derive every size attribute from the tensors (after slicing or when rebuilding from a checkpoint)."""
-    sync_generic_attributes(model)
-    c = model.patch_embed.proj.weight.shape[0]
-    model.embed_dim = model.num_features = model.head_hidden_size = c
-    for blk in model.blocks:
-        attn = blk.attn
-        attn.attn_dim = attn.qkv.weight.shape[0] // 3
-        attn.head_dim = attn.attn_dim // attn.num_heads
-        attn.scale = attn.head_dim ** -0.5
+def _timm_version() -> str:
+    import timm
 
-
-def build_recipe(model: nn.Module) -> dict:
-    """Structural create_model kwargs that rebuild this model's module tree (sizes are restored separately)."""
-    pe = model.patch_embed
-    c = model.embed_dim
-    heads = model.blocks[0].attn.num_heads if len(model.blocks) else 1
-    kw = dict(
-        img_size=list(pe.img_size) if pe.img_size is not None else None,
-        patch_size=list(pe.patch_size),
-        in_chans=pe.proj.in_channels,
-        num_classes=model.num_classes,
-        global_pool=model.global_pool,
-        depth=len(model.blocks),
-        embed_dim=c,
-        num_heads=heads if c % heads == 0 else 1,
-        class_token=model.cls_token is not None,
-        reg_tokens=model.reg_token.shape[1] if getattr(model, "reg_token", None) is not None else 0,
-        no_embed_class=model.no_embed_class,
-        pos_embed="learn" if model.pos_embed is not None else "none",
-        qkv_bias=model.blocks[0].attn.qkv.bias is not None if len(model.blocks) else True,
-        init_values=1e-5 if len(model.blocks) and hasattr(model.blocks[0].ls1, "gamma") else None,
-        pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        fc_norm=not isinstance(model.fc_norm, nn.Identity),
-        dynamic_img_size=getattr(model, "dynamic_img_size", False),
-    )
-    if isinstance(model.fc_norm, nn.Identity) and isinstance(model.norm, nn.Identity):
-        kw["final_norm"] = False  # only passed when needed: older timm has no such kwarg
-        kw.pop("fc_norm")
-    return kw
-
-
-def extra_state(model: nn.Module) -> dict:
-    return {}
-
-
-def apply_extra_state(model: nn.Module, state: dict) -> None:
-    pass
+    return timm.__version__

@@ -10,9 +10,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import describe
-from ..errors import VitPruneError
-from ..prune import _tensor_of
-from ..space import Group
+from ..errors import ConfigError, InputError
+from ..space import Group, tensor_of
 
 
 def _per_channel(g: Group, values: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
@@ -46,13 +45,13 @@ def magnitude_scores(model: nn.Module, p: int = 2) -> dict[str, torch.Tensor]:
     Per-head tensors (Swin relative-position bias) are left out: they belong to whole heads.
     """
     if p not in (1, 2):
-        raise ValueError(f"p must be 1 or 2, got {p}")
+        raise ConfigError(f"p must be 1 or 2, got {p}")
     space = describe(model)
     out = {}
     with torch.no_grad():
         for name, g in space.groups.items():
             def values(t_name):
-                t = _tensor_of(model, t_name).detach()
+                t = tensor_of(model, t_name).detach()
                 return t.abs() if p == 1 else t.double().square()
 
             acc = _per_channel(g, values)
@@ -122,5 +121,5 @@ def taylor_scores(
             t.requires_grad_(f)
         model.train(was_training)
     if seen == 0:
-        raise VitPruneError("taylor_scores: the data yielded no batches")
+        raise InputError("taylor_scores: the data yielded no batches")
     return scores

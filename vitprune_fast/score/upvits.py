@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -24,15 +23,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import adapter_for
-from ..errors import VitPruneError
-from ..masked import masked_layer_norm
+from ..arch import BlockRef, adapter_for
+from ..errors import ConfigError, InputError, PlanError
+from ..kernels.expand_ln import expand_ln
+from ..kernels.kl_div import kl_per_candidate
+from ..kernels.masked_layernorm import masked_layer_norm
+from ..kernels.utils import HAS_TRITON, resolve_backend
+from ..overrides import replaced_forward, replaced_output
 from ..plan import Plan
-from ..prune import _tensor_of, prune_
-from ..space import Group, PruningSpace
-from .kl import kl_sum
+from ..prune import prune_
+from ..space import Group, PruningSpace, tensor_of
 from .store import ScoreStore, fingerprint
-from .trunk import Trunk
 
 COMPONENTS = ("residual", "attn", "mlp", "blocks")
 UNIT_KINDS = ("block", "attn", "mlp", "hybrid")  # whole block i; MSA_i; FFN_i; FFN_i + MSA_{i+1}
@@ -50,68 +51,47 @@ def _chunks(images, batch_size: int) -> list[torch.Tensor]:
     """Proxy images as a list of [n, C, H, W] chunks (a tensor is split; a loader's batches are kept)."""
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or not images.is_floating_point():
-            raise VitPruneError(f"images must be a float [N, C, H, W] tensor, got {images.dtype} {tuple(images.shape)}")
+            raise InputError(f"images must be a float [N, C, H, W] tensor, got {images.dtype} {tuple(images.shape)}")
         if images.shape[0] == 0:
-            raise VitPruneError("no proxy images")
+            raise InputError("no proxy images")
         return list(images.split(batch_size))
     if not isinstance(images, Iterable):
-        raise VitPruneError(f"images must be a tensor or an iterable of batches, got {type(images).__name__}")
+        raise InputError(f"images must be a tensor or an iterable of batches, got {type(images).__name__}")
     out = []
     for batch in images:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise VitPruneError("each batch must be an image tensor [n, C, H, W] or a tuple whose first item is one")
+            raise InputError("each batch must be an image tensor [n, C, H, W] or a tuple whose first item is one")
         out.append(x)
     if not out:
-        raise VitPruneError("the loader yielded no batches")
+        raise InputError("the loader yielded no batches")
     return out
 
 
-def _work_list(space: PruningSpace, trunk: Trunk, components: Sequence[str]) -> list[_Work]:
+def _work_list(space: PruningSpace, n_blocks: int, components: Sequence[str]) -> list[_Work]:
     bad = [c for c in components if c not in COMPONENTS]
     if bad or not components:
-        raise VitPruneError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
+        raise ConfigError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
     work = [_Work(g.name, g.kind, g.size) for g in space.groups.values() if g.kind in components]
     if "blocks" in components:
-        n = len(trunk.blocks)
-        work += [_Work(f"units.{k}", "unit", n - 1 if k == "hybrid" else n) for k in UNIT_KINDS]
+        work += [_Work(f"units.{k}", "unit", n_blocks - 1 if k == "hybrid" else n_blocks) for k in UNIT_KINDS]
     return [w for w in work if w.size > 0]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def _precomputed_norm1(block: nn.Module, z: torch.Tensor):
-    """The next call of ``block.norm1`` returns ``z`` (already computed by the fused expand+LayerNorm kernel)."""
-    norm = block.norm1
-    norm.forward = lambda x: z.view(x.shape)
-    try:
-        yield
-    finally:
-        norm.__dict__.pop("forward", None)
-
-
-@contextlib.contextmanager
-def _hooks(pairs: Iterable[tuple[nn.Module, callable]]):
-    """Forward hooks that replace a module's output: ``fn(output) -> new output``."""
-    handles = [m.register_forward_hook(lambda _m, _i, out, fn=fn: fn(out)) for m, fn in pairs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _zero(out: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(out)
 
 
-def _unit_branches(blocks: list[nn.Module], kind: str, i: int) -> list[nn.Module]:
+def _unit_branches(model: nn.Module, blocks: Sequence[BlockRef], kind: str, i: int) -> list[nn.Module]:
     """Residual branches a block unit removes (UP-ViTs §4): their outputs become zero."""
     if kind == "block":
-        return [blocks[i].attn, blocks[i].mlp]
-    if kind == "hybrid":  # FFN_i + MSA_{i+1}: a residual unit straddling two blocks
-        return [blocks[i].mlp, blocks[i + 1].attn]
-    return [getattr(blocks[i], kind)]
+        paths = [blocks[i].attn, blocks[i].mlp]
+    elif kind == "hybrid":  # FFN_i + MSA_{i+1}: a residual unit straddling two blocks
+        paths = [blocks[i].mlp, blocks[i + 1].attn]
+    else:
+        paths = [getattr(blocks[i], kind)]
+    return [model.get_submodule(p) for p in paths]
 
 
 def _ln_slices(model: nn.Module, group: Group) -> list[tuple[nn.LayerNorm, object]]:
@@ -125,28 +105,26 @@ def _ln_slices(model: nn.Module, group: Group) -> list[tuple[nn.LayerNorm, objec
     return out
 
 
-@contextlib.contextmanager
-def _masked_norms(lns, keep_masks: list[torch.Tensor], use_kernel: bool):
-    """Make each LayerNorm normalise over a per-candidate channel set. Masks: [K, width] per LayerNorm."""
+def _removal_masks(width: int, cands: torch.Tensor, index_map) -> torch.Tensor:
+    """[K, width] bool keep-masks, built on the host: row i drops the entries ``index_map(cands[i])`` maps to."""
+    k = len(cands)
+    keep = torch.ones(k, width, dtype=torch.bool)
+    cols = torch.stack([index_map(c.view(1)) for c in cands])  # [K, entries per candidate]
+    keep[torch.arange(k)[:, None], cols] = False
+    return keep
 
-    def masked_forward(self, x, mask):
-        k = mask.shape[0]
-        flat = x.reshape(k, -1, x.shape[-1])  # [K, rows of one candidate, D]: candidates are batch-major
-        if use_kernel:
-            from ..kernels.masked_layernorm import masked_layer_norm as kernel
 
-            y = kernel(flat.reshape(-1, flat.shape[-1]), mask != 0, self.weight, self.bias, self.eps)
-        else:
-            y = masked_layer_norm(flat, mask[:, None, :], self.weight, self.bias, self.eps)
-        return y.reshape(x.shape)
+def _masked_norm_forwards(lns, keep_masks: list[torch.Tensor], backend: str):
+    """(LayerNorm, forward) pairs normalising each candidate's rows over its kept channels ([K, width] masks)."""
 
-    try:
-        for (ln, _), mask in zip(lns, keep_masks, strict=True):
-            ln.forward = types.MethodType(lambda self, x, m=mask: masked_forward(self, x, m), ln)
-        yield
-    finally:
-        for ln, _ in lns:
-            ln.__dict__.pop("forward", None)
+    def forward(ln: nn.LayerNorm, mask: torch.Tensor):
+        def fn(x):
+            flat = x.reshape(-1, x.shape[-1])  # candidates are batch-major: mask row k covers candidate k's rows
+            return masked_layer_norm(flat, mask, ln.weight, ln.bias, ln.eps, backend=backend).reshape(x.shape)
+
+        return fn
+
+    return [(ln, forward(ln, mask)) for (ln, _), mask in zip(lns, keep_masks, strict=True)]
 
 
 def _repeat(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -155,12 +133,23 @@ def _repeat(x: torch.Tensor, k: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- fast engine
 class FastEngine:
-    """Exact scores with prefix reuse, cheap deltas and candidate batching."""
+    """Exact scores with prefix reuse, cheap deltas and candidate batching.
+
+    Args:
+        model: the model (eval mode, not modified).
+        space: ``describe(model)``.
+        max_rows: images × candidates per pass.
+        use_kernels: the Triton kernels (fused KL, masked LayerNorm, expansion + LayerNorm) instead of their
+            plain-torch references.
+    """
 
     def __init__(self, model: nn.Module, space: PruningSpace, max_rows: int, use_kernels: bool = False):
-        self.model, self.space, self.trunk = model, space, Trunk.of(model)
+        adapter = adapter_for(model)
+        self.model, self.space, self.trunk = model, space, adapter.trunk()
+        self.refs, self.stages = adapter.blocks(), adapter.stages()
+        self.embed_modules = adapter.embed_modules()
         self.max_rows = max_rows
-        self.kernels = use_kernels
+        self.backend = "triton" if use_kernels else "torch"
         self._cache_key, self._cache = None, None
 
     def teacher(self, x: torch.Tensor, key) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -182,50 +171,46 @@ class FastEngine:
         return torch.cat(out)
 
     def _suffix_kl(self, y: torch.Tensor, b: int, logits: torch.Tensor, k: int) -> torch.Tensor:
-        return kl_sum(logits, self.trunk.run(y, b + 1), k, self.kernels)
+        return kl_per_candidate(logits, self.trunk.run(y, b + 1), k, backend=self.backend)
 
     def _mlp(self, work, cands, x, inputs, logits):
         """Removing hidden unit j changes block b's output by −act_j ⊗ (γ ⊙ W2[:, j]) (exact)."""
-        trunk, b = self.trunk, self.trunk.block_index(work.name)
-        blk = trunk.blocks[b]
+        trunk, model, b = self.trunk, self.model, self.trunk.block_index(work.name)
+        ref = self.refs[b]
         cap = {}
-        with _hooks([(blk.mlp.act, lambda out: cap.setdefault("h", out))]):
-            y = blk(trunk.enter(inputs[b], b))  # [n, *S, D]
+        with replaced_output([(model.get_submodule(ref.act), lambda out: cap.setdefault("h", out))]):
+            y = trunk.blocks[b](trunk.enter(inputs[b], b))  # [n, *S, D]
         h = cap["h"].reshape(*y.shape[:-1], -1)  # [n, *S, H]
-        w = blk.mlp.fc2.weight[:, cands].T  # [K, D]
-        gamma = getattr(getattr(blk, "ls2", None), "gamma", None)
-        if gamma is not None:
-            w = w * gamma
-        a = h[..., cands].movedim(-1, 0)  # [K, n, *S]
-        k = len(cands)
-        nxt = b + 1
-        if self.kernels and nxt < len(trunk.blocks) and nxt not in trunk.stage_start:
-            from ..kernels.expand_ln import expand_ln
-
-            norm1 = trunk.blocks[nxt].norm1
-            n = y.shape[0]
-            xs, z = expand_ln(y.reshape(n, -1, y.shape[-1]), a.reshape(k, n, -1).to(y.dtype).contiguous(),
-                              w.to(y.dtype).contiguous(), norm1.weight, norm1.bias, norm1.eps)  # [K·n, T, D] each
-            with _precomputed_norm1(trunk.blocks[nxt], z):
-                return self._suffix_kl(xs.view(k * n, *y.shape[1:]), b, logits, k)
-        ys = (y.unsqueeze(0) - a.unsqueeze(-1) * w.view(k, *([1] * (y.dim() - 1)), -1)).flatten(0, 1)
-        return self._suffix_kl(ys, b, logits, k)
+        idx = cands.to(h.device)
+        w = model.get_submodule(ref.fc2).weight[:, idx].T  # [K, D]
+        if ref.ls2 is not None:
+            w = w * model.get_submodule(ref.ls2).gamma
+        k, n = len(cands), y.shape[0]
+        a = h.index_select(-1, idx).movedim(-1, 0)  # [K, n, *S]
+        nxt = b + 1  # the next block's norm1 reads this output directly unless a stage entry comes between
+        norm = (model.get_submodule(self.refs[nxt].norm1) if nxt < len(trunk.blocks) and nxt not in trunk.stage_start
+                else None)
+        xs, z = expand_ln(y.reshape(n, -1, y.shape[-1]), a.reshape(k, n, -1).to(y.dtype).contiguous(),
+                          w.to(y.dtype).contiguous(), *((norm.weight, norm.bias, norm.eps) if norm else ()),
+                          backend=self.backend)  # [K·n, T, D] each
+        xs = xs.view(k * n, *y.shape[1:])
+        if norm is None:
+            return self._suffix_kl(xs, b, logits, k)
+        with replaced_forward([(norm, lambda inp: z.view(inp.shape))]):  # norm1 of block b+1 is z already
+            return self._suffix_kl(xs, b, logits, k)
 
     def _attn(self, work, cands, x, inputs, logits):
         """Removing attention dim d zeroes q_d, k_d, v_d: rerun block b with a per-candidate qkv mask."""
         trunk, b = self.trunk, self.trunk.block_index(work.name)
-        blk = trunk.blocks[b]
         a, k = work.size, len(cands)
-        mask = torch.ones(k, 3 * a, dtype=inputs[b].dtype, device=inputs[b].device)
-        rows = torch.arange(k)
-        for r in range(3):
-            mask[rows, r * a + cands] = 0
+        keep = _removal_masks(3 * a, cands, lambda c: torch.cat([c + r * a for r in range(3)]))  # [K, 3A]
+        keep = keep.to(inputs[b].device, non_blocking=True)
 
-        def apply(out):
-            return (out.reshape(k, -1, 3 * a) * mask[:, None, :]).reshape(out.shape)
+        def apply(out):  # [K·n, *S, 3A]: candidate-major rows; zeroing keeps the activation's dtype
+            return out.reshape(k, -1, 3 * a).masked_fill(~keep[:, None, :], 0).reshape(out.shape)
 
-        with _hooks([(blk.attn.qkv, apply)]):
-            y = blk(_repeat(trunk.enter(inputs[b], b), k))
+        with replaced_output([(self.model.get_submodule(self.refs[b].qkv), apply)]):
+            y = trunk.blocks[b](_repeat(trunk.enter(inputs[b], b), k))
         return self._suffix_kl(y, b, logits, k)
 
     def _residual(self, work, cands, x, inputs, logits):
@@ -234,31 +219,23 @@ class FastEngine:
         group = self.space.groups[work.name]
         lns = _ln_slices(model, group)
         k = len(cands)
-        masks = []
-        for ln, sl in lns:
-            m = torch.ones(k, ln.weight.shape[0], dtype=inputs[0].dtype, device=inputs[0].device)
-            for i, c in enumerate(cands):
-                m[i, sl.indices(c.view(1))] = 0
-            masks.append(m)
-        with _masked_norms(lns, masks, self.kernels):
+        dev = inputs[0].device
+        masks = [_removal_masks(ln.weight.shape[0], cands, sl.indices).to(dev, non_blocking=True) for ln, sl in lns]
+        with replaced_forward(_masked_norm_forwards(lns, masks, self.backend)):
             if any(self._in_prefix(ln) for ln, _ in lns):  # e.g. patch_embed.norm: start from the images
                 out = trunk.run(trunk.prefix(_repeat(x, k)), 0)
             else:
                 s = self._first_block(group)
                 out = trunk.run(_repeat(inputs[s], k), s)
-        return kl_sum(logits, out, k, self.kernels)
+        return kl_per_candidate(logits, out, k, backend=self.backend)
 
     def _first_block(self, group: Group) -> int:
         """First block whose input carries this residual group's channels."""
-        if self.trunk.arch == "vit" or group.name == "layers.0.residual":
-            return 0
-        stage = int(group.name.split(".")[1])
-        return self.trunk.stage_of.index(stage)
+        stage = next(s for s in self.stages if s.residual == group.name)
+        return stage.blocks[0].index
 
     def _in_prefix(self, ln: nn.Module) -> bool:
-        m = self.model
-        pre = [m.patch_embed] + ([m.norm_pre] if hasattr(m, "norm_pre") else [])
-        return any(ln is sub for p in pre for sub in p.modules())
+        return any(ln is sub for m in self.embed_modules for sub in m.modules())
 
     def _unit(self, work, cands, x, inputs, logits):
         """Block units: skip a branch (its output becomes zero), the rest of the block still runs."""
@@ -266,13 +243,12 @@ class FastEngine:
         trunk = self.trunk
         out = []
         for i in cands.tolist():
-            blks = trunk.blocks
             if kind == "block":
                 y = trunk.run(trunk.enter(inputs[i], i), i + 1)
             else:
-                with _hooks([(m, _zero) for m in _unit_branches(blks, kind, i)]):
+                with replaced_output([(m, _zero) for m in _unit_branches(self.model, self.refs, kind, i)]):
                     y = trunk.run(inputs[i], i)
-            out.append(kl_sum(logits, y, 1, self.kernels))
+            out.append(kl_per_candidate(logits, y, 1, backend=self.backend))
         return torch.cat(out)
 
 
@@ -282,8 +258,8 @@ class ReferenceEngine:
 
     def __init__(self, model: nn.Module, space: PruningSpace, teacher: str = "cached"):
         if teacher not in ("cached", "recompute"):
-            raise VitPruneError(f"teacher must be 'cached' or 'recompute', got {teacher!r}")
-        self.model, self.space, self.trunk, self.teacher_mode = model, space, Trunk.of(model), teacher
+            raise ConfigError(f"teacher must be 'cached' or 'recompute', got {teacher!r}")
+        self.model, self.space, self.refs, self.teacher_mode = model, space, adapter_for(model).blocks(), teacher
         self._cache_key, self._logits = None, None
 
     def score(self, work: _Work, x: torch.Tensor, key, progress) -> torch.Tensor:
@@ -294,7 +270,7 @@ class ReferenceEngine:
             with self._candidate(work, c) as cand:
                 student = cand(x)
             teacher = self._logits if self.teacher_mode == "cached" else self.model(x)
-            out.append(kl_sum(teacher, student, 1))
+            out.append(kl_per_candidate(teacher, student, 1, backend="torch"))
             progress(1)
         return torch.cat(out)
 
@@ -305,7 +281,7 @@ class ReferenceEngine:
             g = self.space.groups[work.name]
             keep = torch.cat([torch.arange(c), torch.arange(c + 1, g.size)])
             if keep.numel() == 0:
-                raise VitPruneError(f"{work.name} has a single channel; removing it leaves nothing to score")
+                raise PlanError(f"{work.name} has a single channel; removing it leaves nothing to score")
             cand = copy.deepcopy(model)
             yield prune_(cand, Plan.from_space(self.space, {work.name: keep}))
         elif work.kind == "attn":  # zero q_d, k_d, v_d (weights and bias) and proj column d, then restore
@@ -314,7 +290,7 @@ class ReferenceEngine:
             for sl in g.slices:
                 if sl.per_head:
                     continue
-                t = _tensor_of(model, sl.name)
+                t = tensor_of(model, sl.name)
                 idx = sl.indices(torch.tensor([c])).to(t.device)  # index_select / _fill_ / _copy_: same device
                 saved.append((t, sl.dim, idx, t.detach().index_select(sl.dim, idx).clone()))
                 t.detach().index_fill_(sl.dim, idx, 0.0)
@@ -325,7 +301,7 @@ class ReferenceEngine:
                     t.detach().index_copy_(dim, idx, v)
         else:
             kind = work.name.split(".", 1)[1]
-            with _hooks([(m, _zero) for m in _unit_branches(self.trunk.blocks, kind, c)]):
+            with replaced_output([(m, _zero) for m in _unit_branches(model, self.refs, kind, c)]):
                 yield model
 
 
@@ -383,8 +359,9 @@ def upvits_scores(
         autocast_dtype: e.g. ``torch.bfloat16`` to run under CUDA autocast.
         teacher: reference engine only: ``"cached"`` or ``"recompute"`` (the teacher forward per candidate,
             as the published scripts do).
-        use_kernels: fast engine: use the Triton kernels (fused KL, masked LayerNorm, expansion + LayerNorm).
-            Default: on CUDA. On CPU they need ``TRITON_INTERPRET=1`` (tests use that).
+        use_kernels: fast engine: use the Triton kernels (fused KL, masked LayerNorm, expansion + LayerNorm)
+            instead of their plain-torch references. Default: on CUDA when triton is installed. On CPU they need
+            ``TRITON_INTERPRET=1`` (tests use that); without triton, ``True`` raises ``KernelUnavailableError``.
         groups: optional subset of group names (and ``units.*`` names) to score.
 
     Returns:
@@ -396,22 +373,24 @@ def upvits_scores(
     returns the full, identical result.
     """
     adapter = adapter_for(model)
-    space = adapter.describe(model)
+    space = adapter.describe()
     if engine not in ("fast", "reference"):
-        raise VitPruneError(f"engine must be 'fast' or 'reference', got {engine!r}")
+        raise ConfigError(f"engine must be 'fast' or 'reference', got {engine!r}")
     if batch_size < 1:
-        raise VitPruneError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     chunks = _chunks(images, batch_size)
-    work = _work_list(space, Trunk.of(model), components)
+    work = _work_list(space, len(adapter.blocks()), components)
     if groups is not None:
         unknown = sorted(set(groups) - {w.name for w in work})
         if unknown:
-            raise VitPruneError(f"groups {unknown[:5]} are not among the scored components' groups")
+            raise ConfigError(f"groups {unknown[:5]} are not among the scored components' groups")
         work = [w for w in work if w.name in set(groups)]
     was_training = model.training
     model.eval()
     rank, world = _dist_info()
-    kernels = chunks[0].is_cuda if use_kernels is None else bool(use_kernels)
+    kernels = chunks[0].is_cuda and HAS_TRITON if use_kernels is None else bool(use_kernels)
+    if kernels and engine == "fast":
+        resolve_backend("triton", chunks[0])  # a clear error now if the kernels cannot run here
     settings = {"components": sorted(components), "dtype": str(autocast_dtype), "kernels": kernels,
                 "groups": sorted(w.name for w in work)}
     store = None

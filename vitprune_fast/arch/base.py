@@ -1,0 +1,266 @@
+"""The adapter contract: one model family's structure, the only place that knows it.
+
+Everything above the pruning core -- the UP-ViTs engines, DAP, DIMAP, depth pruning, FLOPs targets, persistence --
+asks an :class:`Adapter` for blocks, stages, the trunk and sizes; none of them walks ``model.blocks`` or
+``model.layers``. Adding a model family means one subclass (one file) registered with
+:func:`vitprune_fast.arch.register_adapter`, and its tests.
+
+The blocks an adapter reports are pre-norm transformer blocks with two residual branches::
+
+    x = x + ls1(attn(norm1(x)))        attn: fused qkv Linear -> heads -> proj Linear
+    x = x + ls2(mlp(norm2(x)))         mlp: fc1 Linear -> act -> fc2 Linear
+
+which is what the UP-ViTs deltas (rank-1 MLP units, masked qkv rows), DAP's gates and DIMAP's module pools rely
+on. A family whose blocks differ must say so with a clear ``UnsupportedModelError`` in :meth:`Adapter.describe`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..space import Group, PruningSpace, tensor_of
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One transformer block, by module paths in the model (see the module docstring for its shape).
+
+    Attributes:
+        index: position in forward order, across stages.
+        stage: index of the stage it belongs to.
+        path: module path of the block (``blocks.3``, ``layers.1.blocks.0``).
+        attn: module path of its attention; also the name of its ``attn`` group.
+        mlp: module path of its MLP; also the name of its ``mlp`` group.
+        norm1, norm2: the LayerNorms in front of the attention and the MLP branch.
+        qkv, proj: the attention's fused q/k/v Linear and output Linear.
+        fc1, act, fc2: the MLP's Linears and the activation between them (its output is the hidden unit).
+        ls1, ls2: LayerScale modules with a ``gamma`` on the attention / MLP branch, or None.
+    """
+
+    index: int
+    stage: int
+    path: str
+    attn: str
+    mlp: str
+    norm1: str
+    norm2: str
+    qkv: str
+    proj: str
+    fc1: str
+    act: str
+    fc2: str
+    ls1: str | None = None
+    ls2: str | None = None
+
+    @classmethod
+    def pre_norm(cls, model: nn.Module, index: int, stage: int, path: str) -> BlockRef:
+        """The reference for timm's pre-norm blocks (``norm1 attn ls1 norm2 mlp ls2`` children)."""
+        blk = model.get_submodule(path)
+        ls = {n: f"{path}.{n}" if hasattr(getattr(blk, n, None), "gamma") else None for n in ("ls1", "ls2")}
+        return cls(index, stage, path, f"{path}.attn", f"{path}.mlp", f"{path}.norm1", f"{path}.norm2",
+                   f"{path}.attn.qkv", f"{path}.attn.proj", f"{path}.mlp.fc1", f"{path}.mlp.act",
+                   f"{path}.mlp.fc2", ls["ls1"], ls["ls2"])
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """Consecutive blocks with one residual width and one token grid.
+
+    Attributes:
+        index: stage index (ViT: a single stage 0).
+        blocks: its blocks in forward order.
+        residual: name of the residual group carried by its blocks.
+        entry: module path run right before its first block (Swin: the PatchMerging), or None.
+        width: residual width C of its blocks.
+        grid: ``(h, w)`` patch-token grid of its blocks.
+        prefix_tokens: class / distillation / register tokens in front of the patch tokens.
+        has_cls: whether token 0 is a class token (else a pooled head reads the patch tokens).
+    """
+
+    index: int
+    blocks: tuple[BlockRef, ...]
+    residual: str
+    entry: str | None
+    width: int
+    grid: tuple[int, int]
+    prefix_tokens: int = 0
+    has_cls: bool = False
+
+
+@dataclass
+class Trunk:
+    """``model(images)`` as a flat sequence, so a pass can start at any block (eval mode).
+
+    ``embed -> [enter(i) -> blocks[i]] for every block i -> head``; ``enter`` runs a stage's entry module (Swin
+    PatchMerging) in front of its first block and is the identity elsewhere.
+
+    Attributes:
+        blocks: block modules in forward order.
+        names: module path of each block.
+        stage_start: block index -> entry module run before it.
+        stage_of: block index -> stage index.
+        embed: images -> input of block 0.
+        head_fn: output of the last block -> logits.
+    """
+
+    blocks: list[nn.Module]
+    names: list[str]
+    stage_start: dict[int, nn.Module]
+    stage_of: list[int]
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    head_fn: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Trunk:
+        """The trunk of a supported model (asks its adapter)."""
+        from . import adapter_for
+
+        return adapter_for(model).trunk()
+
+    def prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Embedding: images -> input of block 0 (before a stage-0 entry, if any)."""
+        return self.embed(images)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of the last block -> logits."""
+        return self.head_fn(x)
+
+    def enter(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Apply the entry module that precedes block ``i`` (identity inside a stage)."""
+        entry = self.stage_start.get(i)
+        return entry(x) if entry is not None else x
+
+    def run(self, x: torch.Tensor, start: int, end: int | None = None) -> torch.Tensor:
+        """Run blocks ``start..end-1`` (with the stage entries in between), then the head when ``end`` is None.
+
+        Args:
+            x: input of block ``start``, before the entry module that begins its stage (if any).
+        """
+        stop = len(self.blocks) if end is None else end
+        for i in range(start, stop):
+            x = self.blocks[i](self.enter(x, i))
+        return self.head(x) if end is None else x
+
+    def block_index(self, module_path: str) -> int:
+        """Index of the block that owns ``module_path`` (e.g. ``blocks.3.attn`` -> 3)."""
+        for i, name in enumerate(self.names):
+            if module_path == name or module_path.startswith(name + "."):
+                return i
+        raise KeyError(module_path)
+
+    def teacher(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Inputs of every block (before any stage entry) and the logits."""
+        x = self.prefix(images)
+        inputs = []
+        for i, blk in enumerate(self.blocks):
+            inputs.append(x)
+            x = blk(self.enter(x, i))
+        return inputs, self.head(x)
+
+
+class Adapter(ABC):
+    """One model family's structure, bound to one model (``adapter_for(model)`` returns it).
+
+    Subclasses implement the abstract methods; the concrete ones derive everything else from them. Results reflect
+    the model as it is when called: ask again after depth pruning (block lists change) -- width pruning keeps
+    every module and path.
+
+    Attributes:
+        arch: short family name, recorded in saved models (``vit``, ``swin``).
+        model: the bound model.
+    """
+
+    arch: ClassVar[str]
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # ------------------------------------------------------------------------------------------- identity
+    @classmethod
+    @abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter is the one for ``model`` (cheap: a type check, no validation)."""
+
+    # ------------------------------------------------------------------------------------------ structure
+    @abstractmethod
+    def describe(self) -> PruningSpace:
+        """Every prunable group with all its tensor slices; ``UnsupportedModelError`` naming what is not."""
+
+    @abstractmethod
+    def stages(self) -> list[StageRef]:
+        """The stages in forward order (possibly a stage without blocks)."""
+
+    def blocks(self) -> list[BlockRef]:
+        """Every block in forward order, across stages."""
+        return [b for s in self.stages() for b in s.blocks]
+
+    @abstractmethod
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> the input of block 0 (before a stage-0 entry module)."""
+
+    @abstractmethod
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of the last block -> logits (final norm, pooling, classifier)."""
+
+    @abstractmethod
+    def embed_modules(self) -> list[nn.Module]:
+        """Modules :meth:`embed` runs (a residual LayerNorm among them means scoring starts from the images)."""
+
+    @abstractmethod
+    def input_size(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images the model expects."""
+
+    def trunk(self) -> Trunk:
+        """The model as prefix -> blocks -> head (the KL engine's view)."""
+        model = self.model
+        stages = self.stages()
+        blocks = [b for s in stages for b in s.blocks]
+        starts = {s.blocks[0].index: model.get_submodule(s.entry) for s in stages if s.entry and s.blocks}
+        return Trunk([model.get_submodule(b.path) for b in blocks], [b.path for b in blocks], starts,
+                     [b.stage for b in blocks], self.embed, self.head)
+
+    def unit_params(self, group: Group) -> tuple[int, int]:
+        """Parameters one unit of ``group`` removes: ``(per channel, per head)``.
+
+        Per channel: every tensor slice the channel implies (``repeats`` entries along its dim, each the
+        tensor's other dims); per head: the per-head tensors (Swin relative-position bias columns), which go only
+        when a whole head goes. Only parameters count (a buffer sliced along is not one).
+        """
+        params = {id(p) for p in self.model.parameters()}
+        per_channel = per_head = 0
+        for sl in group.slices:
+            t = tensor_of(self.model, sl.name)
+            if id(t) not in params:
+                continue
+            per_index = t.numel() // t.shape[sl.dim]
+            if sl.per_head:
+                per_head += per_index
+            else:
+                per_channel += sl.repeats * per_index
+        return per_channel, per_head
+
+    # ---------------------------------------------------------------------------------------- mutation
+    @abstractmethod
+    def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
+        """Replace stage ``stage``'s blocks with ``blocks`` (depth pruning), keeping attributes consistent."""
+
+    @abstractmethod
+    def sync_attributes(self) -> None:
+        """Derive every size attribute from the tensors (after slicing, or when rebuilding from a checkpoint)."""
+
+    # ------------------------------------------------------------------------------------- persistence
+    @abstractmethod
+    def build_recipe(self) -> dict:
+        """Structural ``timm.create_model`` kwargs that rebuild the module tree (sizes are restored apart)."""
+
+    def extra_state(self) -> dict:
+        """JSON-able state the recipe cannot express (e.g. Swin's per-block shift layout after depth pruning)."""
+        return {}
+
+    def apply_extra_state(self, state: dict) -> None:  # noqa: B027 -- optional hook, nothing to restore by default
+        """Restore :meth:`extra_state` on a freshly built model."""

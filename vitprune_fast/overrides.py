@@ -1,0 +1,50 @@
+"""Temporary module overrides that put back exactly what was there.
+
+Patching ``module.forward`` on an instance and then deleting it would also delete a forward that another library
+had bound to that instance; :func:`replaced_forward` saves and restores the instance attribute itself.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+
+from torch import nn
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def replaced_forward(pairs: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Inside the block, calling each module runs its paired function instead of its forward.
+
+    Hooks registered on the modules still run (``nn.Module.__call__`` calls the instance's ``forward``).
+
+    Args:
+        pairs: ``(module, fn)``; ``fn`` takes the forward's arguments.
+    """
+    saved = []
+    try:
+        for module, fn in pairs:
+            saved.append((module, module.__dict__.get("forward", _ABSENT)))
+            module.forward = fn
+        yield
+    finally:
+        for module, old in reversed(saved):
+            if old is _ABSENT:
+                del module.__dict__["forward"]
+            else:
+                module.forward = old
+
+
+@contextlib.contextmanager
+def replaced_output(pairs: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Inside the block, each module's output is replaced by ``fn(output)`` (a forward hook, removed after)."""
+    handles = [m.register_forward_hook(lambda _m, _i, out, fn=fn: fn(out)) for m, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+__all__ = ["replaced_forward", "replaced_output"]

@@ -1,0 +1,67 @@
+"""DIMAP's view of a model: every block's attention and MLP, and the weights of its three modules.
+
+Asked of the model's adapter (:mod:`vitprune_fast.arch`), the one owner of model structure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ...arch import adapter_for
+
+MODULES = ("qkv", "proj", "mlp")  # QKV-M, PRJ-M, MLP-M
+
+
+@dataclass(frozen=True)
+class DimapBlock:
+    """The prunable parts of one transformer block.
+
+    Attributes:
+        attn: module path of the attention (also its structured group name).
+        mlp: module path of the MLP (also its structured group name).
+        num_heads: attention heads.
+        head_dim: channels per head (attention channel ``d`` belongs to head ``d // head_dim``).
+        hidden: MLP hidden units.
+        qkv, proj, fc1, fc2: module paths of the block's four Linears.
+    """
+
+    attn: str
+    mlp: str
+    num_heads: int
+    head_dim: int
+    hidden: int
+    qkv: str
+    proj: str
+    fc1: str
+    fc2: str
+
+    @property
+    def attn_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+def find_blocks(model: nn.Module) -> list[DimapBlock]:
+    """Every transformer block's attention and MLP, in forward order, from the model's adapter.
+
+    Raises:
+        UnsupportedModelError: a model no adapter supports (the error names what is missing).
+    """
+    adapter = adapter_for(model)
+    groups = adapter.describe().groups
+    out = []
+    for b in adapter.blocks():
+        attn, mlp = groups[b.attn], groups[b.mlp]
+        out.append(DimapBlock(b.attn, b.mlp, attn.num_heads, attn.head_dim, mlp.size, b.qkv, b.proj, b.fc1, b.fc2))
+    return out
+
+
+def prunable_weights(model: nn.Module) -> dict[str, list[str]]:
+    """DIMAP's modules: ``{"qkv": [...], "proj": [...], "mlp": [...]}`` -> weight parameter names (MLP-M holds
+    fc1 and fc2 of every block, in block order)."""
+    out: dict[str, list[str]] = {m: [] for m in MODULES}
+    for b in find_blocks(model):
+        out["qkv"].append(f"{b.qkv}.weight")
+        out["proj"].append(f"{b.proj}.weight")
+        out["mlp"] += [f"{b.fc1}.weight", f"{b.fc2}.weight"]
+    return out
