@@ -7,7 +7,7 @@ import torch
 from models import randomize_
 
 import vitprune_fast as vpf
-from vitprune_fast.arch import Trunk, adapter_for
+from vitprune_fast.arch import adapter_for
 from vitprune_fast.depth import lowest_units, prune_depth_, remove_units_
 from vitprune_fast.overrides import replaced_output
 from vitprune_fast.score import upvits as up
@@ -24,6 +24,10 @@ SMALL = {  # tiny configs: the reference loop runs one full forward per candidat
                                                   depths=(2, 2), num_heads=(2, 3), mlp_ratio=2, num_classes=5)),
 }
 ALL = ("residual", "attn", "mlp", "blocks")
+
+
+def _trunk(model):
+    return adapter_for(model).trunk()
 
 
 def small(key, seed=0):
@@ -169,12 +173,12 @@ def test_uniform_width_plan_from_scores_prunes_to_smaller_model():
 @pytest.mark.parametrize("kind", ["block", "hybrid"])
 def test_depth_removal_equals_skipping_the_unit(key, kind):
     model, x = small(key), images()
-    trunk = Trunk.of(model)
+    trunk = _trunk(model)
     refs = adapter_for(model).blocks()
     with torch.no_grad(), replaced_output([(m, up._zero) for m in up._unit_branches(model, refs, kind, 0)]):
         want = model(x)
     pruned = remove_units_(copy.deepcopy(model), [(kind, 0)])
-    assert len(Trunk.of(pruned).blocks) == len(trunk.blocks) - 1
+    assert len(_trunk(pruned).blocks) == len(trunk.blocks) - 1
     assert torch.allclose(pruned(x), want, rtol=1e-12, atol=1e-12)
 
 

@@ -8,13 +8,12 @@ counted on pruned meta-device copies (:func:`vitprune_fast.flops.plan_flops`), s
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from .arch import describe
+from .arch import adapter_for, describe
 from .errors import PlanError
 from .flops import count_flops, plan_flops
 from .plan import Plan, make_plan
@@ -133,9 +132,14 @@ def keep_for_flops(model: nn.Module, target: float, kinds: str | Iterable[str] =
     return r, frac(r)
 
 
-def _canonical(name: str) -> str:
-    """Block-independent group name: ``layers.1.blocks.3.attn`` -> ``layers.1.blocks.0.attn``."""
-    return re.sub(r"blocks\.\d+", "blocks.0", name)
+def _stage_keys(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Group name -> ``(kind, stage)``: one key for a stage's residual and one per kind for all its blocks."""
+    keys = {}
+    for st in adapter_for(model).stages():
+        keys[st.residual] = ("residual", st.index)
+        for b in st.blocks:
+            keys[b.attn], keys[b.mlp] = ("attn", st.index), ("mlp", st.index)
+    return keys
 
 
 def shape_targets(model: nn.Module, target: str) -> tuple[dict[str, float], dict[str, int], list[str]]:
@@ -172,16 +176,17 @@ def shape_targets(model: nn.Module, target: str) -> tuple[dict[str, float], dict
     tgt = describe(ref)
     if src.arch != tgt.arch:
         raise PlanError(f"target {target} is a {tgt.arch} model; the model to prune is {src.arch}")
-    by_canon = {}  # canonical name -> the target's group in the first block of that stage
+    src_keys, tgt_keys = _stage_keys(model), _stage_keys(ref)
+    by_key = {}  # (kind, stage) -> the target's group in the first block of that stage
     for name, g in tgt.groups.items():
-        by_canon.setdefault(_canonical(name), g)
-    missing = sorted(set(by_canon) - {_canonical(n) for n in src.groups})
+        by_key.setdefault(tgt_keys[name], g)
+    missing = sorted(by_key[k].name for k in set(by_key) - set(src_keys.values()))
     if missing:  # the target has stages the model lacks: matching the first ones only would be a silent guess
         raise PlanError(f"target {target} has groups {missing[:3]} with no counterpart in the model "
                         "(different number of stages)")
     keep, heads, notes = {}, {}, []
     for name, g in src.groups.items():
-        t = by_canon.get(_canonical(name))
+        t = by_key.get(src_keys[name])
         if t is None:
             raise PlanError(f"target {target} has no counterpart of group {name} (different number of stages)")
         if t.size > g.size:

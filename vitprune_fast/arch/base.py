@@ -97,7 +97,8 @@ class Trunk:
     """``model(images)`` as a flat sequence, so a pass can start at any block (eval mode).
 
     ``embed -> [enter(i) -> blocks[i]] for every block i -> head``; ``enter`` runs a stage's entry module (Swin
-    PatchMerging) in front of its first block and is the identity elsewhere.
+    PatchMerging) in front of its first block and is the identity elsewhere. Get one from
+    ``adapter_for(model).trunk()``.
 
     Attributes:
         blocks: block modules in forward order.
@@ -114,13 +115,6 @@ class Trunk:
     stage_of: list[int]
     embed: Callable[[torch.Tensor], torch.Tensor]
     head_fn: Callable[[torch.Tensor], torch.Tensor]
-
-    @classmethod
-    def of(cls, model: nn.Module) -> Trunk:
-        """The trunk of a supported model (asks its adapter)."""
-        from . import adapter_for
-
-        return adapter_for(model).trunk()
 
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """Embedding: images -> input of block 0 (before a stage-0 entry, if any)."""

@@ -154,6 +154,8 @@ class SwinAdapter(Adapter):
     def build_recipe(self) -> dict:
         model = self.model
         pe = model.patch_embed
+        wins = [list(st.blocks[0].attn.window_size) if len(st.blocks) else [7, 7] for st in model.layers]
+        square = all(w == wins[0] for w in wins) and wins[0][0] == wins[0][1]
         return dict(
             img_size=list(pe.img_size),
             patch_size=pe.patch_size[0],
@@ -163,9 +165,9 @@ class SwinAdapter(Adapter):
             embed_dim=model.layers[0].dim,  # per-stage widths are restored from the saved shapes
             depths=[len(st.blocks) for st in model.layers],
             num_heads=[st.blocks[0].attn.num_heads if len(st.blocks) else 1 for st in model.layers],
-            window_size=[list(st.blocks[0].attn.window_size) if len(st.blocks) else 7 for st in model.layers],
+            window_size=wins[0][0] if square else wins,  # per-stage windows need a newer timm than the floor
             qkv_bias=model.layers[0].blocks[0].attn.qkv.bias is not None,
-            strict_img_size=not model.dynamic_img_size,
+            strict_img_size=pe.strict_img_size,
         )
 
     def extra_state(self) -> dict:

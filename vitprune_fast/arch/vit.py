@@ -27,7 +27,12 @@ class ViTAdapter(Adapter):
 
     @property
     def _blocks(self) -> nn.Sequential:
-        return getattr(self.model, self.blocks_attr)
+        blocks = getattr(self.model, self.blocks_attr, None)
+        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} has no block list `{self.blocks_attr}`: a VisionTransformer subclass "
+                "with its own layout needs its own adapter (vitprune_fast.arch.register_adapter)")
+        return blocks
 
     def _check_block(self, i: int) -> None:
         from timm.layers import Mlp
@@ -64,6 +69,7 @@ class ViTAdapter(Adapter):
     def describe(self) -> PruningSpace:
         """Residual / attn / mlp groups of a timm VisionTransformer."""
         model = self.model
+        blocks = self._blocks
         if getattr(model, "attn_pool", None) is not None:
             raise UnsupportedModelError("attention pooling head (attn_pool) is not supported")
         if not isinstance(model.patch_embed.proj, nn.Conv2d):
@@ -80,7 +86,7 @@ class ViTAdapter(Adapter):
             if getattr(model, tok, None) is not None:
                 res.append(TensorSlice(tok, 2))
         res += norm_slices(model, "norm_pre")
-        for i, blk in enumerate(self._blocks):
+        for i, blk in enumerate(blocks):
             self._check_block(i)
             p = f"{self.blocks_attr}.{i}"
             res += norm_slices(model, f"{p}.norm1") + norm_slices(model, f"{p}.norm2")
