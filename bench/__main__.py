@@ -10,35 +10,16 @@ processes (status ``timeout``) and the ones after it are skipped, so that a time
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, device_name, slug  # noqa: E402
+from common import RESULTS, device_name, run_process, slug  # noqa: E402
 
 SCRIPTS = ("gpu_tests", "kernels", "slicing", "kl_engine", "dimap", "dap", "pruned_speed")
-
-
-def _call(cmd: list[str], timeout: float | None) -> int | str:
-    """Exit code of ``cmd``, or ``"timeout"`` after killing its process group (pytest, slicing's workers...)."""
-    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-    proc = subprocess.Popen(cmd, **group)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "timeout"
-    finally:
-        if proc.poll() is None:  # timed out, or this process was interrupted
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def main() -> int:
@@ -65,7 +46,7 @@ def main() -> int:
         cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
-        rc = _call(cmd, left)
+        rc = run_process(cmd, left)
         if rc == "timeout":
             print(f"== {name}: stopped after {time.time() - t0:.0f} s (--timeout {args.timeout:g})", flush=True)
         status[name] = {"rc": rc, "seconds": round(time.time() - t0, 1)}

@@ -6,16 +6,23 @@ and flushes L2 between runs; CPU: median of repeated ``perf_counter`` runs after
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where results go; tests point it elsewhere (subprocesses inherit the variable)
+RESULTS = Path(os.environ.get("VITPRUNE_FAST_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def cpu_name() -> str:
@@ -149,3 +156,30 @@ def write_json(name: str, device: str | torch.device, payload: dict, quick: bool
     path = result_path(name, device, quick)
     path.write_text(json.dumps(document(name, device, payload, quick), indent=1) + "\n")
     return path
+
+
+def run_process(cmd: list[str], timeout: float | None, on_line: Callable[[str], None] | None = None,
+                env: dict | None = None, cwd: str | os.PathLike | None = None) -> int | str:
+    """Exit code of ``cmd``, or ``"timeout"`` after killing its whole process group (pytest, workers...).
+
+    With ``on_line``, the command's stdout and stderr are read line by line and handed to it (a log that is
+    complete when this returns); otherwise they go to this process's own streams.
+    """
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    pipe = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) if on_line else {}
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, **group, **pipe)
+    reader = None
+    if on_line:
+        reader = threading.Thread(target=lambda: [on_line(line.rstrip("\n")) for line in proc.stdout], daemon=True)
+        reader.start()
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    finally:
+        if proc.poll() is None:  # timed out, or this process was interrupted
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if reader is not None:
+            reader.join(timeout=10)

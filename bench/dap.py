@@ -3,8 +3,8 @@
 Run: ``python bench/dap.py [--quick] [--batch N] [--repeats N] [--probe-every K] [--threads N]``.
 
 Models (random init): ``deit_tiny_patch16_224`` and a small Swin (``swin_tiny_patch4_window7_224`` with
-embed_dim 48, depths 2-2-6-2, heads 2-4-8-16), at 224 px; ``--quick``: the same at 96 px (DeiT) / 64 px
-(Swin, window 4). Each configuration builds a fresh model, AdamW optimizer and (for DAP) pruner, runs two
+embed_dim 48, depths 2-2-6-2, heads 2-4-8-16), at 224 px; ``--quick``: the same at 64 px (Swin with window 4),
+3 rounds, batch 4 on CPU. Each configuration builds a fresh model, AdamW optimizer and (for DAP) pruner, runs two
 untimed steps, then times full training steps (forward, loss, backward, optimizer step, ``dap.step()``).
 Configurations are timed round-robin (one step of each per round, ``--repeats`` rounds) so that the load of
 a shared machine hits all of them alike; we report median seconds and the median of the per-round ratios to
@@ -48,7 +48,7 @@ MODELS = {
     "swin_small48": ("swin_tiny_patch4_window7_224", dict(SWIN_SMALL, img_size=224)),
 }
 QUICK = {
-    "deit_tiny": ("deit_tiny_patch16_224", dict(img_size=96)),
+    "deit_tiny": ("deit_tiny_patch16_224", dict(img_size=64)),
     "swin_small48": ("swin_tiny_patch4_window7_224", dict(SWIN_SMALL, img_size=64, window_size=4)),
 }
 NUM_CLASSES = 100
@@ -169,9 +169,10 @@ def _bench_model(key, spec, device, batch, repeats, probe_every):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small images (96 px DeiT, 64 px Swin)")
-    ap.add_argument("--batch", type=int, default=None, help="images per step (default 8 on CPU, 128 on CUDA)")
-    ap.add_argument("--repeats", type=int, default=5, help="round-robin rounds")
+    ap.add_argument("--quick", action="store_true", help="small images (64 px), 3 rounds")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="images per step (default 128 on CUDA; on CPU 8, --quick 4)")
+    ap.add_argument("--repeats", type=int, default=None, help="round-robin rounds (default 5, --quick 3)")
     ap.add_argument("--probe-every", type=int, default=None, help="K of the dap-every-K row (default: auto)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: stable numbers on a shared machine; 0: torch's default)")
@@ -180,7 +181,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.batch = args.batch or (128 if device.type == "cuda" else 8)
+    args.batch = args.batch or (128 if device.type == "cuda" else 4 if args.quick else 8)
+    args.repeats = args.repeats or (3 if args.quick else 5)
     specs = QUICK if args.quick else MODELS
     load0 = os.getloadavg()[0]
     print(f"device: {device_name(device)}   batch {args.batch}   rounds {args.repeats}   load {load0:.1f}")

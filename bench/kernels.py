@@ -91,15 +91,19 @@ def case_dimap(layers, numel, dtype, device):
         (lambda: dimap_metric_ref(x.double())), nbytes
 
 
-def cases(size: str) -> list[tuple[str, str, tuple, object]]:
-    """``(op, shape, dtypes, builder(dtype, device))`` at ``size`` "gpu" (beyond L2), "quick" or "tiny"."""
+def cases(size: str, dtypes: tuple | None = None) -> list[tuple[str, str, tuple, object]]:
+    """``(op, shape, dtypes, builder(dtype, device))`` at ``size`` "gpu" (beyond L2), "quick" or "tiny".
+
+    ``dtypes`` replaces the default dtypes of every op (dimap_metric keeps only the float ones it scores in).
+    """
     kl = {"gpu": [(256, 64, 1000), (1024, 64, 1000), (32, 32, 21843)], "quick": [(8, 32, 1000)],
           "tiny": [(3, 2, 1001)]}[size]
     ln = {"gpu": [(16, 64, 197, 384), (8, 64, 197, 768)], "quick": [(4, 8, 197, 384)],
           "tiny": [(2, 2, 7, 100)]}[size]
     dm = {"gpu": [(24, 768 * 3072), (8, 1024 * 4096)], "quick": [(4, 384 * 1536)], "tiny": [(3, 999)]}[size]
-    mixed = (torch.bfloat16, torch.float32) if size != "tiny" else (torch.float32, torch.float64)
-    single = (torch.float32,) if size != "tiny" else (torch.float32, torch.float64)
+    mixed = dtypes or ((torch.bfloat16, torch.float32) if size != "tiny" else (torch.float32, torch.float64))
+    single = tuple(d for d in mixed if d in (torch.float32, torch.float64)) if dtypes else \
+        ((torch.float32,) if size != "tiny" else (torch.float32, torch.float64))
     out = []
     for k, n, c in kl:
         out.append(("kl_div", f"K={k} n={n} C={c}", mixed, lambda dt, dev, a=(k, n, c): case_kl(*a, dt, dev)))

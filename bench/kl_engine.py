@@ -6,13 +6,15 @@ fast engine's achieved TFLOP/s (torch.utils.flop_counter) against a matmul peak 
 (CUDA: bf16; CPU: float64, the dtype the CPU rows run in).
 
     python bench/kl_engine.py            # residual + a middle block's attn and mlp groups
-    python bench/kl_engine.py --quick    # smaller models, every candidate
+    python bench/kl_engine.py --quick    # smaller models (32 px, also on CUDA), every candidate
+    python bench/kl_engine.py --check    # the GPU check: DeiT-S only, 32 images, whole model extrapolated
 
 Without --quick the rows run on a subset of groups (the published loop over every DeiT-S candidate takes
 hours): the residual width plus a middle block's attn and mlp. CPU: small DeiT and Swin configs at 32 px,
 float64. CUDA: DeiT-S and Swin-T at 224 px, fp32 weights under bf16 autocast, 64 images. Then the fast engine
 scores every candidate of the model, next to the published loop's time extrapolated from its subset rate (its
-cost per candidate is one student and one teacher forward, whatever the group).
+cost per candidate is one student and one teacher forward, whatever the group). With --check the fast engine's
+whole-model time is extrapolated as well, from its cost per candidate of each group kind.
 """
 from __future__ import annotations
 
@@ -31,14 +33,17 @@ import vitprune_fast as vpf  # noqa: E402
 from vitprune_fast.metrics import input_size  # noqa: E402
 
 
-def _configs(cuda: bool, quick: bool):
-    if cuda:
+def _configs(cuda: bool, quick: bool, check: bool = False):
+    if cuda and check:  # the GPU check: one model, fewer images, the whole model extrapolated
+        return [("deit_small_patch16_224", {}, None, 32)]
+    if cuda and not quick:
         return [("deit_small_patch16_224", {}, None, 64),
                 ("swin_tiny_patch4_window7_224", {}, (), 64)]
-    vit = dict(img_size=32, patch_size=8, depth=4, embed_dim=32 if quick else 64, num_heads=2, num_classes=1000)
-    swin = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16 if quick else 24, depths=(2, 2),
-                num_heads=(2, 4), num_classes=1000)
-    n = 8 if quick else 16
+    vit = dict(img_size=32, patch_size=8, depth=2 if quick else 4, embed_dim=32 if quick else 64, num_heads=2,
+               num_classes=1000)
+    swin = dict(img_size=16 if quick else 32, patch_size=2, window_size=4, embed_dim=12 if quick else 24,
+                depths=(2, 2), num_heads=(2, 4), num_classes=1000)
+    n = 4 if quick else 16
     return [("deit_tiny_patch16_224", vit, None, n), ("swin_tiny_patch4_window7_224", swin, None, n)]
 
 
@@ -71,11 +76,23 @@ def _published_loop_estimate(entry: dict, model_candidates: int) -> float:
     return published["seconds"] / entry["candidates"] * model_candidates
 
 
+def _fast_engine_estimate(space, groups: list[str], model, x, common: dict, device) -> float:
+    """Seconds the fast engine would take on every candidate: each kind's measured cost per candidate (on the
+    scored groups) times that kind's candidates in the model."""
+    per_cand = {}
+    for g in groups:
+        t, _ = timed(lambda g=g: vpf.upvits_scores(model, x, groups=[g], **common), repeats=1, device=device)
+        per_cand[space.groups[g].kind] = t / space.groups[g].size
+    return sum(per_cand[g.kind] * g.size for g in space.groups.values() if g.kind in per_cand)
+
+
 def run(quick: bool, device: torch.device | None = None, configs=None, full_model: bool | None = None,
-        on_config=None) -> dict:
+        on_config=None, check: bool = False) -> dict:
     """Every config scored by the three methods on the same candidates; FLOP/s of the fast engine vs a measured
     matmul peak of the compute dtype (CUDA: bf16; CPU: float64); unless quick, also the fast engine on every
     candidate of the model, against the published loop's time extrapolated from its per-candidate cost.
+    ``check`` (the GPU check): the whole-model row is extrapolated for the fast engine too, from its cost per
+    candidate of each group kind (a middle block's groups: the average suffix length), instead of run.
     ``on_config(result)`` is called with the results so far after every config (main writes them, so that a
     run stopped by a time limit keeps the configs it finished)."""
     device = device or default_device()
@@ -85,7 +102,7 @@ def run(quick: bool, device: torch.device | None = None, configs=None, full_mode
     peak_dtype = torch.bfloat16 if cuda else torch.float64
     peak = matmul_peak_tflops(device, peak_dtype)
     rows = []
-    for name, kw, _, n in configs or _configs(cuda, quick):
+    for name, kw, _, n in configs or _configs(cuda, quick, check):
         torch.manual_seed(0)
         model = _randomize(timm.create_model(name, **kw)).to(device, dtype).eval()
         x = torch.randn(n, *input_size(model), device=device, dtype=dtype)
@@ -125,10 +142,14 @@ def run(quick: bool, device: torch.device | None = None, configs=None, full_mode
         entry["fraction_of_peak"] = entry["fast_engine_tflops"] / peak
         if full_model:
             every = sum(g.size for g in space.groups.values() if g.kind in comps)
-            t_all, _ = timed(lambda model=model, x=x, common=common: vpf.upvits_scores(model, x, **common),
-                             repeats=1, device=device)
+            if check and groups:
+                t_all = _fast_engine_estimate(space, groups, model, x, common, device)
+            else:
+                t_all, _ = timed(lambda model=model, x=x, common=common: vpf.upvits_scores(model, x, **common),
+                                 repeats=1, device=device)
             est = _published_loop_estimate(entry, every)
             entry["full_model"] = {"candidates": every, "fast_engine_seconds": t_all,
+                                   "fast_engine_extrapolated": bool(check and groups),
                                    "published_loop_seconds_extrapolated": est, "speedup_vs_published": est / t_all}
         rows.append(entry)
         if on_config is not None:
@@ -139,9 +160,12 @@ def run(quick: bool, device: torch.device | None = None, configs=None, full_mode
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--check", action="store_true", help="the GPU check: DeiT-S 224 px, 32 images, whole model "
+                                                         "extrapolated (CUDA; elsewhere the default configs)")
     args = ap.parse_args()
     dev = default_device()
-    res = run(args.quick, dev, on_config=lambda partial: write_json("kl_engine", dev, partial, quick=args.quick))
+    res = run(args.quick, dev, on_config=lambda partial: write_json("kl_engine", dev, partial, quick=args.quick),
+              check=args.check)
     print(f"UP-ViTs KL scoring on {device_name(dev)}")
     for c in res["configs"]:
         print(f"\n{c['model']}  {c['candidates']} candidates x {c['images']} images ({c['dtype']}); "

@@ -9,7 +9,7 @@ GPU: CUDA-event medians (triton.testing.do_bench) in bf16 at batch 1 / 64 / 256;
 in fp32 at batch 1 / 8 with one intra-op thread, the models of a case timed round-robin and the ratios taken as
 medians of per-round ratios (``--quick``: smaller models, fewer repeats).
 
-    python bench/pruned_speed.py [--quick]
+    python bench/pruned_speed.py [--quick | --check]   # --check: the GPU check's rows (DeiT-B, Swin-B), 3 rounds
 """
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ FULL = [("deit_base_patch16_224", {}, [("deit_small_patch16_224", 0.5, 6), ("dei
         ("swin_base_patch4_window7_224", {}, [(None, 0.7, None), (None, 0.7, None, 8)])]
 QUICK = [("deit_small_patch16_224", {}, [("deit_tiny_patch16_224", 0.5, 3)]),
          ("swin_tiny_patch4_window7_224", {}, [(None, 0.7, None)])]
+CHECK = [FULL[0], FULL[2]]  # the GPU check: DeiT-B -> S / Ti shapes, Swin-B keep 0.7 with and without round_to 8
 
 
 def run(quick: bool, device: torch.device | None = None, cases=None, batches=None, repeats=None,
@@ -149,12 +150,14 @@ def run(quick: bool, device: torch.device | None = None, cases=None, batches=Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--check", action="store_true", help="the GPU check's size: DeiT-B and Swin-B rows, 3 rounds, "
+                                                         "no ONNX")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: on a shared box, multi-threaded OpenMP stalls dominate timings)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = default_device()
-    res = run(args.quick, dev)
+    res = run(args.quick, dev, cases=CHECK, repeats=3, onnx=False) if args.check else run(args.quick, dev)
     print(f"pruned-model speed on {device_name(dev)} ({res['dtype']})")
     bs = [f"bs{b}" for b in res["batches"]]
     print(f"{'model':<58}{'params':>12}{'GFLOPs':>8}" + "".join(f"{b + ' ms':>11}" for b in bs) + "  notes")

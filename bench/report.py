@@ -25,7 +25,8 @@ def _newest_per_device(paths, keep=lambda p, d: True) -> list[dict]:
 
 def _latest(prefix: str, results: Path) -> list[dict]:
     """Newest result file per device for a benchmark (files named <prefix>-<device>.json; quick runs skipped)."""
-    return _newest_per_device(results.glob(f"{prefix}-*.json"), lambda p, d: "quick" not in p.name)
+    return _newest_per_device(results.glob(f"{prefix}-*.json"),
+                              lambda p, d: "quick" not in p.name and not d.get("dry_run"))
 
 
 def _slicing(d: dict) -> list[str]:
@@ -52,9 +53,11 @@ def _kl(d: dict) -> list[str]:
             f = c["full_model"]
             est = f["published_loop_seconds_extrapolated"]
             est = f"{est / 3600:.2f} h" if est >= 3600 else f"{est:.0f} s"
+            fast = "~" if f.get("fast_engine_extrapolated") else ""
             notes.append(f"{c['model']}, all {f['candidates']} candidates: fast engine "
-                         f"{f['fast_engine_seconds']:.1f} s vs the published loop's ~{est} "
-                         f"(extrapolated from its rate above), {f['speedup_vs_published']:.0f}×.")
+                         f"{fast}{f['fast_engine_seconds']:.1f} s{' (extrapolated)' if fast else ''} vs the "
+                         f"published loop's ~{est} (extrapolated from its rate above), "
+                         f"{f['speedup_vs_published']:.0f}×.")
     return out + ([""] + [f"- {n}" for n in notes] if notes else [])
 
 
@@ -123,9 +126,28 @@ def _dap(d: dict) -> list[str]:
     return out
 
 
+def _gpu_check(d: dict) -> list[str]:
+    env = d.get("env", {})
+    out = [f"GPU {env.get('gpu', '?')} ({env.get('gpu_memory_gib', '?')} GiB, capability {env.get('capability', '?')}"
+           f", driver {env.get('driver', '?')}); CUDA {env.get('torch_cuda')}, triton {env.get('triton')}, timm "
+           f"{env.get('timm')}, Python {env.get('python')}; install: {env.get('install')}; C++ extension "
+           f"{'loaded' if env.get('cpp_extension') else 'not loaded: ' + str(env.get('cpp_extension_error'))}.", "",
+           f"Deadline {d['deadline_s']:.0f} s, whole check {d.get('seconds', float('nan')):.0f} s.", "",
+           "| step | status | seconds | notes |", "|---|---|---|---|"]
+    for name, r in d["steps"].items():
+        out.append(f"| {name} | {r['status']} | {r.get('seconds', '–')} | {r.get('reason', '')} |")
+    pre = d.get("preflight")
+    if pre:
+        out += ["", "Kernel preflight: " + ("every kernel within tolerance of its float64 reference."
+                                           if pre["ok"] else f"**failed at {pre['failed']}**.")]
+    return out
+
+
 def _gpu_tests(d: dict) -> list[str]:
     out = [f"`{d['command']}`: {d.get('passed', 0)} passed, {d.get('failed', 0)} failed, "
-           f"{d.get('skipped', 0)} skipped (pytest exit code {d['pytest_exit_code']})."]
+           f"{d.get('skipped', 0)} skipped (pytest exit code {d['pytest_exit_code']})"
+           + ("; stopped by its time limit, the tests not listed did not run." if d.get("stopped_by_timeout")
+              else ".")]
     out += [f"- FAILED {f['test']}: {f['message'][:200]}" for f in d.get("failures", [])]
     return out
 
@@ -134,7 +156,8 @@ def _generic(d: dict) -> list[str]:
     return ["```json", json.dumps({k: v for k, v in d.items() if k not in ("results",)}, indent=1)[:1500], "```"]
 
 
-SECTIONS = [("GPU tests (pytest -m gpu)", "gpu_tests", _gpu_tests),
+SECTIONS = [("GPU check (bench/gpu_check.sh)", "gpu_check", _gpu_check),
+            ("GPU tests (pytest -m gpu)", "gpu_tests", _gpu_tests),
             ("Slicing: in-place `prune_` vs copy-based", "slicing", _slicing),
             ("UP-ViTs KL engine vs the published loop", "kl_engine", _kl),
             ("Pruned-model speed", "pruned_speed", _pruned),

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from .utils import resolve_backend, tl, triton
+from .utils import device_guard, resolve_backend, tl, triton
 
 __all__ = ["dimap_metric", "dimap_metric_ref", "sort_desc"]
 
@@ -171,13 +171,15 @@ def _dimap_metric_triton(x: torch.Tensor, squared: bool) -> torch.Tensor:
     n_chunks = triton.cdiv(n_cols, chunk)
     grid = (n_rows, n_chunks)
     sums = torch.empty((n_rows, n_chunks), dtype=acc, device=x.device)
-    if n_chunks > 1:
-        _chunk_sums_kernel[grid](vals, sums, n_cols, n_chunks, SQUARED=squared, CHUNK=chunk, BLOCK=_BLOCK)
-        carry = torch.zeros_like(sums)
-        carry[:, 1:] = torch.cumsum(sums[:, :-1], dim=1)  # exclusive prefix: start value of each chunk's scan
-    else:
-        carry = sums.zero_()
-    _scan_scatter_kernel[grid](vals, idx, carry, out, n_cols, n_chunks, SQUARED=squared, CHUNK=chunk, BLOCK=_BLOCK)
+    with device_guard(x):
+        if n_chunks > 1:
+            _chunk_sums_kernel[grid](vals, sums, n_cols, n_chunks, SQUARED=squared, CHUNK=chunk, BLOCK=_BLOCK)
+            carry = torch.zeros_like(sums)
+            carry[:, 1:] = torch.cumsum(sums[:, :-1], dim=1)  # exclusive prefix: start value of each chunk's scan
+        else:
+            carry = sums.zero_()
+        _scan_scatter_kernel[grid](vals, idx, carry, out, n_cols, n_chunks, SQUARED=squared, CHUNK=chunk,
+                                   BLOCK=_BLOCK)
     return out
 
 

@@ -17,13 +17,18 @@ output dtype.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..errors import InputError
-from .layernorm_common import block_d_for, check_affine_and_devices, launch_config, layer_norm_rows, row_tile
-from .utils import acc_dtype, resolve_backend, tl, triton
+from .layernorm_common import (
+    block_d_for,
+    check_affine_and_devices,
+    contiguous_affine,
+    launch_config,
+    layer_norm_rows,
+    row_tile,
+)
+from .utils import acc_dtype, device_guard, resolve_backend, tl, triton
 
 __all__ = ["expand_ln", "expand_ln_ref"]
 
@@ -148,8 +153,9 @@ def expand_ln(
         y2 = y2.contiguous()
     a1 = a.reshape(n_out).contiguous()
     w2 = w.contiguous()
+    weight, bias = contiguous_affine(weight, bias)
     grid, meta = launch_config(n_out, block_d, weight, bias, acc)
-    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
+    with device_guard(y):
         _expand_ln_kernel[grid](
             y2,
             a1,

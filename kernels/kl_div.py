@@ -21,13 +21,12 @@ teacher logits with the same result.
 
 from __future__ import annotations
 
-import contextlib
 import operator
 
 import torch
 
 from ..errors import ConfigError, InputError
-from .utils import acc_dtype, resolve_backend, tl, triton
+from .utils import acc_dtype, device_guard, resolve_backend, tl, triton
 
 __all__ = ["kl_per_candidate", "kl_div_ref"]
 
@@ -162,7 +161,7 @@ def kl_per_candidate(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     per_row = torch.empty(rows, dtype=acc, device=s.device)
     block_c = min(triton.next_power_of_2(n_classes), _MAX_BLOCK_C)
     num_warps = 4 if block_c <= 1024 else 8
-    with torch.cuda.device(s.device) if s.is_cuda else contextlib.nullcontext():
+    with device_guard(s):
         _kl_div_rows_kernel[(rows,)](
             t,
             s,

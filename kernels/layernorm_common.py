@@ -119,6 +119,20 @@ def block_d_for(d: int) -> int:
     return block_d
 
 
+def num_warps_for(tile: int) -> int:
+    """Warps for a ``[BLOCK_M, BLOCK_D]`` tile of ``tile`` elements held in registers.
+
+    4 warps on a 4096-element tile leave ~32 fp32 values per thread for each live tensor (bf16 at D = 768 compiled
+    to 120 registers/thread, ~25 % occupancy on sm_90) and spill at 16384: more warps share the tile.
+    """
+    return 4 if tile < 4096 else 8 if tile < 8192 else 16
+
+
+def contiguous_affine(weight: torch.Tensor | None, bias: torch.Tensor | None):
+    """``(weight, bias)`` with unit stride: the kernels read them as dense ``[D]`` arrays from their first element."""
+    return (None if weight is None else weight.contiguous()), (None if bias is None else bias.contiguous())
+
+
 def launch_config(
     n_rows: int,
     block_d: int,
@@ -147,6 +161,6 @@ def launch_config(
         "ACC_FP64": acc == torch.float64,
         "BLOCK_M": block_m,
         "BLOCK_D": block_d,
-        "num_warps": 4 if block_m * block_d <= 4096 else 8,
+        "num_warps": num_warps_for(block_m * block_d),
     }
     return (triton.cdiv(n_rows, block_m),), meta

@@ -18,13 +18,18 @@ Each program normalises a ``[BLOCK_M, BLOCK_D]`` tile holding whole rows, statis
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..errors import InputError
-from .layernorm_common import block_d_for, check_affine_and_devices, launch_config, layer_norm_rows, row_tile
-from .utils import acc_dtype, resolve_backend, tl, triton
+from .layernorm_common import (
+    block_d_for,
+    check_affine_and_devices,
+    contiguous_affine,
+    launch_config,
+    layer_norm_rows,
+    row_tile,
+)
+from .utils import acc_dtype, device_guard, resolve_backend, tl, triton
 
 __all__ = ["masked_layer_norm", "masked_layer_norm_ref"]
 
@@ -133,8 +138,9 @@ def masked_layer_norm(
     # Non-zero = kept; bool is reinterpreted in place, other integer masks are compared (no wrap-around at 256).
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).to(torch.uint8)
     mask_u8 = mask_u8.reshape(s, d).contiguous()
+    weight, bias = contiguous_affine(weight, bias)
     grid, meta = launch_config(m_rows, block_d, weight, bias, acc)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_guard(x):
         _masked_layer_norm_kernel[grid](
             x2,
             y,

@@ -6,6 +6,7 @@ reference, and asking for ``backend="triton"`` explicitly raises :class:`KernelU
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -91,6 +92,11 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, interpret_auto: bool =
     if not triton_usable(*tensors):
         raise KernelUnavailableError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     return "triton"
+
+
+def device_guard(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``x``'s GPU the current one for a launch (Triton launches on the current device); no-op on CPU."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:

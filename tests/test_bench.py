@@ -7,6 +7,8 @@ with the kernels in the Triton interpreter. Timings are never asserted; the resu
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,6 @@ import report  # noqa: E402
 import slicing  # noqa: E402
 
 import bench.kernels as bench_kernels  # noqa: E402  (a top-level `kernels` would be the Triton package dir)
-from bench.__main__ import _call  # noqa: E402
 
 CPU = torch.device("cpu")
 TINY_VIT = dict(img_size=32, patch_size=16, depth=2, embed_dim=16, num_heads=2)
@@ -136,7 +137,7 @@ def test_report_renders_every_section_from_the_results(docs):
     results, _ = docs
     text = report.render(results)
     for title, prefix, _ in report.SECTIONS:
-        if prefix != "gpu_tests":  # recorded on CUDA machines only
+        if prefix not in ("gpu_tests", "gpu_check"):  # recorded on CUDA machines only
             assert f"### {title} — {common.cpu_name()}" in text
     assert "```json" not in text  # no section fell back to the raw-JSON renderer
     assert text.startswith(report.START) and text.endswith(report.END)
@@ -154,6 +155,8 @@ def test_report_renders_the_gpu_layout(docs, tmp_path):
     payloads["gpu_tests"] = {"pytest_exit_code": 1, "command": "-m pytest -q -m gpu", "collected": 3, "passed": 2,
                              "failed": 1, "skipped": 0, "failures": [{"test": "tests.t::a", "message": "boom"}],
                              "slowest": []}
+    payloads["gpu_check"] = {"dry_run": False, "deadline_s": 480, "seconds": 470.0, "env": {"gpu": gpu},
+                             "steps": {"env": {"status": "ok", "seconds": 2.0}}, "preflight": {"ok": True}}
     for name, payload in payloads.items():
         d = dict(common.document(name, CPU, payload), device=gpu, backend="cuda")
         (tmp_path / f"{name}-{common.slug(gpu)}.json").write_text(json.dumps(d))
@@ -173,7 +176,7 @@ def test_bench_timeout_stops_the_benchmark_and_its_children():
     child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', " \
             f"'{marker}']); time.sleep(60)"
     t0 = time.time()
-    assert _call([sys.executable, "-c", child], 1.5) == "timeout"
+    assert common.run_process([sys.executable, "-c", child], 1.5) == "timeout"
     assert time.time() - t0 < 30
     time.sleep(0.2)
     cmdlines = []
@@ -183,7 +186,7 @@ def test_bench_timeout_stops_the_benchmark_and_its_children():
         except OSError:  # the process ended meanwhile
             pass
     assert not any(marker in c for c in cmdlines)
-    assert _call([sys.executable, "-c", "raise SystemExit(3)"], None) == 3
+    assert common.run_process([sys.executable, "-c", "raise SystemExit(3)"], None) == 3
 
 
 def test_onnx_failure_is_recorded_not_raised(monkeypatch):
@@ -207,18 +210,30 @@ def test_result_files_carry_device_and_versions(docs):
 
 
 def test_gpu_test_summary_counts(tmp_path):
-    xml = tmp_path / "r.xml"
-    xml.write_text(
-        '<testsuites><testsuite name="pytest">'
-        '<testcase classname="tests.a" name="ok" time="0.5"/>'
-        '<testcase classname="tests.a" name="bad" time="2.0"><failure message="boom">tb</failure></testcase>'
-        '<testcase classname="tests.b" name="err" time="0.1"><error message="setup">tb</error></testcase>'
-        '<testcase classname="tests.b" name="skip" time="0"><skipped message="no"/></testcase>'
-        "</testsuite></testsuites>")
-    s = gpu_tests.summarize(str(xml))
+    log = tmp_path / "r.jsonl"  # what tests/conftest.py appends with VITPRUNE_FAST_TEST_LOG, one phase per line
+    records = [("tests.a::ok", "call", "passed", 0.5, ""), ("tests.a::bad", "setup", "passed", 0.25, ""),
+               ("tests.a::bad", "call", "failed", 1.75, "boom"), ("tests.b::err", "setup", "failed", 0.1, "setup"),
+               ("tests.b::skip", "setup", "skipped", 0.0, "no")]
+    keys = ("test", "when", "outcome", "seconds", "message")
+    log.write_text("".join(json.dumps(dict(zip(keys, r, strict=True))) + "\n" for r in records))
+    s = gpu_tests.summarize(log)
     assert (s["collected"], s["passed"], s["failed"], s["skipped"]) == (4, 1, 2, 1)
     assert [f["test"] for f in s["failures"]] == ["tests.a::bad", "tests.b::err"]
     assert s["slowest"][0] == {"test": "tests.a::bad", "seconds": 2.0}
+
+
+def test_test_log_records_outcomes_as_they_happen(tmp_path):
+    """The conftest hook behind gpu_tests' partial results: one line per finished test, failures with a message."""
+    (tmp_path / "test_x.py").write_text("import pytest\n\ndef test_ok():\n    pass\n\ndef test_bad():\n"
+                                        "    assert 1 == 2\n\n@pytest.mark.skip(reason='no')\ndef test_skip():\n"
+                                        "    pass\n")
+    (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    log = tmp_path / "log.jsonl"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_x.py")],
+                   cwd=tmp_path, env={**os.environ, "VITPRUNE_FAST_TEST_LOG": str(log)}, capture_output=True)
+    s = gpu_tests.summarize(log)
+    assert (s["passed"], s["failed"], s["skipped"]) == (1, 1, 1)
+    assert "assert 1 == 2" in s["failures"][0]["message"] or "AssertionError" in s["failures"][0]["message"]
 
 
 def test_seconds_statistics():

@@ -299,11 +299,9 @@ def test_batched_probes_equal_looped(prefix, has_cls, grid, training):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("key", ["deit_distilled", "swin3"])
-def test_dap_bpi_same_with_batched_and_looped_probes(key, device, monkeypatch):
+@pytest.mark.usefixtures("no_tf32")  # on CUDA, TF32 convolutions / matmuls would be the difference measured
+def test_dap_bpi_same_with_batched_and_looped_probes(key, device):
     """DAP(batched=False) is wired like the default: same probe losses and ΔΨ from the same weights."""
-    if device == "cuda":  # TF32 convolutions / matmuls would be the difference measured
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = make_model(key, dtype=torch.float32).to(device).train()
     fast = DAP(model, 0.5, Schedule(0, 5, 10), batched=True)  # the default on CUDA
     ref = DAP(model, 0.5, Schedule(0, 5, 10), batched=False)

@@ -96,3 +96,52 @@ def test_dap_training_step_keeps_everything_on_the_model_device(batched, monkeyp
         loss.backward()
         dap.step()
     assert dap.gate.is_meta and dap.t == 1
+
+
+class CountMixed(TorchDispatchMode):
+    """Count the aten ops that touch tensors on more than one device (host -> device traffic on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        devices = {t.device for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.count += len(devices) > 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("key", ["deit", "swin"])
+@pytest.mark.parametrize("kind", ["residual", "attn", "mlp"])
+def test_engine_host_device_traffic_does_not_grow_with_the_candidates(key, kind):
+    """Candidate masks are built on the host and moved once per pass: the number of ops that mix host and device
+    tensors in a pass is the same for 2 candidates as for 8 (the engine once wrote each candidate's mask entries
+    into a device tensor with a host index, a blocking copy per candidate on a GPU)."""
+    model = make_model(key, dtype=torch.float32).to("meta")
+    space = vpf.describe(model)
+    x = make_input(model, 2).to("meta")
+    g = space.of_kind(kind)[0]
+    counts = []
+    for k in (2, 8):
+        eng = FastEngine(model, space, max_rows=2 * k)  # one pass of k candidates (2 images)
+        eng.teacher(x, 0)  # the teacher pass is shared by all candidates; count the candidate pass only
+        with CountMixed() as mode, torch.no_grad():
+            eng.score(_Work(g.name, kind, k), x, 0, lambda n: None)
+        counts.append(mode.count)
+    assert counts[0] == counts[1], counts
+
+
+def test_engine_keeps_the_activation_dtype_under_autocast():
+    """An attention-dim candidate zeroes q/k/v in the activation's dtype: under bf16 autocast q stays bf16, as in a
+    plain forward (a float32 mask used to promote the whole attention input to float32)."""
+    model = make_model("deit", dtype=torch.float32)
+    x = make_input(model, 2)
+    seen = []
+    model.blocks[1].attn.q_norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    space = vpf.describe(model)
+    g = space.groups["blocks.1.attn"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        FastEngine(model, space, max_rows=8).score(_Work(g.name, "attn", 4), x, 0, lambda n: None)
+    assert len(seen) >= 2 and set(seen) == {torch.bfloat16}, seen  # plain forward, teacher pass, candidates

@@ -17,18 +17,9 @@ from vitprune_fast.io import load_pruned, save_pruned
 from vitprune_fast.masked import masked_copy
 from vitprune_fast.score.dimap import dimap_masks, dimap_scores
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]  # float32 compared in IEEE float32
 
 KEEP = {"residual": 0.6, "attn": 0.5, "mlp": 0.4}
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """float32 comparisons in IEEE float32: cuDNN convolutions (probes, patch embedding) default to TF32."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def _steps(model, opt, x, n):
@@ -95,8 +86,10 @@ def test_cuda_dimap_triton_scores_match_torch():
 @pytest.mark.parametrize("key", ["deit", "swin"])
 def test_cuda_engine_bf16_autocast_selects_like_float64(key):
     """bf16 autocast changes the numbers, not (much) the selection: the kept sets overlap the float64 ones by >= 85 %
-    over all groups and >= 70 % in every group (a group keeping 32 channels moves in steps of 1/32; bf16 autocast on
-    CPU gave 0.81 at least, 0.91 overall)."""
+    over all groups (a random selection would give 50 %) and >= 60 % in every group. Bounds from the distribution
+    over 12 model / image seeds per model with bf16 autocast on CPU: worst group 0.81 (DeiT) / 0.625 (Swin, a
+    group keeping 16 channels: steps of 1/16), worst overall 0.88 / 0.91; a per-group bound of 70 % would fail
+    for some seeds."""
     model = make_model(key)
     x = make_input(model, 8)
     ref = vpf.upvits_scores(model, x, ("residual", "attn", "mlp"), progress=False)
@@ -108,5 +101,5 @@ def test_cuda_engine_bf16_autocast_selects_like_float64(key):
     a, b = vpf.make_plan(space, ref, keep=keep), vpf.make_plan(space, fast, keep=keep)
     common = {n: len(set(a.keep[n].tolist()) & set(b.keep[n].tolist())) for n in ref}
     for n in ref:
-        assert common[n] / len(a.keep[n]) >= 0.7, (n, common[n], len(a.keep[n]))
+        assert common[n] / len(a.keep[n]) >= 0.6, (n, common[n], len(a.keep[n]))
     assert sum(common.values()) / sum(len(a.keep[n]) for n in ref) >= 0.85

@@ -5,8 +5,11 @@ the ``gpu`` test repeats the check on CUDA at Swin-B layer sizes. Pass rule for 
 ``|kernel - ref64| <= 2 * |torch_fp32 - ref64| + atol``; float64 must agree to rounding.
 """
 
+import contextlib
+
 import pytest
 import torch
+from devices import TRITON_DEVICE as DEV
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vitprune_fast.kernels import dimap_metric as dm
@@ -34,7 +37,7 @@ def _with_zeros(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_triton_float64_equals_reference(shape):
-    x = _with_zeros(torch.randn(shape, dtype=torch.float64))
+    x = _with_zeros(torch.randn(shape, dtype=torch.float64, device=DEV))
     out = dimap_metric(x, backend="triton")
     assert out.dtype == torch.float64 and out.shape == x.shape
     torch.testing.assert_close(out, dimap_metric_ref(x), rtol=1e-12, atol=1e-15)
@@ -42,7 +45,7 @@ def test_triton_float64_equals_reference(shape):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_triton_float32_within_contract(shape):
-    x = _with_zeros(torch.randn(shape) * 0.02)
+    x = _with_zeros(torch.randn(shape, device=DEV) * 0.02)
     out = dimap_metric(x, backend="triton")
     assert out.dtype == torch.float32
     _assert_fa_close(out, x)
@@ -50,7 +53,7 @@ def test_triton_float32_within_contract(shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_triton_squared_inputs(dtype):
-    x = torch.rand(3, 1500, dtype=dtype) ** 3  # group norms²: non-negative, skewed
+    x = torch.rand(3, 1500, dtype=dtype, device=DEV) ** 3  # group norms²: non-negative, skewed
     out = dimap_metric(x, squared=True, backend="triton")
     if dtype == torch.float64:
         torch.testing.assert_close(out, dimap_metric_ref(x, squared=True), rtol=1e-12, atol=1e-15)
@@ -60,7 +63,7 @@ def test_triton_squared_inputs(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_inputs_accumulate_in_float32(dtype):
-    x = torch.randn(2, 700).to(dtype)
+    x = torch.randn(2, 700, device=DEV).to(dtype)
     out = dimap_metric(x, backend="triton")
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, dimap_metric_ref(x.float()), rtol=1e-5, atol=1e-6)
@@ -69,12 +72,12 @@ def test_half_inputs_accumulate_in_float32(dtype):
 def test_multi_block_chunks_as_on_gpu(monkeypatch):
     """The GPU configuration (several blocks per program, carry across blocks and chunks) under the interpreter."""
     monkeypatch.setattr(dm, "_pick_chunk", lambda x: 4 * dm._BLOCK)
-    x = _with_zeros(torch.randn(3, 4 * dm._BLOCK * 2 + 77, dtype=torch.float64))
+    x = _with_zeros(torch.randn(3, 4 * dm._BLOCK * 2 + 77, dtype=torch.float64, device=DEV))
     torch.testing.assert_close(dimap_metric(x, backend="triton"), dimap_metric_ref(x), rtol=1e-12, atol=1e-15)
 
 
 def test_ties_follow_stable_order():
-    x = torch.randint(-3, 4, (3, 2100)).double()  # many exact ties in |x| and x**2
+    x = torch.randint(-3, 4, (3, 2100), device=DEV).double()  # many exact ties in |x| and x**2
     ref = dimap_metric_ref(x)
     torch.testing.assert_close(dimap_metric(x, backend="triton"), ref, rtol=1e-12, atol=1e-15)
     assert torch.equal(dimap_metric(x, backend="torch"), ref)
@@ -104,13 +107,13 @@ def test_sort_desc_equals_torch_sort():
 
 
 def test_metric_properties():
-    x = torch.randn(4, 333, dtype=torch.float64)
+    x = torch.randn(4, 333, dtype=torch.float64, device=DEV)
     s = dimap_metric(x, backend="triton")
-    assert torch.allclose(s.max(1).values, torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(s.max(1).values, torch.ones(4, dtype=torch.float64, device=DEV))
     assert torch.equal(s.argmax(1), x.abs().argmax(1))
     order = torch.argsort(x.abs(), dim=1, descending=True)
     assert (s.gather(1, order).diff(dim=1) <= 0).all()  # monotone in |x| within a row
-    scale = torch.tensor([[3.0], [-0.01], [1e5], [7.0]], dtype=torch.float64)
+    scale = torch.tensor([[3.0], [-0.01], [1e5], [7.0]], dtype=torch.float64, device=DEV)
     torch.testing.assert_close(dimap_metric(x * scale, backend="triton"), s, rtol=1e-12, atol=1e-15)
 
 
@@ -123,8 +126,23 @@ def test_input_errors():
         dimap_metric(torch.randn(2, 3), backend="cuda")
 
 
+def test_triton_launches_on_the_input_device(monkeypatch):
+    """Both launches run under the input's device guard (Triton launches on the current GPU)."""
+    seen = []
+
+    def guard(x):
+        seen.append(x.device)
+        return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+    monkeypatch.setattr(dm, "device_guard", guard)
+    monkeypatch.setattr(dm, "_pick_chunk", lambda x: dm._BLOCK)  # several chunks: the chunk-sum launch runs too
+    x = torch.randn(2, 3 * dm._BLOCK, device=DEV)
+    torch.testing.assert_close(dimap_metric(x, backend="triton"), dimap_metric_ref(x), rtol=1e-5, atol=1e-6)
+    assert seen == [x.device]
+
+
 def test_empty_rows():
-    assert dimap_metric(torch.randn(0, 5), backend="triton").shape == (0, 5)
+    assert dimap_metric(torch.randn(0, 5, device=DEV), backend="triton").shape == (0, 5)
     assert dimap_metric(torch.randn(3, 0), backend="torch").shape == (3, 0)
 
 
@@ -137,7 +155,7 @@ def test_empty_rows():
 )
 def test_triton_matches_reference_hypothesis(rows, cols, scale, seed):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, cols, generator=g, dtype=torch.float64) * scale
+    x = (torch.randn(rows, cols, generator=g, dtype=torch.float64) * scale).to(DEV)
     torch.testing.assert_close(dimap_metric(x, backend="triton"), dimap_metric_ref(x), rtol=1e-12, atol=1e-15)
 
 

@@ -8,6 +8,7 @@ nearest), so interpreter bf16 outputs can be one bf16 ulp off; the rule's factor
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import TRITON_DEVICE
 from vitprune_fast.kernels.expand_ln import expand_ln, expand_ln_ref
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-12}
@@ -116,6 +117,18 @@ def test_strided_inputs():
     a_t = a.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous a
     got = expand_ln(y_view, a_t, w, lw, lb)
     want = expand_ln(y, a, w, lw, lb)
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_non_contiguous_layernorm_params():
+    """The kernel reads the LayerNorm weight and bias as dense [D] arrays: strided views give the same result."""
+    y, a, w, lw, lb = _make(2, 2, 9, 100, torch.float32, device=TRITON_DEVICE)
+    lw_view = torch.stack([lw, -lw], 1).reshape(-1)[::2]  # stride 2, same values
+    lb_view = torch.stack([lb, -lb], 1).reshape(-1)[::2]
+    assert not lw_view.is_contiguous() and torch.equal(lw_view, lw)
+    got = expand_ln(y, a, w, lw_view, lb_view, backend="triton")
+    want = expand_ln(y, a, w, lw, lb, backend="triton")
     for g, e in zip(got, want, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 

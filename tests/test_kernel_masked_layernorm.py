@@ -8,6 +8,9 @@ bf16 outputs can be one bf16 ulp off instead of half an ulp; the rule's factor 2
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import TRITON_DEVICE
+from vitprune_fast.kernels import layernorm_common
+from vitprune_fast.kernels.layernorm_common import launch_config
 from vitprune_fast.kernels.masked_layernorm import masked_layer_norm, masked_layer_norm_ref
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-12}
@@ -115,6 +118,24 @@ def test_without_affine_and_strided_input():
     wide = torch.randn(40, 130)
     wide[:, 10:110] = x
     torch.testing.assert_close(masked_layer_norm(wide[:, 10:110], mask, w, b), masked_layer_norm(x, mask, w, b))
+
+
+def test_non_contiguous_weight_and_bias():
+    """The kernel reads weight and bias as dense [D] arrays: strided views must give the contiguous result."""
+    x, mask, w, b = _make(2, 20, 100, torch.float32, device=TRITON_DEVICE)
+    w_view = torch.stack([w, -w], 1).reshape(-1)[::2]  # every other element: stride 2, same values as w
+    b_view = torch.stack([b, -b], 1).reshape(-1)[::2]
+    assert not w_view.is_contiguous() and torch.equal(w_view, w)
+    got = masked_layer_norm(x, mask, w_view, b_view, backend="triton")
+    torch.testing.assert_close(got, masked_layer_norm(x, mask, w, b, backend="triton"), rtol=0, atol=0)
+
+
+def test_launch_config_warps_grow_with_the_tile(monkeypatch):
+    """4 warps only for small tiles; 8 for the usual 4096-element tile (D = 768 etc.), 16 from 8192 elements."""
+    monkeypatch.setattr(layernorm_common, "interpreting", lambda: False)  # the GPU's tile sizes
+    warps = {d: launch_config(4096, d, None, None, torch.float32)[1]["num_warps"] for d in (128, 1024, 8192, 16384)}
+    assert warps == {128: 8, 1024: 8, 8192: 16, 16384: 16}
+    assert launch_config(2, 64, None, None, torch.float32)[1]["num_warps"] == 4  # two rows: a 128-element tile
 
 
 def test_cpu_fallback_without_interpreter(monkeypatch):

@@ -4,6 +4,7 @@ import copy
 import pytest
 import timm
 import torch
+from devices import TRITON_DEVICE
 from models import randomize_
 
 import vitprune_fast as vpf
@@ -202,9 +203,10 @@ def test_depth_errors():
 
 
 @pytest.mark.parametrize("key", ["deit", "vit_layerscale_avg", "swin"])
+@pytest.mark.usefixtures("no_tf32")
 def test_fast_engine_with_triton_kernels_equals_reference(key):
-    """The CUDA code path (fused KL, masked LayerNorm, expansion + LayerNorm) run by the Triton interpreter."""
-    model, x = small(key), images()
+    """The CUDA code path (fused KL, masked LayerNorm, expansion + LayerNorm): the Triton interpreter on CPU."""
+    model, x = small(key).to(TRITON_DEVICE), images().to(TRITON_DEVICE)
     ref = vpf.upvits_scores(model, x, ("residual", "attn", "mlp"), engine="reference", batch_size=5, progress=False)
     fast = vpf.upvits_scores(model, x, ("residual", "attn", "mlp"), batch_size=5, max_rows=50, use_kernels=True,
                              progress=False)
@@ -215,6 +217,7 @@ def test_fast_engine_with_triton_kernels_equals_reference(key):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("key", ["deit", "swin"])
+@pytest.mark.usefixtures("no_tf32")
 def test_cuda_engine_matches_float64_reference(key):
     model, x = small(key), images()
     ref = vpf.upvits_scores(model, x, ("residual", "attn", "mlp"), engine="reference", progress=False)

@@ -305,11 +305,11 @@ def cmd_export(args) -> int:
 
 
 def _bench_scripts() -> list[str]:
-    """Benchmark names: the scripts in bench/ other than helpers (``common``, ``report``, ``_*``)."""
+    """Benchmark names: the scripts in bench/ other than helpers (``common``, ``report``, ``_*``) and the GPU check."""
     if not (BENCH_DIR / "__main__.py").is_file():
         raise UsageError(f"no benchmark runner at {BENCH_DIR} (benchmarks run from a source checkout)")
     return [p.stem for p in sorted(BENCH_DIR.glob("*.py")) if not p.stem.startswith("_")
-            and p.stem not in ("common", "report")]
+            and p.stem not in ("common", "report", "gpu_check")]
 
 
 def cmd_bench(args) -> int:
