@@ -152,6 +152,21 @@ def _gpu_tests(d: dict) -> list[str]:
     return out
 
 
+def _finetune_scale(d: dict) -> list[str]:
+    out = [f"`{d['model']}` at {d['img_size']} px, soft distillation, {d['steps']} timed steps; "
+           f"{d['cpu_count']} CPU cores.", "", "| setting | ms / step | images/s |", "|---|---|---|"]
+    for r in d["cpu"]:
+        out.append(f"| CPU, {r['processes']} process(es) × {r['threads_per_process']} thread, global batch "
+                   f"{r['global_batch']} | {1e3 * r['seconds_per_step']:.0f} | {r['images_per_s']:.0f} |")
+    for r in d.get("gpu", []):
+        out.append(f"| GPU {r['precision']}, batch {r['batch']} | {1e3 * r['seconds_per_step']:.1f} | "
+                   f"{r['batch'] / r['seconds_per_step']:.0f} |")
+    out += ["", f"2 processes vs 1 (same global batch): ×{d['speedup_2_vs_1_process']:.2f} the steps/s."]
+    if "bf16_speedup_vs_fp32" in d:
+        out.append(f"bf16 autocast vs fp32: ×{d['bf16_speedup_vs_fp32']:.2f}.")
+    return out
+
+
 def _generic(d: dict) -> list[str]:
     return ["```json", json.dumps({k: v for k, v in d.items() if k not in ("results",)}, indent=1)[:1500], "```"]
 
@@ -163,7 +178,8 @@ SECTIONS = [("GPU check (bench/gpu_check.sh)", "gpu_check", _gpu_check),
             ("Pruned-model speed", "pruned_speed", _pruned),
             ("DIMAP scoring + thresholds", "dimap", _dimap),
             ("DAP training step", "dap", _dap),
-            ("Triton kernels", "kernels", _kernels)]
+            ("Triton kernels", "kernels", _kernels),
+            ("Fine-tuning throughput (DDP)", "finetune_scale", _finetune_scale)]
 
 
 def _runs(results: Path) -> list[dict]:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 import dap as bench_dap  # noqa: E402
 import dimap as bench_dimap  # noqa: E402
+import finetune_scale  # noqa: E402
 import gpu_tests  # noqa: E402
 import kl_engine  # noqa: E402
 import pruned_speed  # noqa: E402
@@ -59,6 +60,7 @@ def docs(tmp_path_factory):
                 True, CPU, cases=[("deit_small_patch16_224", dict(img_size=32, patch_size=16, depth=2, num_classes=10),
                                    [("deit_tiny_patch16_224", 0.5, 3)])], batches=(1, 2), repeats=1, onnx=False),
             "slicing": slicing.bench_device("cpu", ["vit_tiny_patch16_224"], 1, ["inplace", "copy"]),
+            "finetune_scale": finetune_scale.run(True, steps=1, img=32, gpu=False),
             "dap": {"batch": 2, "rounds": 1, "amp": None, "target_x_plain": 1.5,
                     "results": bench_dap._bench_model("deit", ("deit_tiny_patch16_224", dict(TINY_VIT, embed_dim=64)),
                                                       CPU, 2, 1, 2)},
@@ -125,6 +127,13 @@ def test_slicing_in_place_keeps_parameters_and_beats_copy_on_memory(docs):
     assert rows["inplace"]["same_parameter_objects"] and not rows["copy"]["same_parameter_objects"]
     assert rows["inplace"]["pruned_param_bytes"] == rows["copy"]["pruned_param_bytes"]
     assert d["ratios"]["vit_tiny_patch16_224"]["copy_over_inplace_peak"] > 1
+
+
+def test_finetune_scale_times_one_and_two_processes(docs):
+    d = docs[1]["finetune_scale"]
+    assert [r["processes"] for r in d["cpu"]] == [1, 2] and all(r["seconds_per_step"] > 0 for r in d["cpu"])
+    one, two = (r["seconds_per_step"] for r in d["cpu"])
+    assert d["speedup_2_vs_1_process"] == pytest.approx(one / two)
 
 
 def test_dap_rows(docs):

@@ -49,7 +49,7 @@ def test_round_trip_score_prune_load_finetune_eval(tmp_path, capsys):
 
     tuned = tmp_path / "tuned"
     out = _run(["finetune", "--model", str(pruned), "--teacher", MODEL, "--teacher-args", TINY, "--data", "digits",
-                "--steps", "3", "--quiet", "--out", str(tuned)], capsys)
+                "--random-teacher", "--steps", "3", "--quiet", "--out", str(tuned)], capsys)
     assert "distill: 3 steps" in out
     out = _run(["eval", "--model", str(tuned), "--data", "digits", "--quiet"], capsys)
     assert "on 450 test images of digits" in out
@@ -147,7 +147,26 @@ def test_finetune_dap_checkpoint_resumes_to_the_same_model(tmp_path, capsys):
     _run(args + ["--out", str(tmp_path / "b")], capsys)  # resumes at the end: no step left, same pruned model
     a, b = (vpf.load_pruned(tmp_path / d).state_dict() for d in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e:  # a DAP checkpoint is not a distillation run's checkpoint
         cli.main(["finetune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--alpha", "0",
                   "--checkpoint", str(ckpt), "--out", str(tmp_path / "c")])
-    assert e.value.code == 2 and "--checkpoint resumes DAP runs only" in capsys.readouterr().err
+    assert e.value.code == 2 and "is not a vitprune_fast.finetune.train checkpoint" in capsys.readouterr().err
+
+
+def test_finetune_distill_checkpoint_resumes_to_the_same_model(tmp_path, capsys):
+    ckpt = tmp_path / "ft.pt"
+    args = ["finetune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--alpha", "0", "--steps", "4",
+            "--batch-size", "16", "--accum-steps", "2", "--quiet", "--checkpoint", str(ckpt), "--checkpoint-every", "2"]
+    _run(args + ["--out", str(tmp_path / "a")], capsys)
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
+    _run(args + ["--out", str(tmp_path / "b")], capsys)  # resumes at the end: the same model
+    a, b = (vpf.load_pruned(tmp_path / d).state_dict() for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_timm_teacher_without_weights_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["finetune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--teacher", MODEL,
+                  "--steps", "1", "--out", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--pretrained-teacher" in err and len(err.strip().splitlines()) == 1

@@ -5,7 +5,7 @@ import pytest
 import torch
 from models import make_model
 
-from vitprune_fast.finetune import DEFAULT_ALPHA, _lr_at, distillation_loss, evaluate, train
+from vitprune_fast.finetune import DEFAULT_ALPHA, distillation_loss, evaluate, lr_scheduler, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,11 +51,30 @@ def test_distillation_loss_without_teacher_is_cross_entropy():
     assert loss.item() == pytest.approx((-math.log(0.6) - math.log(1 / 3)) / 2, rel=1e-12)
 
 
+def _lrs(steps, warmup, lr=1.0):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = lr_scheduler(opt, steps, warmup)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    lrs = [_lr_at(s, 100, 10, 1.0) for s in range(100)]
+    lrs = _lrs(100, 10)
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     assert lrs[-1] < 1e-3
+
+
+@pytest.mark.parametrize("steps, warmup", [(100, 10), (37, 5), (5, 1), (3, 0)])
+def test_library_schedule_is_linear_warmup_then_cosine(steps, warmup):
+    """torch's LinearLR + CosineAnnealingLR give lr * (k + 1) / warmup, then the half cosine to zero."""
+    want = [0.3 * ((k + 1) / warmup if k < warmup else 0.5 * (1 + math.cos(math.pi * (k - warmup) / (steps - warmup))))
+            for k in range(steps)]
+    assert _lrs(steps, warmup, lr=0.3) == pytest.approx(want, rel=1e-12, abs=1e-15)
 
 
 def _data(model, n=16, seed=0):

@@ -166,7 +166,7 @@ def _compute(args, model, data):
 def cmd_prune(args) -> int:
     """Prune by keep ratio, FLOPs fraction or target timm shape; save with save_pruned."""
     from .arch import describe
-    from .io import save_pruned
+    from .io import ARCH_FILE, WEIGHTS, save_pruned, stock_call
     from .plan import make_plan
     from .plots import plot_kept_widths
     from .prune import prune_
@@ -199,6 +199,7 @@ def cmd_prune(args) -> int:
     after = _model_row("pruned", model)
     out = save_pruned(model, args.out)
     (out / "plan.json").write_text(json.dumps(plan.to_dict()))
+    stock = json.loads((out / ARCH_FILE).read_text())["timm_stock"]
     kept = plan.kept_sizes(space)
     png = plot_kept_widths(space, {"kept": kept}, out / "widths.png", f"kept widths, {args.model}")
     for n in notes:
@@ -212,68 +213,97 @@ def cmd_prune(args) -> int:
     print("kept channels: " + ", ".join(f"{k} {b}/{a}" for k, (a, b) in kinds.items()))
     pct = 100 * after["mflops"] / before["mflops"]
     print(f"FLOPs {pct:.1f} % of dense -> {out}" + (f" (plot {png})" if png else ""))
+    print(f"stock timm: {stock_call(stock, out / WEIGHTS)}")
     return 0
 
 
 def cmd_finetune(args) -> int:
-    """Distillation fine-tune (or DAP) of a pruned model against the unpruned teacher; save the result."""
+    """Distillation fine-tune (or DAP) of a pruned model against the unpruned teacher; save the result.
+
+    Under ``torchrun`` every process trains a DDP replica on its shard of the data (``--batch-size`` per process);
+    rank 0 prints and writes.
+    """
+    from . import distributed
     from .finetune import evaluate, train
     from .io import save_pruned
 
+    device = distributed.init_from_env()
     model, data = _model_and_data(args)
+    model.to(device)
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed)
-    steps = args.steps or max(1, math.ceil(args.epochs * len(train_loader)))
+    steps = args.steps or max(1, math.ceil(args.epochs * len(train_loader) / args.accum_steps))
     teacher = None
     if args.teacher is not None:
+        if not Path(args.teacher).is_dir() and not args.pretrained_teacher and not args.random_teacher:
+            raise UsageError(f"--teacher {args.teacher} is a timm name without weights: distilling from a random-init "
+                             "model teaches nothing. Pass --pretrained-teacher (or a saved model directory); "
+                             "--random-teacher allows it on purpose (tests, demos)")
         teacher = load_model(args.teacher, args.teacher_args, args.pretrained_teacher,
-                             _data_defaults(args.data, args.teacher), args.seed)
+                             _data_defaults(args.data, args.teacher), args.seed).to(device)
     elif args.alpha != 0 and args.method == "distill":
         raise UsageError("--teacher is required for distillation (or pass --alpha 0 for plain cross-entropy)")
-    if args.checkpoint is not None and args.method != "dap":
-        raise UsageError("--checkpoint resumes DAP runs only (--method dap)")
-    before = _model_row("before", model, evaluate(model, test_loader, progress=not args.quiet))
+    if args.method == "dap" and args.accum_steps != 1:
+        raise UsageError("--accum-steps applies to --method distill (DAP takes one batch per step)")
+    amp_name = args.amp or ("bf16" if device.type == "cuda" else "none")
+    amp = {"bf16": torch.bfloat16, "none": None}[amp_name]
+    progress = not args.quiet and distributed.is_main()
+    before = _model_row("before", model, evaluate(model, test_loader, progress=progress))
     t0 = time.perf_counter()
     if args.method == "dap":
-        _run_dap(model, teacher, train_loader, steps, args)
+        _run_dap(model, teacher, train_loader, steps, args, amp)
     else:
         train(model, train_loader, steps, lr=args.lr, teacher=teacher, alpha=args.alpha,
-              temperature=args.temperature, progress=not args.quiet, desc="finetune")
+              temperature=args.temperature, progress=progress, desc="finetune", amp_dtype=amp,
+              accum_steps=args.accum_steps, checkpoint=args.checkpoint,
+              checkpoint_every=args.checkpoint_every if args.checkpoint else 0)
     dt = time.perf_counter() - t0
-    after = _model_row("after", model, evaluate(model, test_loader, progress=not args.quiet))
-    out = save_pruned(model, args.out)
-    print(table([before, after], MODEL_COLUMNS))
-    kd = f"alpha {args.alpha}" if teacher is not None else "no teacher"
-    print(f"{args.method}: {steps} steps in {dt:.1f} s ({kd}, lr {args.lr}) -> {out}")
+    after = _model_row("after", model, evaluate(model, test_loader, progress=progress))
+    if distributed.is_main():
+        out = save_pruned(model.cpu(), args.out)
+        print(table([before, after], MODEL_COLUMNS))
+        kd = f"alpha {args.alpha}" if teacher is not None else "no teacher"
+        ranks = distributed.dist_info()[1]
+        print(f"{args.method}: {steps} steps in {dt:.1f} s ({kd}, lr {args.lr}, {ranks} process"
+              f"{'es' if ranks > 1 else ''}, amp {amp_name}) -> {out}")
+    distributed.barrier()
     return 0
 
 
-def _run_dap(model, teacher, loader, steps, args) -> None:
+def _run_dap(model, teacher, loader, steps, args, amp_dtype) -> None:
     """Delegate to :func:`vitprune_fast.dap.finetune_dap` (prunes ``model`` in place while fine-tuning)."""
-    try:
-        from .dap import finetune_dap
-    except ImportError as e:
-        raise UsageError(f"DAP not available ({e})") from e
+    from .dap import finetune_dap
+    from .distributed import is_main
+
     try:
         _, _, hist = finetune_dap(model, loader, target=args.dap_target, steps=steps, lr=args.lr, teacher=teacher,
-                                  distill_alpha=args.alpha, progress=not args.quiet, checkpoint=args.checkpoint,
+                                  distill_alpha=args.alpha, amp_dtype=amp_dtype, progress=not args.quiet,
+                                  checkpoint=args.checkpoint,
                                   checkpoint_every=args.checkpoint_every if args.checkpoint else 0)
     except ValueError as e:  # e.g. too few steps for the DAP schedule
         raise UsageError(f"DAP: {e}") from e
-    print(f"DAP: params {hist['params_before']:,} -> {hist['params_after']:,} (target {hist['target_params']:,})")
+    if is_main():
+        print(f"DAP: params {hist['params_before']:,} -> {hist['params_after']:,} "
+              f"(target {hist['target_params']:,})")
 
 
 def cmd_eval(args) -> int:
-    """Top-1 accuracy on the test split (ImageFolder: val/ or test/ when present)."""
+    """Top-1 accuracy on the test split (ImageFolder: val/ or test/ when present); sharded under torchrun."""
+    from . import distributed
     from .finetune import evaluate
 
+    device = distributed.init_from_env()
     model, data = _model_and_data(args)
+    model.to(device)
     train_loader, test_loader = data.loaders(args.batch_size)
+    if args.split == "train":  # the whole train split, unshuffled (evaluate shards it by batch)
+        train_loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size)
     loader = train_loader if args.split == "train" else test_loader
     t0 = time.perf_counter()
-    acc = evaluate(model, loader, progress=not args.quiet)
+    acc = evaluate(model, loader, progress=not args.quiet and distributed.is_main())
     dt = time.perf_counter() - t0
-    print(table([_model_row(args.model, model, acc)], MODEL_COLUMNS))
-    print(f"top-1 {100 * acc:.2f} % on {len(loader.dataset)} {args.split} images of {data.name} in {dt:.1f} s")
+    if distributed.is_main():
+        print(table([_model_row(args.model, model.cpu(), acc)], MODEL_COLUMNS))
+        print(f"top-1 {100 * acc:.2f} % on {len(loader.dataset)} {args.split} images of {data.name} in {dt:.1f} s")
     return 0
 
 
@@ -480,8 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="KL weight (batch-mean KL, temperature 1)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--dap-target", type=_ratio, default=0.5, help="DAP: fraction of the parameters to remove")
+    p.add_argument("--random-teacher", action="store_true",
+                   help="allow a timm-name teacher without --pretrained-teacher (random init: tests and demos only)")
+    p.add_argument("--amp", choices=("bf16", "none"), default=None,
+                   help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+    p.add_argument("--accum-steps", type=_positive_int, default=1, metavar="K",
+                   help="batches per optimizer step (gradient accumulation; --method distill)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
-                   help="DAP: resume file (written every --checkpoint-every steps; resumed from when it exists)")
+                   help="resume file (written every --checkpoint-every steps; resumed from when it exists)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=100, metavar="N")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_finetune)

@@ -41,10 +41,24 @@ class DataBundle:
 
     def loaders(self, batch_size: int = 64, shuffle_train: bool = True, seed: int = 0,
                 num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
-        """(train loader, test loader); the train loader shuffles with a seeded generator."""
+        """(train loader, test loader); the train loader shuffles with a seeded generator.
+
+        Under torch.distributed the train loader gives every rank its own shard through a seeded
+        DistributedSampler (``batch_size`` per rank; the training loops call its ``set_epoch``); the test loader
+        is the whole set on every rank (:func:`vitprune_fast.finetune.evaluate` shards it by batch).
+        """
+        from .distributed import dist_info
+
+        rank, world = dist_info()
         g = torch.Generator().manual_seed(seed)
-        train = DataLoader(self.train, batch_size=batch_size, shuffle=shuffle_train, generator=g,
-                           num_workers=num_workers, drop_last=False)
+        if world > 1:
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(self.train, world, rank, shuffle=shuffle_train, seed=seed)
+            train = DataLoader(self.train, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+        else:
+            train = DataLoader(self.train, batch_size=batch_size, shuffle=shuffle_train, generator=g,
+                               num_workers=num_workers, drop_last=False)
         test = DataLoader(self.test, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         return train, test
 

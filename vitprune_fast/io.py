@@ -1,6 +1,7 @@
 """Save / load pruned models: safetensors weights + a JSON architecture file. Nothing is pickled."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from .arch import adapter_for
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsupportedModelError
 from .version import __version__
 
 FORMAT = "vitprune_fast.pruned/1"
@@ -25,6 +26,85 @@ def _model_name(model: nn.Module, model_name: str | None) -> str:
     if not name:
         raise CheckpointError("cannot tell the timm model name; pass save_pruned(..., model_name='deit_small_...')")
     return name
+
+
+def stock_model(model: nn.Module, model_name: str | None = None) -> dict:
+    """How to rebuild ``model`` as a stock timm model: its widths in ``create_model`` kwargs, and the registered
+    timm model of exactly that shape when there is one.
+
+    Returns:
+        ``{"model_name", "kwargs", "registered"}`` (``registered``: a timm name whose defaults build exactly this
+        architecture, or None), or ``{"reason"}`` when no stock timm model has these shapes. The recipe is checked by
+        building it on the meta device: same tensors and shapes, same per-block layout.
+    """
+    adapter = adapter_for(model)
+    try:
+        kwargs = adapter.stock_kwargs()
+    except UnsupportedModelError as e:
+        return {"reason": str(e)}
+    name = _model_name(model, model_name)
+    mine = _shapes(model)
+    try:
+        built = _meta_model(name, kwargs)
+    except CheckpointError as e:
+        return {"reason": str(e)}
+    if _shapes(built) != mine or adapter_for(built).extra_state() != adapter.extra_state():
+        return {"reason": f"timm.create_model({name!r}, **kwargs) does not rebuild these tensors / block layout"}
+    return {"model_name": name, "kwargs": kwargs, "registered": _registered_match(name, mine, kwargs)}
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _meta_model(name: str, kwargs: dict) -> nn.Module:
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as e:  # timm raises many types for bad names/kwargs
+        raise CheckpointError(f"cannot build timm model {name!r} with {kwargs}: {type(e).__name__}: {e}") from e
+
+
+@functools.lru_cache(maxsize=4096)
+def _registered_recipe(name: str) -> tuple[str, str] | None:
+    """(stock kwargs as JSON, shapes as JSON) of a registered timm model with its defaults; None if unbuildable."""
+    try:
+        built = _meta_model(name, {})
+        return json.dumps(adapter_for(built).stock_kwargs(), sort_keys=True), json.dumps(sorted(_shapes(built).items()))
+    except (CheckpointError, UnsupportedModelError):
+        return None
+
+
+def _registered_match(name: str, shapes: dict, kwargs: dict) -> str | None:
+    """A registered timm model (same family prefix, e.g. ``deit_*``) whose defaults build exactly this model."""
+    import timm
+
+    family = name.split("_")[0]
+    want = (json.dumps(kwargs, sort_keys=True), json.dumps(sorted(shapes.items())))
+    cfg_size = list(kwargs.get("img_size") or [])
+    for cand in timm.list_models(f"{family}_*"):
+        cfg = timm.models.get_pretrained_cfg(cand)  # cheap filter before building anything
+        if cfg is not None and (cfg.num_classes != kwargs.get("num_classes") or
+                                list(cfg.input_size[1:]) != [int(v) for v in cfg_size]):
+            continue
+        if _registered_recipe(cand) == want:
+            return cand
+    return None
+
+
+def stock_call(stock: dict, weights: str | os.PathLike) -> str:
+    """The ``timm.create_model`` call that loads ``weights`` into the stock model ``stock`` (from
+    :func:`stock_model`), with only the kwargs that differ from the named model's defaults."""
+    if "reason" in stock:
+        return f"not a stock timm shape ({stock['reason']})"
+    if stock["registered"]:
+        return f"timm.create_model({stock['registered']!r}, checkpoint_path={str(weights)!r})"
+    defaults = _registered_recipe(stock["model_name"])
+    base = json.loads(defaults[0]) if defaults else {}
+    args = ", ".join(f"{k}={v!r}" for k, v in stock["kwargs"].items() if base.get(k) != v)
+    return f"timm.create_model({stock['model_name']!r}, {args}, checkpoint_path={str(weights)!r})"
 
 
 def _architecture(model: nn.Module, model_name: str | None, model_kwargs: dict | None) -> dict:
@@ -43,6 +123,7 @@ def _architecture(model: nn.Module, model_name: str | None, model_kwargs: dict |
                    for n, g in space.groups.items()},
         "tensors": {k: list(v.shape) for k, v in model.state_dict().items()},
         "extra": adapter.extra_state(),
+        "timm_stock": stock_model(model, model_name),
     }
 
 

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, tensor_of
 
 
@@ -252,9 +253,24 @@ class Adapter(ABC):
     def build_recipe(self) -> dict:
         """Structural ``timm.create_model`` kwargs that rebuild the module tree (sizes are restored apart)."""
 
+    def stock_kwargs(self) -> dict:
+        """``timm.create_model`` kwargs that build this model, widths included, as a stock timm model.
+
+        Raises:
+            UnsupportedModelError: the widths are not ones the family's timm class can express (per-block widths
+                differ, an attention width timm ties to another size...), with the reason.
+        """
+        raise UnsupportedModelError(f"no stock timm recipe for {type(self.model).__name__} models")
+
     def extra_state(self) -> dict:
         """JSON-able state the recipe cannot express (e.g. Swin's per-block shift layout after depth pruning)."""
         return {}
 
     def apply_extra_state(self, state: dict) -> None:  # noqa: B027 -- optional hook, nothing to restore by default
         """Restore :meth:`extra_state` on a freshly built model."""
+
+
+def mlp_ratio_for(dim: int, hidden: int) -> float:
+    """An ``mlp_ratio`` for which timm's ``int(dim * mlp_ratio)`` gives ``hidden`` (timm truncates)."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else (hidden + 0.5) / dim

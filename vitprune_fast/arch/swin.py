@@ -6,7 +6,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, TensorSlice
-from .base import Adapter, BlockRef, StageRef
+from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
 from .common import is_layernorm, linear_slices, norm_slices, sync_generic_attributes
 
 
@@ -169,6 +169,31 @@ class SwinAdapter(Adapter):
             qkv_bias=model.layers[0].blocks[0].attn.qkv.bias is not None,
             strict_img_size=pe.strict_img_size,
         )
+
+    def stock_kwargs(self) -> dict:
+        """Stage widths C * 2**s and uniform blocks within each stage: timm's SwinTransformer with other widths.
+
+        (timm computes the stage widths from one ``embed_dim``; per-stage heads, head_dim and mlp_ratio are free.)
+        """
+        kw = self.build_recipe()
+        widths, heads, head_dims, ratios = [], [], [], []
+        for s, stage in enumerate(self.model.layers):
+            c = (self.model.patch_embed.proj.weight if s == 0 else stage.downsample.reduction.weight).shape[0]
+            shapes = {(b.attn.num_heads, b.attn.qkv.out_features // 3, b.mlp.fc1.out_features) for b in stage.blocks}
+            if len(shapes) != 1:
+                raise UnsupportedModelError(f"layers.{s}: blocks differ in (heads, attention width, MLP width): "
+                                            f"{sorted(shapes)}; a stock SwinTransformer stage has one of each")
+            h, a, hidden = shapes.pop()
+            widths.append(c)
+            heads.append(h)
+            head_dims.append(a // h)
+            ratios.append(mlp_ratio_for(c, hidden))
+        if any(w != widths[0] * 2 ** s for s, w in enumerate(widths)):
+            raise UnsupportedModelError(f"stage widths {widths} are not embed_dim * 2**stage: timm's SwinTransformer "
+                                        "derives every stage's width from one embed_dim")
+        one = lambda v: v[0] if len(set(v)) == 1 else v  # noqa: E731 -- a scalar where it can (older timm)
+        kw.update(embed_dim=widths[0], num_heads=heads, head_dim=one(head_dims), mlp_ratio=one(ratios))
+        return kw
 
     def extra_state(self) -> dict:
         """Per-block window/shift layout: after depth pruning it no longer follows timm's even/odd rule."""

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, TensorSlice
-from .base import Adapter, BlockRef, StageRef
+from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
 from .common import is_layernorm, linear_slices, norm_slices, sync_generic_attributes
 
 
@@ -185,6 +185,22 @@ class ViTAdapter(Adapter):
         if isinstance(model.fc_norm, nn.Identity) and isinstance(model.norm, nn.Identity):
             kw["final_norm"] = False  # only passed when needed: older timm has no such kwarg
             kw.pop("fc_norm")
+        return kw
+
+    def stock_kwargs(self) -> dict:
+        """Uniform blocks with the attention width equal to embed_dim: timm's VisionTransformer with other widths."""
+        kw = self.build_recipe()
+        c = kw["embed_dim"]
+        shapes = {(b.attn.num_heads, b.attn.qkv.out_features // 3, b.mlp.fc1.out_features) for b in self._blocks}
+        if len(shapes) > 1:
+            raise UnsupportedModelError(f"blocks differ in (heads, attention width, MLP width): {sorted(shapes)}; "
+                                        "a stock VisionTransformer has the same widths in every block")
+        if shapes:
+            heads, width, hidden = shapes.pop()
+            if width != c:
+                raise UnsupportedModelError(f"attention width {width} differs from embed_dim {c}; timm's "
+                                            "VisionTransformer ties them (head_dim = embed_dim / num_heads)")
+            kw.update(num_heads=heads, mlp_ratio=mlp_ratio_for(c, hidden))
         return kw
 
 

@@ -19,6 +19,27 @@ To resume a long run, save ``dap.state_dict()`` (after ``dap.step()``) with the 
 dicts; a new ``DAP`` built with the same arguments on the same architecture continues exactly after
 ``dap.load_state_dict(state)`` (``finetune_dap(checkpoint=...)`` does this for its own loop).
 
+Under DistributedDataParallel (torchrun)::
+
+    dap = DAP(model, target=0.5, schedule=Schedule.for_steps(steps))   # the unwrapped model: DAP hooks its modules
+    net = DistributedDataParallel(model, device_ids=[local_rank])      # wrap after (or before: the same modules)
+    for x, y in loader:                                                # this rank's shard (DistributedSampler)
+        loss = criterion(net(x), y) + dap.loss(y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        dap.step()                                                     # averages over the ranks (below)
+    del net                                                            # then prune the model itself
+    plan = dap.finalize(opt)                                           # the same plan on every rank
+
+DAP finds the process group itself (``process_group=`` to choose one). At construction every rank takes rank 0's
+probe initialisation; in every ``dap.step()`` one all-reduce averages the probes' gradients, this step's ΔΨ and the
+gates' gradient (Taylor scores), so every rank holds the same DAP state and makes the same decisions, and a run on
+several ranks equals one process over the concatenated batch (with equal per-rank batches, and in eval mode: in
+training mode the probes' BatchNorms take per-rank batch statistics, as any BatchNorm under DDP; the decisions are
+still identical on every rank). With ``train_gates`` the gates' gradient is averaged as soon as backward computes it,
+before ``opt.step()``. Call ``dap.loss`` / ``dap.step`` on every rank; save ``dap.state_dict()`` from rank 0 only
+(it is the same everywhere) and load it on every rank. Prune the unwrapped model (``dap.finalize``) and wrap it in a
+new DDP to go on training: a DDP wrapper keeps buckets of the old shapes.
+
 Layout: :mod:`.schedule` (when DAP scores, ramps, sharpens), :mod:`.budget` (κ allocation maths), :mod:`.config`
 (:class:`DAPConfig`, the settings, also the saved config), :mod:`.probes` (the ΔΨ probes), :mod:`.pruner` (the
 :class:`DAP` object: hooks, gates, updates, plan), :mod:`.state` (checking a saved state), :mod:`.loop`

@@ -1,13 +1,13 @@
 """``finetune_dap``: a short DAP fine-tune that ends with the physically pruned model, resumable."""
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import CheckpointError, ConfigError
 from ..plan import Plan
 from .pruner import DAP
@@ -43,12 +43,16 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
         dap_kwargs: more :class:`DAP` arguments (``attn_mode``, ``batched``, ``**FAITHFUL``, ...).
         progress: tqdm bar.
         checkpoint: resume file. If it exists, the model, the AdamW state, the DAP state
-            (:meth:`DAP.state_dict`), the logged losses and the global RNG state (CPU, and the model's CUDA
-            device) are loaded from it (checked against this run's model and DAP arguments first) and the run
-            goes on from its step. Written every ``checkpoint_every`` steps (a temporary file, then a rename).
-            A resumed run starts a fresh pass over ``train_loader``: it repeats the uninterrupted run exactly
-            when the checkpoint falls on a pass boundary of a loader whose order does not depend on the RNG.
+            (:meth:`DAP.state_dict`), the logged losses and the global RNG state of every rank (CPU, and the model's
+            CUDA device) are loaded from it (checked against this run's model and DAP arguments first) and the run
+            goes on from its step, after replaying the loader up to that position: with a loader whose order depends
+            only on its own seeded generator (or a DistributedSampler's seed), it continues exactly. Written by rank
+            0 every ``checkpoint_every`` steps (a temporary file, then a rename).
         checkpoint_every: steps between checkpoint writes (0: never write).
+
+    Under torch.distributed (torchrun) the model trains in DistributedDataParallel and DAP averages its statistics
+    over the ranks (every rank makes the same decisions); give every rank its own shard of the data. The pruned
+    model is the same on every rank.
 
     Returns:
         ``(model, plan, history)``: the same model object, pruned; the applied Plan; a dict with ``step``,
@@ -57,7 +61,7 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
     """
     from tqdm.auto import tqdm
 
-    from ..finetune import DEFAULT_ALPHA, distillation_loss
+    from ..finetune import DEFAULT_ALPHA, _batches, distillation_loss, rng_states
 
     schedule = schedule or Schedule.for_steps(steps)
     if checkpoint_every < 0 or (checkpoint_every and checkpoint is None):
@@ -78,16 +82,26 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
         teacher.eval()
     history = dict(step=[], loss=[], probe_loss=[], params_before=dap.total_params, target_params=dap.target_params,
                    tolerance=dap.tolerance)
-    start = _load_checkpoint(checkpoint, model, opt, dap, history) if checkpoint and os.path.exists(checkpoint) else 0
+    start = 0
+    if checkpoint and os.path.exists(checkpoint):
+        ck = _read_checkpoint(checkpoint)
+        start = _restore(ck, model, opt, dap, history)
+    net = distributed.wrap(model)  # DDP over the ranks (DAP's hooks sit on the unwrapped model's modules)
     model.train(not eval_mode)
-    batches = itertools.chain.from_iterable(itertools.repeat(train_loader))
-    for step, (x, y) in tqdm(zip(range(start, steps), batches, strict=False), initial=start, total=steps,
-                             disable=not progress, desc="dap"):
+    batches = _batches(train_loader)
+    for _ in range(start):  # replay the data order up to the checkpoint
+        next(batches)
+    amp = dict(device_type=p0.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+    for step in tqdm(range(start, steps), initial=start, total=steps, disable=not progress or not distributed.is_main(),
+                     desc="dap"):
+        x, y = next(batches)
         x, y = x.to(p0.device, p0.dtype), y.to(p0.device)
-        with torch.autocast(p0.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with torch.autocast(**amp):
             with torch.no_grad():
                 t_logits = teacher(x) if teacher is not None else None
-            loss = distillation_loss(model(x).float(), y, t_logits, alpha)
+            logits = net(x)
+            logits = logits.float() if amp_dtype is not None else logits  # loss in fp32 under autocast
+            loss = distillation_loss(logits, y, t_logits, alpha)
             probe_loss = dap.loss(y)
         opt.zero_grad(set_to_none=True)
         (loss + probe_loss).backward()
@@ -95,15 +109,17 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
         dap.step()
         if step % log_every == 0 or step == steps - 1:
             history["step"].append(step)
-            history["loss"].append(loss.item())
-            history["probe_loss"].append(probe_loss.item())
+            history["loss"].append(distributed.mean_over_ranks(loss.item(), p0.device))
+            history["probe_loss"].append(distributed.mean_over_ranks(probe_loss.item(), p0.device))
         if checkpoint_every and (step + 1) % checkpoint_every == 0:
-            tmp = f"{os.fspath(checkpoint)}.tmp"
-            cuda = p0.device.type == "cuda"
-            torch.save(dict(step=step + 1, model=model.state_dict(), optimizer=opt.state_dict(), dap=dap.state_dict(),
-                            log={k: history[k] for k in _LOGGED}, rng=torch.get_rng_state(),
-                            cuda_rng=torch.cuda.get_rng_state(p0.device) if cuda else None), tmp)
-            os.replace(tmp, checkpoint)
+            rng = rng_states(p0.device)  # collective: every rank takes part
+            if distributed.is_main():  # the DAP state is the same on every rank
+                tmp = f"{os.fspath(checkpoint)}.tmp"
+                torch.save(dict(step=step + 1, model=model.state_dict(), optimizer=opt.state_dict(),
+                                dap=dap.state_dict(), log={k: history[k] for k in _LOGGED}, rng=rng), tmp)
+                os.replace(tmp, checkpoint)
+            distributed.barrier()
+    del net  # prune the model itself: a DDP wrapper holds buckets of the old shapes
     history["keep_ratios"] = dap.keep_ratios()
     plan = dap.finalize(opt)
     history["updates"] = dap.history
@@ -113,22 +129,26 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
 
 
 _LOGGED = ("step", "loss", "probe_loss")
+_KEYS = {"step", "model", "optimizer", "dap", "log", "rng"}
 
 
-def _load_checkpoint(path, model: nn.Module, opt: torch.optim.Optimizer, dap: DAP, history: dict) -> int:
-    """Restore a ``finetune_dap`` checkpoint into the run's objects; returns the step to continue from."""
+def _read_checkpoint(path) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling / zip errors of a damaged or foreign file
         raise CheckpointError(f"cannot read DAP checkpoint {path}: {e}") from e
-    if not isinstance(ck, dict) or set(ck) != {"step", "model", "optimizer", "dap", "log", "rng", "cuda_rng"}:
+    if not isinstance(ck, dict) or set(ck) != _KEYS:
         raise CheckpointError(f"{path} is not a finetune_dap checkpoint")
+    return ck
+
+
+def _restore(ck: dict, model: nn.Module, opt: torch.optim.Optimizer, dap: DAP, history: dict) -> int:
+    """Restore a ``finetune_dap`` checkpoint into the run's objects; returns the step to continue from."""
+    from ..finetune import set_rng_states
+
     dap.load_state_dict(ck["dap"])  # first: checks the architecture and the DAP arguments
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     history.update({k: list(ck["log"][k]) for k in _LOGGED})
-    torch.set_rng_state(ck["rng"])
-    dev = dap.gate.device
-    if ck["cuda_rng"] is not None and dev.type == "cuda":
-        torch.cuda.set_rng_state(ck["cuda_rng"], dev)
+    set_rng_states(ck["rng"], dap.gate.device)
     return ck["step"]

@@ -70,6 +70,10 @@ class DAP:
         schedule: when to score / ramp / sharpen (:class:`Schedule`); default ``Schedule.for_steps(1000)``.
         num_classes: probe classes (default ``model.num_classes``).
         channels_last: probe convolutions in channels-last layout (a memory layout: same results).
+        process_group: the ranks to agree with under ``torch.distributed`` (default: every rank when a process group
+            is initialized). Every rank then makes the same decisions from global statistics: the gates' gradient
+            (Taylor scores, and training with ``train_gates``), the probes' gradients and ΔΨ are averaged over the
+            ranks, so the DAP state is identical on every rank. See the package docstring for DDP.
         **settings: any other :class:`DAPConfig` field (``attn_mode``, ``batched``, ``probe_every``,
             ``**FAITHFUL``, ...).
 
@@ -78,7 +82,7 @@ class DAP:
     """
 
     def __init__(self, model: nn.Module, target: float = 0.5, schedule: Schedule | None = None, *,
-                 num_classes: int | None = None, channels_last: bool = True, **settings):
+                 num_classes: int | None = None, channels_last: bool = True, process_group=None, **settings):
         p0 = next(model.parameters())
         cfg = self.config = DAPConfig.from_settings(target, schedule, settings).resolved(p0.device, p0.dtype)
         adapter = adapter_for(model)
@@ -141,6 +145,17 @@ class DAP:
         self._reset_accumulators()
         self._feats: list[list[torch.Tensor | None]] = [[None] * (2 * len(s.blocks) + 1) for s in self.stages]
         self._probe_pending = False
+        self._step_dpsi = torch.zeros(2, nb, device=p0.device, dtype=torch.float32)  # ΔΨ^c, ΔΨ^p of this step
+        self._probe_params = [p for pr in self.probes for p in pr.parameters()]
+        self._group = _process_group(process_group)
+        if self._group is not None:  # the probes start from rank 0's initialisation, as DDP does for the model
+            import torch.distributed as dist
+
+            src = dist.get_global_rank(self._group, 0)
+            for t in [*self.probes.parameters(), *self.probes.buffers()]:
+                dist.broadcast(t.data, src=src, group=self._group)
+        if self._group is not None and cfg.train_gates:  # trained gates: averaged before the optimizer sees them
+            self.gate.register_post_accumulate_grad_hook(lambda g: self._average_over_ranks([g.grad]))
         self._hooks = []
         self._install_hooks()
         self._set_gate_grad()
@@ -264,10 +279,11 @@ class DAP:
             lc = probe_ce(cls, target, self.config.label_smoothing).mean(1)  # [2, nb_s]
             lp = probe_ce(patch, target, self.config.label_smoothing).mean(1)
             total = total + lc.sum() + lp.sum()
-            if scoring:
+            if scoring:  # ΔΨ = L(Ψ(x_in)) − L(Ψ(x_out)); over several ranks: averaged first, in step()
                 sl = slice(stage.first, stage.first + probes.nb)
-                self._dcls[sl] += (lc[0] - lc[1]).detach()  # ΔΨ = L(Ψ(x_in)) − L(Ψ(x_out))
-                self._dpatch[sl] += (lp[0] - lp[1]).detach()
+                acc = self._step_dpsi if self._group is not None else (self._dcls, self._dpatch)
+                acc[0][sl] += (lc[0] - lc[1]).detach()
+                acc[1][sl] += (lp[0] - lp[1]).detach()
         self._bpi_n += int(scoring)
         self._probe_pending = True
         return total
@@ -279,6 +295,13 @@ class DAP:
         update when the schedule says so. With a GradScaler, call it before ``scaler.update()``.
         """
         t = self.t
+        if self._group is not None:  # one collective: probe gradients, this step's ΔΨ and the gates' gradient
+            gate_grad = [self.gate.grad] if self.gate.grad is not None and not self.config.train_gates else []
+            probe_grads = [p.grad for p in self._probe_params if p.grad is not None] if self._probe_pending else []
+            self._average_over_ranks(probe_grads + gate_grad + ([self._step_dpsi] if self._probe_pending else []))
+            self._dcls += self._step_dpsi[0]
+            self._dpatch += self._step_dpsi[1]
+            self._step_dpsi.zero_()
         if self._probe_pending:
             if scaler is not None:
                 scaler.step(self.optimizer)
@@ -325,6 +348,20 @@ class DAP:
             dpsi_patch=d_patch.tolist(), goal=self.goal.tolist(), units=self.units.tolist(),
             kept_params=self.kept_params()))
         self._reset_accumulators()
+
+    def _average_over_ranks(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the ranks, in one all-reduce of a flat buffer."""
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        world = dist.get_world_size(self._group)
+        for dtype in dict.fromkeys(t.dtype for t in tensors):  # one flat buffer per dtype (grads, float64 ΔΨ)
+            same = [t for t in tensors if t.dtype == dtype]
+            flat = _flatten_dense_tensors(same)
+            dist.all_reduce(flat, group=self._group)
+            flat /= world
+            for t, avg in zip(same, _unflatten_dense_tensors(flat, same), strict=True):
+                t.copy_(avg)
 
     # ------------------------------------------------------------------------------------- checkpointing
     def _signature(self) -> dict:
@@ -503,6 +540,16 @@ class DAP:
         self.remove()
         prune_(self.model, plan, optimizer=optimizer)
         return plan
+
+
+def _process_group(group):
+    """The process group DAP averages over: ``group``, or the default one when initialized with > 1 rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = group if group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def _capture(store: list, slot: int, output: bool = False):

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import BlockRef, adapter_for
+from ..distributed import dist_info, gather_objects
 from ..errors import ConfigError, InputError, PlanError
 from ..kernels.expand_ln import expand_ln
 from ..kernels.kl_div import kl_per_candidate
@@ -321,14 +322,6 @@ def _auto_rows(model: nn.Module, x: torch.Tensor) -> int:
     return max(1, int(0.5 * (free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / per_row))
 
 
-def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def upvits_scores(
         model: nn.Module,
         images,
@@ -387,7 +380,7 @@ def upvits_scores(
         work = [w for w in work if w.name in set(groups)]
     was_training = model.training
     model.eval()
-    rank, world = _dist_info()
+    rank, world = dist_info()
     kernels = chunks[0].is_cuda and HAS_TRITON if use_kernels is None else bool(use_kernels)
     if kernels and engine == "fast":
         resolve_backend("triton", chunks[0])  # a clear error now if the kernels cannot run here
@@ -423,11 +416,7 @@ def upvits_scores(
     finally:
         model.train(was_training)
     if world > 1:
-        import torch.distributed as dist
-
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        results = {k: v for part in gathered for k, v in part.items()}
+        results = {k: v for part in gather_objects(results) for k, v in part.items()}
     scores = {}
     for w in work:  # sum over chunks in a fixed order: identical however the work was split or resumed
         vecs = [results[_key(i, w)] for i in range(len(chunks))]
