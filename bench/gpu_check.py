@@ -12,8 +12,9 @@ Steps, in order (each is recorded with its status, seconds and result files):
 3. ``gpu_tests``  every ``gpu``-marked test (pass / fail list, slowest tests).
 4. benchmarks at the check's sizes: ``kernels`` (engine shapes, GB/s vs a measured copy), ``kl_engine``
    (DeiT-S 224 px bf16: published loop vs fast engine, TFLOP/s vs a measured bf16 matmul, whole model
-   extrapolated), ``dimap`` (Swin-B), ``pruned_speed`` (bs 1 / 64 / 256), then ``dap``, ``slicing`` and
-   ``finetune_scale`` (bf16 vs fp32 training steps).
+   extrapolated), ``dimap`` (Swin-B), ``pruned_speed`` (bs 1 / 64 / 256), ``kl_engine_screened`` (DeiT-B
+   224 px bf16, 32 images: the screened selection vs the fast engine on every candidate, extrapolated to 2,000
+   images), then ``dap``, ``slicing`` and ``finetune_scale`` (bf16 vs fp32 training steps).
 
 A step starts only when the time it needs at least (``Step.min_s``) is left before the deadline, minus a reserve
 for writing the results; a running step is stopped (its whole process group) when the deadline comes. Results
@@ -73,6 +74,7 @@ STEPS = (
     Step("kl_engine", ("bench/kl_engine.py", "--check"), 40, 150),
     Step("dimap", ("bench/dimap.py", "--models", "swin_base_patch4_window7_224", "--repeats", "3"), 20, 90),
     Step("pruned_speed", ("bench/pruned_speed.py", "--check"), 30, 120),
+    Step("kl_engine_screened", ("bench/kl_engine.py", "--screened"), 90, 200),
     Step("dap", ("bench/dap.py", "--quick", "--repeats", "3"), 30, 90),
     Step("slicing", ("bench/slicing.py", "--quick", "--devices", "cuda"), 20, 60),
     Step("finetune_scale", ("bench/finetune_scale.py", "--quick"), 30, 90),

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -41,15 +42,16 @@ def _kl(d: dict) -> list[str]:
     notes = []
     for c in d["configs"]:
         for r in c["rows"]:
+            vs = f"{r['speedup_vs_published']:.1f}×" if r.get("speedup_vs_published") is not None else "–"
             out.append(f"| {c['model']} | {c['candidates']} × {c['images']} | {r['method']} | "
-                       f"{r['cand_img_per_s']:.0f} | {r['speedup_vs_published']:.1f}× | {c['identical_selection']} |")
-        if "fraction_of_peak" in c:
+                       f"{r['cand_img_per_s']:.0f} | {vs} | {c.get('identical_selection', '–')} |")
+        if "fraction_of_peak" in c and "max_rel_diff_fast_vs_loop" in c:
             dt = c.get("matmul_peak_dtype", "bf16")
             peak = c.get("matmul_peak_tflops", c.get("bf16_matmul_peak_tflops"))
             notes.append(f"{c['model']} ({c['dtype']}): fast engine {c['fast_engine_tflops']:.3g} TFLOP/s = "
                          f"{100 * c['fraction_of_peak']:.0f}% of the measured {dt} matmul peak ({peak:.3g} TFLOP/s); "
                          f"max relative difference vs the loop {c['max_rel_diff_fast_vs_loop']:.1e}.")
-        if "full_model" in c:
+        if "full_model" in c and _published_estimate(c) is not None:
             f = c["full_model"]
             est = f["published_loop_seconds_extrapolated"]
             est = f"{est / 3600:.2f} h" if est >= 3600 else f"{est:.0f} s"
@@ -58,7 +60,44 @@ def _kl(d: dict) -> list[str]:
                          f"{fast}{f['fast_engine_seconds']:.1f} s{' (extrapolated)' if fast else ''} vs the "
                          f"published loop's ~{est} (extrapolated from its rate above), "
                          f"{f['speedup_vs_published']:.0f}×.")
+            if "screened" in f:
+                notes.append(_screened_note(c, f["screened"]))
     return out + ([""] + [f"- {n}" for n in notes] if notes else [])
+
+
+def _published_estimate(c: dict) -> float | None:
+    """The published loop's extrapolated whole-model seconds (None: the loops were not run)."""
+    return c["full_model"].get("published_loop_seconds_extrapolated")
+
+
+def _screened_note(c: dict, r: dict) -> str:
+    st = r["stage_seconds"]
+    stages = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in st.items() if k != "total")
+    return (f"{c['model']} screened engine (keep {r['keep']}): {r['seconds']:.1f} s = "
+            f"×{r['speedup_vs_fast_engine']:.1f} faster than the fast engine on every candidate, "
+            f"{100 * r['share_scored_exactly']:.1f} % of the {r['candidates']} candidates scored exactly, "
+            f"identical selection: {r['identical_selection']} ({stages})"
+            + (f"; 2,000 images extrapolated: ~{r['seconds_2000_images_extrapolated'] / 60:.1f} min"
+               if c.get("dtype", "").startswith("fp32 weights") else "") + ".")
+
+
+def _kl_screened(d: dict) -> list[str]:
+    out = ["| model | candidates × images | fast engine s | screened s | speedup | scored exactly | band (±) | "
+           "identical selection |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for c in d["configs"]:
+        f = c.get("full_model", {})
+        r = f.get("screened")
+        if r is None:
+            continue
+        kw = ", ".join(f"{k}={v}" for k, v in c["kwargs"].items())
+        out.append(f"| {c['model']} ({kw}) | {f['candidates']} × {c['images']} | {f['fast_engine_seconds']:.1f} | "
+                   f"{r['seconds']:.1f} | ×{r['speedup_vs_fast_engine']:.1f} | "
+                   f"{100 * r['share_scored_exactly']:.1f} % | {100 * math.expm1(r['band_half_width_min']):.0f}–"
+                   f"{100 * math.expm1(r['band_half_width_max']):.0f} % | "
+                   f"{r['identical_selection']} |")
+        notes.append(_screened_note(c, r) + (f" Note: {c['note']}." if c.get("note") else ""))
+    return out + [""] + [f"- {n}" for n in notes]
 
 
 def _pruned(d: dict) -> list[str]:
@@ -175,6 +214,8 @@ SECTIONS = [("GPU check (bench/gpu_check.sh)", "gpu_check", _gpu_check),
             ("GPU tests (pytest -m gpu)", "gpu_tests", _gpu_tests),
             ("Slicing: in-place `prune_` vs copy-based", "slicing", _slicing),
             ("UP-ViTs KL engine vs the published loop", "kl_engine", _kl),
+            ("Screened UP-ViTs selection vs the exact fast engine (stock architectures)", "kl_engine_screened",
+             _kl_screened),
             ("Pruned-model speed", "pruned_speed", _pruned),
             ("DIMAP scoring + thresholds", "dimap", _dimap),
             ("DAP training step", "dap", _dap),

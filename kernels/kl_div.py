@@ -122,7 +122,7 @@ def _check_inputs(teacher_logits: torch.Tensor, student_logits: torch.Tensor, nu
 
 
 def kl_per_candidate(teacher_logits: torch.Tensor, student_logits: torch.Tensor, num_candidates: int,
-                     backend: str = "auto") -> torch.Tensor:
+                     backend: str = "auto", accumulate: torch.dtype | None = None) -> torch.Tensor:
     """Per-candidate KL(q || p) summed over images, fused with both log-softmaxes.
 
     ``score[k] = sum_i sum_c softmax(t_i)_c * (log_softmax(t_i)_c - log_softmax(s_{k*n+i})_c)``: temperature 1,
@@ -137,9 +137,13 @@ def kl_per_candidate(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
         num_candidates: ``K`` (>= 1).
         backend: ``"auto"`` (the Triton kernel on CUDA tensors, or anywhere under ``TRITON_INTERPRET=1``; else
             the reference), ``"triton"`` or ``"torch"`` (:func:`kl_div_ref` in the accumulation dtype).
+        accumulate: the accumulation (and result) dtype; default float32, float64 when either input is float64.
+            A removed channel's KL is a second-order difference of first-order terms: accumulated in float32 from
+            float32 logits over ~1000 classes its rounding noise reaches tens of percent of the small KLs of an
+            untrained model (``torch.float64`` removes it; the UP-ViTs engines pass it).
 
     Returns:
-        ``[K]`` scores in float32 (float64 when either input is float64), accumulated in that dtype.
+        ``[K]`` scores in the accumulation dtype.
 
     Raises:
         InputError: on mismatched shapes (``student_logits.shape[0] != K * n`` or different ``C``), non-float
@@ -148,7 +152,7 @@ def kl_per_candidate(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
         KernelUnavailableError: ``backend="triton"`` where the kernel cannot run.
     """
     k, n = _check_inputs(teacher_logits, student_logits, num_candidates)
-    acc = acc_dtype(teacher_logits, student_logits)
+    acc = accumulate or acc_dtype(teacher_logits, student_logits)
     if n == 0:
         return torch.zeros(k, dtype=acc, device=student_logits.device)
     if resolve_backend(backend, teacher_logits, student_logits) == "torch":

@@ -6,6 +6,7 @@ with the kernels in the Triton interpreter. Timings are never asserted; the resu
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 import dap as bench_dap  # noqa: E402
 import dimap as bench_dimap  # noqa: E402
+import fidelity  # noqa: E402
 import finetune_scale  # noqa: E402
 import gpu_tests  # noqa: E402
 import kl_engine  # noqa: E402
@@ -65,6 +67,8 @@ def docs(tmp_path_factory):
                     "results": bench_dap._bench_model("deit", ("deit_tiny_patch16_224", dict(TINY_VIT, embed_dim=64)),
                                                       CPU, 2, 1, 2)},
         }
+        # --screened writes the same layout (stock models there); the tiny run above has its screened rows
+        payloads["kl_engine_screened"] = payloads["kl_engine"]
         for name, payload in payloads.items():
             common.write_json(name, CPU, payload)
     finally:
@@ -104,6 +108,28 @@ def test_kl_engine_rows(docs):
     assert full["candidates"] == c["candidates"]  # quick = every candidate already
     assert full["published_loop_seconds_extrapolated"] == pytest.approx(c["rows"][0]["seconds"])
     assert KL_PARTIALS == [docs[1]["kl_engine"]]  # written after every config: a stopped run keeps what finished
+    scr = full["screened"]  # the screened engine next to the fast engine on every candidate
+    assert scr["identical_selection"] and not scr["differences"]
+    assert 0 < scr["scored_exactly"] <= scr["candidates"] == full["candidates"]
+    assert scr["speedup_vs_fast_engine"] == pytest.approx(full["fast_engine_seconds"] / scr["seconds"])
+    assert set(scr["stage_seconds"]) >= {"exact_residual", "screen", "calibration", "band", "audit", "total"}
+
+
+def test_kl_engine_screened_without_loops():
+    """The GPU check's screened row (DeiT-B there): no loop rows, the fast engine on every candidate, the screened
+    engine next to it, its 2,000-image extrapolation, and the README renderer."""
+    import report
+
+    res = kl_engine.run(True, CPU, full_model=True, screened=True, loops=False,
+                        configs=[("deit_tiny_patch16_224", dict(TINY_VIT, num_classes=10), None, 2)])
+    (c,) = res["configs"]
+    assert [r["method"] for r in c["rows"]] == ["fast engine"] and "identical_selection" not in c
+    scr = c["full_model"]["screened"]
+    assert scr["identical_selection"] and c["full_model"]["published_loop_seconds_extrapolated"] is None
+    assert scr["seconds_2000_images_extrapolated"] == pytest.approx(scr["seconds"] * 1000)
+    text = "\n".join(report._kl_screened(res))
+    assert "deit_tiny_patch16_224" in text and "| True |" in text
+    assert "\n".join(report._kl(res))  # renders without the loop rows
 
 
 def test_dimap_triton_column_agrees_with_loop(docs):
@@ -251,3 +277,46 @@ def test_seconds_statistics():
     assert len(calls) == 4  # one warm-up + three timed
     with pytest.raises(KeyError):
         common.seconds(lambda: None, CPU, repeats=1, stat="p99")
+
+
+def test_fidelity_study_summary_comes_from_its_runs(tmp_path):
+    """The fidelity study at CI size (1 seed, 2 draws, a few steps): every run made, the summary computed from
+    them (changing one run's number changes its cell and its wins), the README table and plot rendered."""
+    runs = fidelity.run(fidelity.TINY, None, jobs=1)
+    study = fidelity.TINY
+    drawn = [m for m in study.methods if m in fidelity.DRAWN]
+    per_model_target = len(drawn) * len(study.draws) + len(study.methods) - len(drawn)
+    assert len(runs) == len(study.models) * len(study.seeds) * len(study.targets) * per_model_target
+    for r in runs:
+        assert 0 <= r["acc_finetuned"] <= 100 and 0 < r["flops_frac"] < 1
+        assert (r["acc_pruned"] is None) == (r["method"] == "dap")
+        if r["method"] != "dap":  # every plan made at the shared ratio / DIMAP's own FLOPs search: near the target
+            assert abs(r["flops_frac"] - r["target"]) < 0.05, r
+    summary = fidelity.summarize(runs)
+    cell = next(s for s in summary if s["model"] == "deit" and s["method"] == "upvits")
+    mine = [r for r in runs if r["model"] == "deit" and r["method"] == "upvits"]
+    assert cell["runs"] == len(study.draws) and cell["acc_pruned"][0] == pytest.approx(
+        sum(r["acc_pruned"] for r in mine) / len(mine))
+    mag = next(r for r in runs if r["model"] == "deit" and r["method"] == "magnitude")
+    wtl = cell["acc_pruned_vs_magnitude"]
+    assert wtl["wins"] == sum(r["acc_pruned"] > mag["acc_pruned"] for r in mine)
+    assert wtl["wins"] + wtl["ties"] + wtl["losses"] == len(mine)
+
+    changed = [dict(r) for r in runs]
+    target = next(r for r in changed if r["model"] == "deit" and r["method"] == "upvits")
+    target["acc_pruned"] = mag["acc_pruned"] - 10  # one run now loses clearly
+    cell2 = next(s for s in fidelity.summarize(changed) if s["model"] == "deit" and s["method"] == "upvits")
+    shift = (target["acc_pruned"] - mine[0]["acc_pruned"]) / len(mine)
+    assert cell2["acc_pruned"][0] == pytest.approx(cell["acc_pruned"][0] + shift) and shift != 0
+    now = [r["acc_pruned"] for r in changed if r["model"] == "deit" and r["method"] == "upvits"]
+    assert cell2["acc_pruned_vs_magnitude"]["losses"] == sum(a < mag["acc_pruned"] for a in now) >= 1
+
+    doc = {"study": dataclasses.asdict(study), "summary": summary, "file": "x.json", "device": "cpu", "date": "d"}
+    text = fidelity.render(doc)
+    assert text.startswith(fidelity.START) and text.endswith(fidelity.END)
+    assert all(f"| deit | {m} |" in text and f"| swin | {m} |" in text for m in study.methods)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{fidelity.START}\nold\n{fidelity.END}\nb\n")
+    fidelity.update_readme(doc, readme)
+    assert readme.read_text() == f"a\n{text}\nb\n"
+    assert fidelity.plot(summary, tmp_path / "f.png") is None or (tmp_path / "f.png").is_file()

@@ -81,6 +81,75 @@ def test_prune_to_target_shape_merges_heads(tmp_path, capsys):
     assert (m.embed_dim, attn.num_heads, attn.head_dim, m.blocks[0].mlp.fc1.out_features) == (192, 3, 64, 768)
 
 
+@pytest.mark.parametrize("mode", [["--keep", "0.5"], ["--flops", "0.6"], ["--target", "deit_tiny_patch16_224"]])
+def test_prune_screened_gives_the_exact_upvits_selection(tmp_path, capsys, mode):
+    from vitprune_fast.score.screened import selection_differences
+
+    small = {"depth": 2, "embed_dim": 48, "num_heads": 6, "patch_size": 8, "mlp_ratio": 2}
+    model_args = json.dumps({"depth": 1, "patch_size": 8} if mode[0] == "--target" else small)  # target: 384 wide
+    common = ["prune", "--model", "vit_small_patch16_224", "--model-args", model_args, "--data", "digits",
+              "--method", "upvits", "--proxy", "8", "--quiet", *mode]
+    out = _run([*common, "--screened", "--out", str(tmp_path / "s")], capsys)
+    assert "screened UP-ViTs:" in out and "candidates scored exactly" in out
+    report = json.loads((tmp_path / "s" / "screened.json").read_text())
+    assert 0 < report["scored_exactly"] <= report["candidates"] and report["flips"] >= 0
+    _run([*common, "--out", str(tmp_path / "e")], capsys)
+    a, b = (vpf.Plan.from_dict(json.loads((tmp_path / d / "plan.json").read_text())) for d in "se")
+    # the exact scores of the same model (same name, args and seed) and proxy images, for the tie rule
+    from vitprune_fast.data import digits
+
+    teacher = cli.load_model("vit_small_patch16_224", json.loads(model_args), defaults={"num_classes": 10,
+                                                                                       "img_size": 32})
+    x = next(iter(digits().loaders(64, seed=0)[0]))[0][:8]
+    exact = vpf.upvits_scores(teacher, x, progress=False)
+    if mode[0] == "--target":
+        assert a.heads and all(h == 3 for h in a.heads.values())  # 6 heads merged into DeiT-Ti's 3
+    assert not selection_differences(vpf.describe(teacher), exact, a, b, **report["plan"])
+
+
+def test_prune_progressive(tmp_path, capsys):
+    """--progressive T: the API's progressive plan on the same proxy images; T = 1 is the one-shot plan; the FLOPs
+    target is met as by one-shot."""
+    from vitprune_fast.data import digits
+    from vitprune_fast.progressive import upvits_progressive
+
+    common = ["prune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--method", "upvits",
+              "--proxy", "4", "--quiet", "--flops", "0.5"]
+    plans = {}
+    for name, extra in {"one": [], "p1": ["--progressive", "1"], "p2": ["--progressive", "2"]}.items():
+        out = _run([*common, *extra, "--out", str(tmp_path / name)], capsys)
+        plans[name] = vpf.Plan.from_dict(json.loads((tmp_path / name / "plan.json").read_text()))
+        if extra:
+            assert "progressive UP-ViTs:" in out and (tmp_path / name / "progressive.json").is_file()
+        pct = float(out.split("FLOPs ")[-1].split(" %")[0])
+        assert pct == pytest.approx(float(out.split("reaches ")[-1].split(" %")[0]), abs=0.05)
+    same = [torch.equal(plans["one"].keep[k], plans["p1"].keep[k]) for k in plans["one"].keep]
+    assert all(same) and plans["one"].keep.keys() == plans["p1"].keep.keys()
+    teacher = cli.load_model(MODEL, json.loads(TINY), defaults={"num_classes": 10, "img_size": 32})
+    x = next(iter(digits().loaders(64, seed=0)[0]))[0][:4]
+    ratio = json.loads((tmp_path / "p2" / "progressive.json").read_text())
+    assert ratio["steps"] == 2 and ratio["engine"] == "exact"
+    space = vpf.describe(teacher)
+    assert plans["p2"].kept_sizes(space) == plans["one"].kept_sizes(space)
+    keep = {k: len(v) / space.groups[k].size for k, v in plans["one"].keep.items()}
+    api, _ = upvits_progressive(teacher, x, keep, steps=2, engine="exact", progress=False)
+    assert all(torch.equal(api.keep[k], plans["p2"].keep[k]) for k in api.keep)
+
+
+def test_progressive_needs_upvits(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--keep", "0.5",
+                  "--progressive", "2", "--out", str(tmp_path)])
+    assert "--progressive re-scores the model between steps" in capsys.readouterr().err
+
+
+def test_screened_needs_upvits(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--keep", "0.5",
+                  "--screened", "--out", str(tmp_path)])
+    assert "--screened is the UP-ViTs selection engine" in capsys.readouterr().err
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "vitprune_fast.cli", *args], capture_output=True, text=True,
                           timeout=120)

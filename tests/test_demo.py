@@ -21,7 +21,7 @@ def test_demo_fast_mode(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert cli.main(["demo", "--fast", "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "total wall time" in printed and "top-1 fine-tuned" in printed
+    assert "total wall time" in printed and "top-1 fine-tuned" in printed and "bench/fidelity.py" in printed
     rec = json.loads((out / "demo.json").read_text())
     rows = rec["table"]
     assert [(r["model"], r["method"]) for r in rows] == [(m, x) for m in ("deit", "swin")
@@ -68,3 +68,22 @@ def test_proxy_subset_is_class_balanced_and_seeded():
     assert counts.tolist() == [4, 4, 4] and len(set(got.tolist())) == 12
     assert torch.equal(got, proxy_subset(x, y, 12, seed=0).flatten().long())
     assert torch.bincount(y[proxy_subset(x, y, 20).flatten().long()]).tolist() == [8, 7, 5]  # class 2 runs out
+
+
+def test_demo_screened_upvits_prunes_like_the_exact_engine(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VITPRUNE_FAST_CACHE", str(tmp_path / "cache"))
+    recs = {}
+    for flag in ([], ["--screened"]):
+        out = tmp_path / ("screened" if flag else "exact")
+        assert cli.main(["demo", "--fast", "--quiet", "--methods", "upvits", *flag, "--out", str(out)]) == 0
+        recs[bool(flag)] = json.loads((out / "demo.json").read_text())
+    assert "screened UP-ViTs:" in capsys.readouterr().out
+    for key, res in recs[True]["results"].items():
+        exact, screened = recs[False]["results"][key], res
+        assert screened["widths"] == exact["widths"]
+        row = screened["rows"][1]
+        assert row["screened"]["scored_exactly"] <= row["screened"]["candidates"]
+        # the same channels kept: the same pruned model before fine-tuning (fine-tuning itself is not bit-identical
+        # between runs; its accuracies are not compared)
+        assert row["acc_pruned"] == exact["rows"][1]["acc_pruned"]
+    assert recs[True]["config"]["upvits_engine"] == "screened"

@@ -103,3 +103,23 @@ def test_cuda_engine_bf16_autocast_selects_like_float64(key):
     for n in ref:
         assert common[n] / len(a.keep[n]) >= 0.6, (n, common[n], len(a.keep[n]))
     assert sum(common.values()) / sum(len(a.keep[n]) for n in ref) >= 0.85
+
+
+@pytest.mark.parametrize("key", ["deit", "swin"])
+def test_cuda_screened_selection_is_the_exact_plan(key):
+    """The screened engine on CUDA (float64: screen, Fisher factorisation, band and exact evaluations on the GPU;
+    then float32 with the fast engine's kernels) gives the exact engine's plan on the same device and dtype."""
+    from vitprune_fast.score.screened import selection_differences
+
+    model = make_model(key)
+    x = make_input(model, 6)
+    space = vpf.describe(model)
+    for dtype in (torch.float64, torch.float32):
+        gpu = copy.deepcopy(model).to("cuda", dtype)
+        xs = x.to("cuda", dtype)
+        exact = vpf.upvits_scores(gpu, xs, ("residual", "attn", "mlp"), progress=False)
+        for kw in ({}, {"attn_mode": "heads"}, {"heads": 1}):
+            plan, report = vpf.upvits_select(gpu, xs, 0.5, progress=False, **kw)
+            ref = vpf.make_plan(space, exact, 0.5, **kw)
+            assert not selection_differences(space, exact, plan, ref, 0.5, **kw), (dtype, kw)
+            assert report["scored_exactly"] <= report["candidates"]

@@ -169,3 +169,17 @@ def test_cuda_engine_shapes(n, num_classes, k, dtype):
     out = kl_per_candidate(t, s, k)
     assert out.is_cuda and out.shape == (k,)
     _assert_fa_close(out, t, s, k, atol_scale=n / 4)  # the score is a sum over n images
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_float64_accumulation_of_low_precision_logits(backend, dtype):
+    """``accumulate=torch.float64`` (what the UP-ViTs engines pass): small KLs of nearby logits come out to float64
+    rounding of the rounded inputs, where float32 accumulation leaves a relative error orders of magnitude larger."""
+    t, s = _make(4, 1000, 3, dtype, noise=1e-2)
+    out = kl_per_candidate(t, s, 3, backend=backend, accumulate=torch.float64)
+    assert out.dtype == torch.float64
+    ref = kl_div_ref(t.double(), s.double(), 3)  # the same (rounded) inputs, computed in float64
+    assert ((out - ref).abs() / ref).max() < 1e-9
+    f32 = kl_per_candidate(t, s, 3, backend=backend)
+    assert ((f32.double() - ref).abs() / ref).max() > 1e-7  # what the option is for

@@ -27,11 +27,13 @@ from .errors import (
 )
 from .io import load_pruned, save_pruned
 from .plan import Plan, make_plan
+from .progressive import upvits_progressive
 from .prune import prune_
 from .score.dimap import apply_masks_, dimap_masks, dimap_scores, dimap_structured_plan, sparsity_report
+from .score.screened import upvits_select
 from .score.upvits import upvits_scores
 from .space import Group, PruningSpace, TensorSlice
-from .targets import keep_for_flops, plan_for_shape, plan_with_heads, shape_targets
+from .targets import keep_for_flops, plan_for_shape, plan_with_heads, shape_plan_args, shape_targets
 from .version import __version__
 
 __all__ = [
@@ -39,5 +41,6 @@ __all__ = [
     "KernelUnavailableError", "Plan", "PlanError", "PruningSpace", "TensorSlice", "UnsupportedModelError",
     "VitPruneError", "__version__", "apply_masks_", "describe", "dimap_masks", "dimap_scores", "dimap_structured_plan",
     "finetune_dap", "keep_for_flops", "load_pruned", "make_plan", "metrics", "plan_for_shape", "plan_with_heads",
-    "prune_", "save_pruned", "score", "shape_targets", "sparsity_report", "upvits_scores",
+    "prune_", "save_pruned", "score", "shape_plan_args", "shape_targets", "sparsity_report", "upvits_progressive",
+    "upvits_scores", "upvits_select",
 ]

@@ -169,36 +169,60 @@ def cmd_prune(args) -> int:
     from .io import ARCH_FILE, WEIGHTS, save_pruned, stock_call
     from .plan import make_plan
     from .plots import plot_kept_widths
+    from .progressive import progressive_summary, upvits_progressive
     from .prune import prune_
-    from .targets import keep_for_flops, plan_for_shape
+    from .score.registry import ScoringData, proxy_images
+    from .score.screened import screened_summary, upvits_select
+    from .targets import keep_for_flops, shape_plan_args
 
     modes = [args.keep is not None, args.flops is not None, args.target is not None]
     if sum(modes) != 1:
         raise UsageError("give exactly one of --keep, --flops, --target")
+    if args.screened and (args.method != "upvits" or args.scores):
+        raise UsageError("--screened is the UP-ViTs selection engine: use it with --method upvits, without --scores")
+    if args.progressive is not None and (args.method != "upvits" or args.scores):
+        raise UsageError("--progressive re-scores the model between steps: use it with --method upvits, without "
+                         "--scores")
     model, data = _model_and_data(args, need_data=args.method in DATA_METHODS and not args.scores)
     space = describe(model)
     before = _model_row("unpruned", model)
     notes = []
     own_flops_plan = get_scorer(args.method).plan_for_flops
+    screened = progressive = None
     if own_flops_plan is not None and args.flops is not None and not args.scores:  # e.g. DIMAP's module thresholds
         plan = own_flops_plan(model, args.flops)
     else:
-        scores = load_scores(args.scores) if args.scores else _compute(args, model, data)
+        keep, heads, attn_mode, round_to = args.keep, args.heads, args.attn_mode, args.round_to
         if args.target is not None:
-            plan, notes = plan_for_shape(model, args.target, scores)
+            keep, heads, notes = shape_plan_args(model, args.target)
+            attn_mode, round_to = "dims", 1
+        elif args.flops is not None:
+            r, achieved = keep_for_flops(model, args.flops, heads=heads, attn_mode=attn_mode, round_to=round_to)
+            keep = {"residual": r, "attn": r, "mlp": r}
+            notes.append(f"keep ratio {r:.4f} for residual/attn/mlp reaches {100 * achieved:.1f} % FLOPs")
+        if args.screened or args.progressive is not None:
+            loader = data.loaders(args.batch_size, seed=args.seed)[0]
+            images = proxy_images(model, ScoringData(loader, proxy=args.proxy))
+        if args.progressive is not None:
+            plan, progressive = upvits_progressive(
+                model, images, keep, heads, attn_mode, round_to, steps=args.progressive,
+                engine="screened" if args.screened else "exact", batch_size=args.batch_size, progress=not args.quiet)
+        elif args.screened:
+            plan, screened = upvits_select(model, images, keep, heads, attn_mode, round_to, batch_size=args.batch_size,
+                                           progress=not args.quiet)
         else:
-            keep = args.keep
-            if args.flops is not None:
-                r, achieved = keep_for_flops(model, args.flops, heads=args.heads, attn_mode=args.attn_mode,
-                                             round_to=args.round_to)
-                keep = {"residual": r, "attn": r, "mlp": r}
-                notes.append(f"keep ratio {r:.4f} for residual/attn/mlp reaches {100 * achieved:.1f} % FLOPs")
-            plan = make_plan(space, scores, keep=keep, heads=args.heads, attn_mode=args.attn_mode,
-                             round_to=args.round_to)
+            scores = load_scores(args.scores) if args.scores else _compute(args, model, data)
+            plan = make_plan(space, scores, keep=keep, heads=heads, attn_mode=attn_mode, round_to=round_to)
     prune_(model, plan)
     after = _model_row("pruned", model)
     out = save_pruned(model, args.out)
     (out / "plan.json").write_text(json.dumps(plan.to_dict()))
+    if screened is not None:
+        (out / "screened.json").write_text(json.dumps(screened, indent=1))
+        notes.append(screened_summary(screened) + f" (report: {out / 'screened.json'})")
+    if progressive is not None:
+        (out / "progressive.json").write_text(json.dumps(progressive, indent=1))
+        notes.append(progressive_summary(progressive) + f" (report: {out / 'progressive.json'})")
     stock = json.loads((out / ARCH_FILE).read_text())["timm_stock"]
     kept = plan.kept_sizes(space)
     png = plot_kept_widths(space, {"kept": kept}, out / "widths.png", f"kept widths, {args.model}")
@@ -366,7 +390,7 @@ def cmd_demo(args) -> int:
 
     methods = tuple(args.methods.split(",")) if args.methods else None
     run_demo(out=args.out, fast=args.fast, cache_dir=args.cache, jobs=args.jobs, methods=methods,
-             use_cache=not args.no_cache, progress=not args.quiet)
+             use_cache=not args.no_cache, progress=not args.quiet, screened=args.screened)
     return 0
 
 
@@ -495,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --heads: keep every head (dims) or remove whole heads (heads)")
     p.add_argument("--round-to", type=_positive_int, default=1, metavar="M",
                    help="round narrowed widths (residual, MLP, head_dim) to multiples of M (8 suits GPU kernels)")
+    p.add_argument("--screened", action="store_true",
+                   help="--method upvits: the exact engine's selection, scoring exactly only the candidates near "
+                        "each cut (a second-order screen ranks the rest); report in OUT/screened.json")
+    p.add_argument("--progressive", type=_positive_int, default=None, metavar="T",
+                   help="--method upvits: reach the widths in T steps, re-scoring the partly pruned model between "
+                        "steps (with --screened: each step by the screened engine); report in OUT/progressive.json")
     p.add_argument("--out", required=True, help="output directory (model.safetensors + architecture.json)")
     p.set_defaults(func=cmd_prune)
 
@@ -549,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="retrain the unpruned models")
     p.add_argument("--jobs", type=_positive_int, default=None, help="worker processes (default: 2 if >= 2 cores)")
     p.add_argument("--methods", default=None, help="comma list of upvits,dimap,magnitude,random,taylor")
+    p.add_argument("--screened", action="store_true", help="UP-ViTs with the screened selection engine")
     p.add_argument("--shape", action="store_true", help="instead: random-init DeiT-S pruned to the DeiT-Ti shape; "
                                                         "params / FLOPs / latency only")
     p.add_argument("--repeats", type=_positive_int, default=10, help="--shape: timed forward passes per model")

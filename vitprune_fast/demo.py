@@ -66,6 +66,7 @@ class DemoConfig:
     alpha: float | None = None  # None: finetune.DEFAULT_ALPHA
     latency_repeats: int = 20  # per round (5 rounds, best median kept)
     methods: tuple[str, ...] = METHODS
+    upvits_engine: str = "exact"  # or "screened": the same selection (upvits_select), fewer exact evaluations
     seed: int = 0
 
 
@@ -141,21 +142,28 @@ def proxy_subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0) -> tor
 
 
 def _prune_by(method: str, base, space, cfg: DemoConfig, ratio: float, frac: float, proxy: torch.Tensor,
-              train_loader) -> tuple[torch.nn.Module, dict, float]:
-    """(pruned copy, scores, scoring seconds) for one method at the shared keep ratio (or its own FLOPs plan)."""
+              train_loader) -> tuple[torch.nn.Module, dict | None, float, dict | None]:
+    """(pruned copy, scores, scoring seconds, screened report) for one method at the shared keep ratio (or its own
+    FLOPs plan). The screened UP-ViTs engine gives a plan without a full set of scores (None)."""
     from .plan import make_plan
     from .prune import prune_
+    from .score.screened import upvits_select
 
     t0 = time.perf_counter()
+    keep = {"residual": ratio, "attn": ratio, "mlp": ratio}
     scorer = get_scorer(method)
-    scores = compute_scores(method, base, train_loader, batches=cfg.taylor_batches, seed=cfg.seed, progress=False,
-                            images=proxy, chunk=len(proxy))
-    if scorer.plan_for_flops is not None:  # e.g. DIMAP's module-wise thresholds at the same FLOPs fraction
-        plan = scorer.plan_for_flops(base, frac)
+    scores = report = None
+    if method == "upvits" and cfg.upvits_engine == "screened":
+        plan, report = upvits_select(base, proxy, keep, batch_size=len(proxy), progress=False)
     else:
-        plan = make_plan(space, scores, keep={"residual": ratio, "attn": ratio, "mlp": ratio})
+        scores = compute_scores(method, base, train_loader, batches=cfg.taylor_batches, seed=cfg.seed,
+                                progress=False, images=proxy, chunk=len(proxy))
+        if scorer.plan_for_flops is not None:  # e.g. DIMAP's module-wise thresholds at the same FLOPs fraction
+            plan = scorer.plan_for_flops(base, frac)
+        else:
+            plan = make_plan(space, scores, keep=keep)
     dt = time.perf_counter() - t0
-    return prune_(copy.deepcopy(base), plan), scores, dt
+    return prune_(copy.deepcopy(base), plan), scores, dt, report
 
 
 def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: Callable) -> dict:
@@ -170,6 +178,7 @@ def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: 
     from .io import save_pruned
     from .metrics import count_flops, count_params
     from .plots import plot_kept_widths, plot_score_distributions
+    from .score.screened import screened_summary
     from .targets import keep_for_flops
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -194,10 +203,14 @@ def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: 
     save_pruned(base, out / "models" / f"{key}-unpruned", model_name=name)
     all_scores, widths = {}, {}
     for method in cfg.methods:
-        student, all_scores[method], t_score = _prune_by(method, base, space, cfg, ratio, frac, proxy, train_loader)
+        student, scores, t_score, screened = _prune_by(method, base, space, cfg, ratio, frac, proxy, train_loader)
+        if scores is not None:
+            all_scores[method] = scores
         widths[method] = {n: gr.size for n, gr in describe(student).groups.items()}
         before = evaluate(student, test_loader)
         report("step", f"{method}: scored in {t_score:.1f} s, top-1 pruned {100 * before:.1f} %")
+        if screened is not None:
+            report("log", f"{key}: {screened_summary(screened)}")
         g.manual_seed(cfg.seed)  # every method fine-tunes on the same batches
         t0 = time.perf_counter()
         train(student, ft_loader, cfg.finetune_steps, lr=cfg.finetune_lr, alpha=alpha, progress=False)
@@ -207,7 +220,7 @@ def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: 
         flops = count_flops(student)
         rows.append({"method": method, "params": count_params(student), "flops": flops,
                      "flops_frac": flops / dense_flops, "acc_pruned": 100 * before, "acc_finetuned": 100 * after,
-                     "score_s": t_score, "finetune_s": t_ft})
+                     "score_s": t_score, "finetune_s": t_ft, **({"screened": screened} if screened else {})})
         save_pruned(student, out / "models" / f"{key}-{method}", model_name=name)
     plots = [plot_kept_widths(space, widths, out / f"{key}-widths.png", f"{key}: kept width per block (~50 % FLOPs)"),
              plot_score_distributions(space, all_scores, out / f"{key}-scores.png", f"{key}: score distributions")]
@@ -324,7 +337,7 @@ def summary_rows(results: dict[str, dict]) -> list[dict]:
 
 def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, cache_dir: str | os.PathLike | None = None,
              jobs: int | None = None, methods: tuple[str, ...] | None = None, use_cache: bool = True,
-             progress: bool = True, config: DemoConfig | None = None) -> dict:
+             progress: bool = True, config: DemoConfig | None = None, screened: bool = False) -> dict:
     """Run the demo; print its table; write ``demo.json`` and PNGs to ``out``.
 
     Args:
@@ -336,6 +349,8 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, cache_dir:
         use_cache: ``False`` retrains (and does not write the cache).
         progress: progress bar and per-step lines.
         config: override every setting (default ``FAST`` or ``FULL``).
+        screened: UP-ViTs selects with the screened engine (``upvits_select``: the exact engine's plan for fewer
+            exact evaluations); its report is in each upvits row of ``demo.json``.
 
     Returns:
         The record written to ``demo.json``.
@@ -350,6 +365,8 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, cache_dir:
         if bad or len(set(methods)) != len(methods):
             raise ConfigError(f"--methods must be distinct names from {ALL_METHODS}, got {list(methods)}")
         cfg = replace(cfg, methods=tuple(methods))
+    if screened:
+        cfg = replace(cfg, upvits_engine="screened")
     from .data import require_sklearn
 
     require_sklearn()  # fail here with one clear line, not inside a worker process
@@ -384,6 +401,8 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, cache_dir:
         print(f"{key}: keep ratio {res['keep_ratio']:.3f} for residual/attn/mlp -> {100 * res['flops_reached']:.1f} % "
               f"FLOPs (dimap: its own module thresholds at that fraction); distillation alpha {res['alpha']}")
     print(f"latency: CPU, 1 thread, forward time at batch 1 and 64 (best of 5 round-robin medians); outputs in {out}/")
+    print("one run: the ranking of the methods before fine-tuning changes with the training seed and the proxy draw; "
+          "bench/fidelity.py measures it over seeds (README, 'Across seeds: the fidelity study')")
     cpu = ", ".join(f"{k} {res['cpu_s']:.0f} s" for k, res in results.items())
     print(f"total wall time {wall:.1f} s ({jobs} worker process{'es' if jobs > 1 else ''}, {cores} cores, "
           f"load average {load_start:.1f} at start; CPU time per model: {cpu})")

@@ -95,26 +95,82 @@ def _count(r: float, n: int, round_to: int = 1) -> int:
     return max(1, round(r * n))
 
 
-def _plan_attn(g: Group, s: torch.Tensor, r: float, heads: int | None, attn_mode: str,
-               round_to: int = 1) -> tuple[torch.Tensor, int]:
+@dataclass(frozen=True)
+class Selection:
+    """One ranking a Plan makes: keep the ``keep`` top-scored items of ``items`` (ties: the lower item first).
+
+    Attributes:
+        group: the group name.
+        items: ``[n_items, item_size]`` channel indices; an item's score is the sum of its channels' scores (items
+            are single channels, or whole heads when heads are removed).
+        keep: how many items stay.
+        heads: the attention group's head count after the plan (None for other kinds).
+    """
+
+    group: str
+    items: torch.Tensor
+    keep: int
+    heads: int | None = None
+
+
+def _attn_selections(g: Group, r: float, heads: int | None, attn_mode: str, round_to: int) -> list[Selection]:
     h, hd = g.num_heads, g.head_dim
-    per_head = s.view(h, hd)
     if heads is not None:  # UP-ViTs head merge: h_t groups of h/h_t consecutive heads, same count kept in each
         if heads < 1 or h % heads:
             raise PlanError(f"{g.name}: heads={heads} must divide the number of heads ({h})")
         width = g.size // heads
         n = _count(r, width, round_to)  # the merged heads' head_dim
-        grouped = s.view(heads, width)
-        keep = torch.cat([_top(grouped[i], n) + i * width for i in range(heads)])
-        return keep, heads
+        return [Selection(g.name, (i * width + torch.arange(width))[:, None], n, heads) for i in range(heads)]
     if attn_mode == "heads":  # whole-head removal ranked by the summed channel scores; head_dim unchanged
         n = max(1, round(r * h))
-        kept_heads = _top(per_head.sum(1), n)
-        keep = (kept_heads[:, None] * hd + torch.arange(hd)).flatten()
-        return keep, n
+        return [Selection(g.name, torch.arange(g.size).view(h, hd), n, n)]
     n = _count(r, hd, round_to)  # uniform head_dim: the same number of dims kept in every head
-    keep = torch.cat([_top(per_head[i], n) + i * hd for i in range(h)])
-    return keep, h
+    return [Selection(g.name, (i * hd + torch.arange(hd))[:, None], n, h) for i in range(h)]
+
+
+def selections(
+        space: PruningSpace,
+        keep: float | Mapping[str, float] = 1.0,
+        heads: int | Mapping[str, int | None] | None = None,
+        attn_mode: str = "dims",
+        round_to: int = 1,
+) -> list[Selection]:
+    """The rankings :func:`make_plan` makes with these arguments, group by group (validated the same way).
+
+    Groups left whole are absent; a group whose only change is its head count has selections that keep every item.
+    """
+    if not isinstance(space, PruningSpace):
+        raise PlanError(f"make_plan needs the PruningSpace from describe(model), got {type(space).__name__}")
+    if attn_mode not in ATTN_MODES:
+        raise PlanError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
+    if isinstance(keep, Mapping):
+        unknown = [k for k in keep if k not in KINDS and k not in space.groups]
+        if unknown:
+            raise PlanError(f"keep has unknown keys {unknown}; use kinds {KINDS} or group names")
+    per_group = heads if isinstance(heads, Mapping) else None
+    if per_group is not None:
+        bad = [n for n in per_group if n not in space.groups or space.groups[n].kind != "attn"]
+        if bad:
+            raise PlanError(f"heads has keys {bad[:5]} that are not attention groups of this model")
+    for h in per_group.values() if per_group is not None else [heads]:
+        if h is not None and (not isinstance(h, int) or isinstance(h, bool)):
+            raise PlanError(f"heads must be an int, got {h!r}")
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise PlanError(f"round_to must be an int >= 1, got {round_to!r}")
+    out: list[Selection] = []
+    for g in space.groups.values():
+        r = _ratio_for(g, keep)
+        h = per_group.get(g.name) if per_group is not None else heads
+        if g.kind == "attn" and h is not None and h != g.num_heads:
+            if g.num_heads % h:
+                raise PlanError(f"{g.name}: heads={h} must divide the number of heads ({g.num_heads})")
+        elif r == 1.0:
+            continue
+        if g.kind == "attn":
+            out += _attn_selections(g, r, h, attn_mode, round_to)
+        else:
+            out.append(Selection(g.name, torch.arange(g.size)[:, None], _count(r, g.size, round_to)))
+    return out
 
 
 def make_plan(
@@ -149,39 +205,16 @@ def make_plan(
     Returns:
         The Plan (kept indices sorted, in the original numbering).
     """
-    if not isinstance(space, PruningSpace):
-        raise PlanError(f"make_plan needs the PruningSpace from describe(model), got {type(space).__name__}")
-    if attn_mode not in ATTN_MODES:
-        raise PlanError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
-    if isinstance(keep, Mapping):
-        unknown = [k for k in keep if k not in KINDS and k not in space.groups]
-        if unknown:
-            raise PlanError(f"keep has unknown keys {unknown}; use kinds {KINDS} or group names")
-    per_group = heads if isinstance(heads, Mapping) else None
-    if per_group is not None:
-        bad = [n for n in per_group if n not in space.groups or space.groups[n].kind != "attn"]
-        if bad:
-            raise PlanError(f"heads has keys {bad[:5]} that are not attention groups of this model")
-    for h in per_group.values() if per_group is not None else [heads]:
-        if h is not None and (not isinstance(h, int) or isinstance(h, bool)):
-            raise PlanError(f"heads must be an int, got {h!r}")
-    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
-        raise PlanError(f"round_to must be an int >= 1, got {round_to!r}")
+    by_group: dict[str, list[Selection]] = {}
+    for sel in selections(space, keep, heads, attn_mode, round_to):
+        by_group.setdefault(sel.group, []).append(sel)
     kept: dict[str, torch.Tensor] = {}
     new_heads: dict[str, int] = {}
-    for g in space.groups.values():
-        r = _ratio_for(g, keep)
-        h = per_group.get(g.name) if per_group is not None else heads
-        if g.kind == "attn" and h is not None and h != g.num_heads:
-            if g.num_heads % h:
-                raise PlanError(f"{g.name}: heads={h} must divide the number of heads ({g.num_heads})")
-        elif r == 1.0:
-            continue
-        s = _check_scores(g, scores) if r < 1.0 else torch.zeros(g.size, dtype=torch.float64)
-        if g.kind == "attn":
-            k, nh = _plan_attn(g, s, r, h, attn_mode, round_to)
-            new_heads[g.name] = nh
-        else:
-            k = _top(s, _count(r, g.size, round_to))
-        kept[g.name] = k
+    for name, sels in by_group.items():
+        g = space.groups[name]
+        needed = any(sel.keep < len(sel.items) for sel in sels)  # scores matter only where some item goes
+        s = _check_scores(g, scores) if needed else torch.zeros(g.size, dtype=torch.float64)
+        kept[name] = torch.cat([sel.items[_top(s[sel.items].sum(1), sel.keep)].flatten() for sel in sels])
+        if sels[0].heads is not None:
+            new_heads[name] = sels[0].heads
     return Plan.from_space(space, kept, new_heads)

@@ -142,7 +142,8 @@ def plot_accuracies(results: Mapping[str, Mapping[str, Mapping[str, float]]], pa
     """Accuracy before / after fine-tuning per method, one panel per model.
 
     Args:
-        results: model label -> method -> ``{"dense": acc, "before": acc, "after": acc}`` (accuracies in %).
+        results: model label -> method -> ``{"dense": acc, "before": acc, "after": acc}`` (accuracies in %;
+            optional ``before_std`` / ``after_std`` draw error bars).
         path: PNG path.
         title: figure title.
     """
@@ -153,11 +154,12 @@ def plot_accuracies(results: Mapping[str, Mapping[str, Mapping[str, float]]], pa
     for ax, (model, per_method) in zip(axes[0], results.items(), strict=True):
         methods = list(per_method)
         x = torch.arange(len(methods)).float()
-        ax.bar(x - 0.2, [per_method[m]["before"] for m in methods], 0.4, label="pruned")
-        ax.bar(x + 0.2, [per_method[m]["after"] for m in methods], 0.4, label="pruned + fine-tuned")
+        for dx, phase, label in ((-0.2, "before", "pruned"), (0.2, "after", "pruned + fine-tuned")):
+            ax.bar(x + dx, [per_method[m][phase] for m in methods], 0.4, label=label,
+                   yerr=[per_method[m].get(f"{phase}_std", 0.0) for m in methods])
         dense = next(iter(per_method.values()))["dense"]
         ax.axhline(dense, color="black", ls="--", lw=1, label=f"unpruned {dense:.1f}%")
-        ax.set_xticks(x.tolist(), methods)
+        ax.set_xticks(x.tolist(), methods, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_ylabel("top-1 (%)")
         ax.set_title(model)

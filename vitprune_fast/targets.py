@@ -204,12 +204,27 @@ def shape_targets(model: nn.Module, target: str) -> tuple[dict[str, float], dict
     return keep, heads, notes
 
 
+def shape_plan_args(model: nn.Module, target: str) -> tuple[dict[str, float], dict[str, int | None] | None, list[str]]:
+    """The ``keep`` and ``heads`` arguments of ``make_plan`` (or ``upvits_select``) that give ``model`` the widths
+    of the stock timm model ``target`` (see :func:`shape_targets`).
+
+    Returns:
+        ``(keep, heads, notes)``: ``heads`` maps every attention group to its merged head count (None where the
+        target has as many heads: every head keeps the same number of dims), or is None when no head is merged.
+    """
+    keep, heads, notes = shape_targets(model, target)
+    space = describe(model)
+    merge = {n: h for n, h in heads.items() if h != space.groups[n].num_heads}  # attn name -> fewer heads
+    return keep, ({n: merge.get(n) for n in heads} if merge else None), notes
+
+
 def plan_for_shape(model: nn.Module, target: str,
                    scores: Mapping[str, torch.Tensor] | None) -> tuple[Plan, list[str]]:
     """A Plan giving ``model`` the widths of the stock timm model ``target`` (see :func:`shape_targets`).
 
     Where the target has fewer heads, heads are merged by the UP-ViTs rule (``make_plan``'s ``heads``); where it
-    has as many, every head keeps the same number of dims.
+    has as many, every head keeps the same number of dims. For the screened UP-ViTs selection, pass
+    :func:`shape_plan_args` to :func:`~vitprune_fast.upvits_select` instead.
 
     Args:
         model: a supported timm ViT/DeiT/Swin (not modified; prune it with ``prune_(model, plan)``).
@@ -222,8 +237,5 @@ def plan_for_shape(model: nn.Module, target: str,
     Raises:
         PlanError: as :func:`shape_targets`, or missing / misshapen scores.
     """
-    keep, heads, notes = shape_targets(model, target)
-    space = describe(model)
-    merge = {n: h for n, h in heads.items() if h != space.groups[n].num_heads}  # attn name -> fewer heads
-    plan = plan_with_heads(space, scores, keep, {n: merge.get(n) for n in heads} if merge else None)
-    return plan, notes
+    keep, heads, notes = shape_plan_args(model, target)
+    return plan_with_heads(describe(model), scores, keep, heads), notes

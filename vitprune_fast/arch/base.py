@@ -210,6 +210,18 @@ class Adapter(ABC):
     def input_size(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the images the model expects."""
 
+    def attention_bias(self, block: BlockRef, windows: int) -> torch.Tensor | None:
+        """What the attention of ``block`` adds to ``scale * q k^T`` before the softmax, broadcastable to
+        ``[windows, heads, T, T]`` (``windows``: the attention's batch); None when nothing is added (plain ViT)."""
+        return None
+
+    @abstractmethod
+    def classifier_weights(self) -> list[torch.Tensor]:
+        """The weights ``[classes, features]`` of the final Linear layer(s) whose outputs make the logits.
+
+        The logits move only inside the span of their columns, which is all the screened UP-ViTs engine needs.
+        """
+
     def trunk(self) -> Trunk:
         """The model as prefix -> blocks -> head (the KL engine's view)."""
         model = self.model

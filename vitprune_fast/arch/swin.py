@@ -120,6 +120,24 @@ class SwinAdapter(Adapter):
         h, w = pe.img_size
         return pe.proj.in_channels, h, w
 
+    def attention_bias(self, block: BlockRef, windows: int) -> torch.Tensor:
+        """Relative position bias ``[1, H, T, T]`` plus, for shifted blocks, the window mask of each window."""
+        blk = self.model.get_submodule(block.path)
+        bias = blk.attn._get_rel_pos_bias()  # [1, H, T, T]
+        mask = blk.attn_mask
+        if getattr(blk, "dynamic_mask", False):
+            h, w = blk.input_resolution
+            pad_h, pad_w = (-h) % blk.window_size[0], (-w) % blk.window_size[1]
+            mask = blk.get_attn_mask(torch.empty(1, h + pad_h, w + pad_w, 1, device=bias.device, dtype=bias.dtype))
+        if mask is None:
+            return bias
+        n_win = mask.shape[0]  # the attention batch is (image, window) with the window index fastest
+        return bias + mask.repeat(windows // n_win, 1, 1).unsqueeze(1)  # [windows, H, T, T]
+
+    def classifier_weights(self) -> list[torch.Tensor]:
+        fc = getattr(self.model.head, "fc", None)
+        return [fc.weight] if isinstance(fc, nn.Linear) else []
+
     def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
         st = self.model.layers[stage]
         st.blocks = nn.Sequential(*blocks)

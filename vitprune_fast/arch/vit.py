@@ -141,6 +141,9 @@ class ViTAdapter(Adapter):
         h, w = pe.img_size
         return pe.proj.in_channels, h, w
 
+    def classifier_weights(self) -> list[torch.Tensor]:
+        return [h.weight for h in (self.model.head, getattr(self.model, "head_dist", None)) if isinstance(h, nn.Linear)]
+
     def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
         if stage != 0:
             raise IndexError(f"a VisionTransformer has one stage, got stage {stage}")

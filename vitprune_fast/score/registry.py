@@ -66,13 +66,21 @@ class Scorer:
         return self.data is not None
 
 
-def _upvits(model: nn.Module, data: ScoringData) -> dict[str, torch.Tensor]:
+def proxy_images(model: nn.Module, data: ScoringData) -> torch.Tensor:
+    """UP-ViTs proxy images: ``data.images``, else the loader's first ``data.proxy``; on the model's device/dtype."""
     from ..data import take_images
-    from .upvits import upvits_scores
 
+    if data.images is None and data.loader is None:
+        raise ConfigError("UP-ViTs needs proxy images (a loader of training images)")
     images = data.images if data.images is not None else take_images(data.loader, data.proxy)[0]
     p = next(model.parameters())
-    return upvits_scores(model, images.to(p.device, p.dtype), batch_size=data.chunk, progress=data.progress)
+    return images.to(p.device, p.dtype)
+
+
+def _upvits(model: nn.Module, data: ScoringData) -> dict[str, torch.Tensor]:
+    from .upvits import upvits_scores
+
+    return upvits_scores(model, proxy_images(model, data), batch_size=data.chunk, progress=data.progress)
 
 
 def _dimap(model: nn.Module, data: ScoringData) -> dict[str, torch.Tensor]:
@@ -155,4 +163,5 @@ def compute_scores(method: str, model: nn.Module, train_loader: Iterable | None 
     return scorer.score(model, ScoringData(train_loader, images, proxy, chunk, batches, seed, progress))
 
 
-__all__ = ["DATA_METHODS", "METHODS", "SCORERS", "Scorer", "ScoringData", "compute_scores", "get_scorer"]
+__all__ = ["DATA_METHODS", "METHODS", "SCORERS", "Scorer", "ScoringData", "compute_scores", "get_scorer",
+           "proxy_images"]

@@ -52,13 +52,19 @@ class ScoreStore:
         return self._file(key).exists()
 
     def load(self, key: str) -> torch.Tensor:
-        from safetensors.torch import load_file
-
-        return load_file(str(self._file(key)))["scores"]
+        return self.load_tensors(key)["scores"]
 
     def save(self, key: str, scores: torch.Tensor) -> None:
+        self.save_tensors(key, {"scores": scores})
+
+    def load_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self._file(key)))
+
+    def save_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
         tmp = self.path / f"{key}.tmp"
-        save_file({"scores": scores.detach().cpu().contiguous()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self._file(key))  # atomic: an interrupted write never looks finished

@@ -1,0 +1,132 @@
+"""Progressive UP-ViTs: reach the target widths in several steps, re-scoring the partly pruned model in between.
+
+One-shot UP-ViTs scores every candidate once, on the unpruned model: a candidate's score is the KL of removing it
+alone, so interactions between the removed channels do not count. Here the widths go from the model's to the
+target's in ``steps`` equal steps; each step scores the model as pruned so far (exact engine or the screened one,
+which gives the same selection), keeps the top candidates of the step's widths by the plan rules of
+:func:`~vitprune_fast.make_plan`, and prunes. The final widths, head layout and FLOPs are those of the one-shot plan
+with the same arguments; ``steps=1`` is the one-shot plan.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .arch import adapter_for
+from .errors import ConfigError
+from .plan import Plan, Selection, make_plan, selections
+from .prune import prune_
+
+ENGINES = ("exact", "screened")
+
+
+def _step_ratios(model: nn.Module, final: list[Selection], step: int, steps: int) -> dict[str, float]:
+    """Per-group keep ratios of ``model`` (pruned by the steps before) that give the step's item counts.
+
+    Each of a group's selections goes linearly from its ``n`` items to its final ``k``: after ``step`` of ``steps``
+    it keeps ``n - round((n - k) * step / steps)``. Items are channels per head (dims, merged heads), whole heads,
+    or channels (residual, MLP); the ratio is taken over the items the model has now, so that
+    :func:`~vitprune_fast.plan.selections` counts exactly that many.
+    """
+    space = adapter_for(model).describe()
+    ratios = {}
+    for sel in final:
+        g, n = space.groups[sel.group], len(sel.items)
+        kept = n - round((n - sel.keep) * step / steps)
+        if g.kind != "attn":
+            now = g.size
+        elif sel.items.shape[1] > 1:  # whole heads
+            now = g.num_heads
+        else:  # channels of a head; merged heads: sel.heads of them (the merge happens at the first step)
+            now = g.size // sel.heads
+        ratios[sel.group] = kept / now
+    return ratios
+
+
+def upvits_progressive(
+        model: nn.Module,
+        images,
+        keep: float | Mapping[str, float] = 1.0,
+        heads: int | Mapping[str, int | None] | None = None,
+        attn_mode: str = "dims",
+        round_to: int = 1,
+        *,
+        steps: int = 2,
+        engine: str = "screened",
+        checkpoint: str | None = None,
+        progress: bool = True,
+        scores: Mapping[str, torch.Tensor] | None = None,
+        **engine_kwargs,
+) -> tuple[Plan, dict]:
+    """The UP-ViTs plan reached in ``steps`` steps, each scored on the model as pruned by the steps before.
+
+    Args:
+        model: a supported model (not modified; the steps prune a copy).
+        images: proxy images, as for :func:`~vitprune_fast.upvits_scores`.
+        keep, heads, attn_mode, round_to: the final plan, exactly as for :func:`~vitprune_fast.make_plan`
+            (``round_to`` rounds the final widths; the intermediate ones are never deployed and are not rounded).
+        steps: number of scoring rounds (1: the one-shot plan).
+        engine: ``"screened"`` (:func:`~vitprune_fast.upvits_select`, the exact selection for less) or ``"exact"``
+            (:func:`~vitprune_fast.upvits_scores` on every candidate of the groups being narrowed).
+        checkpoint: directory; step ``t`` keeps its resumable scoring results under ``step{t}/``.
+        progress: progress bars of the scoring engine.
+        scores: the exact engine's scores of ``model`` on ``images`` (:func:`~vitprune_fast.upvits_scores`), when
+            already computed: the first step, which scores the unpruned model, uses them instead of scoring again
+            (whatever ``engine``; the one-shot plan of these scores is the first step's plan either way).
+        **engine_kwargs: passed to the engine (``batch_size``, ``autocast_dtype``, ``use_kernels``, ...).
+
+    Returns:
+        ``(plan, report)``: the Plan for the original ``model`` (original numbering; applied with ``prune_`` it gives
+        the model the steps reached), and a JSON-able dict: per step the plan it made for the model of that step
+        (``plan``, in that model's numbering), the sizes of the narrowed groups after it, its seconds and (screened
+        engine) the engine's report.
+    """
+    from .score.screened import upvits_select
+    from .score.upvits import upvits_scores
+
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
+    space = adapter_for(model).describe()
+    final = selections(space, keep, heads, attn_mode, round_to)  # validates everything before any scoring
+    alive = {sel.group: torch.arange(space.groups[sel.group].size) for sel in final}  # original indices left
+    current = model
+    report: dict = {"steps": steps, "engine": engine, "per_step": []}
+    t_all = time.perf_counter()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        ratios = _step_ratios(current, final, step, steps)
+        ckpt = None if checkpoint is None else f"{checkpoint}/step{step}"
+        rep = None
+        if step == 1 and scores is not None:
+            plan = make_plan(space, scores, ratios, heads, attn_mode)
+        elif engine == "screened":
+            plan, rep = upvits_select(current, images, ratios, heads, attn_mode, checkpoint=ckpt, progress=progress,
+                                      **engine_kwargs)
+        else:
+            deciding = [n for n, r in ratios.items() if r < 1.0]
+            step_scores = upvits_scores(current, images, groups=deciding, checkpoint=ckpt, progress=progress,
+                                        **engine_kwargs) if deciding else {}
+            plan = make_plan(adapter_for(current).describe(), step_scores, ratios, heads, attn_mode)
+        for name, kept in plan.keep.items():
+            alive[name] = alive[name][kept]  # the step's indices number the channels still present
+        if step < steps:  # the next step scores the model pruned so far
+            current = copy.deepcopy(model) if current is model else current
+            prune_(current, plan)
+        report["per_step"].append({"step": step, "plan": plan.to_dict(), "sizes": {n: len(a) for n, a in alive.items()},
+                                   "seconds": time.perf_counter() - t0, **({"screened": rep} if rep else {})})
+    report["seconds"] = time.perf_counter() - t_all
+    new_heads = {sel.group: sel.heads for sel in final if sel.heads is not None}  # as make_plan records them
+    return Plan.from_space(space, alive, new_heads), report
+
+
+def progressive_summary(report: dict) -> str:
+    """One line for a person: steps, engine, seconds per step."""
+    per = ", ".join(f"{s['seconds']:.1f}" for s in report["per_step"])
+    return (f"progressive UP-ViTs: {report['steps']} step{'s' if report['steps'] > 1 else ''} scored by the "
+            f"{report['engine']} engine in {report['seconds']:.1f} s (per step: {per} s)")
