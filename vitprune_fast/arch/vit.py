@@ -48,9 +48,9 @@ class ViTAdapter(Adapter):
                                         "is not supported (only timm's ViT Attention with a fused qkv Linear)")
         if not isinstance(attn.qkv, nn.Linear):
             raise UnsupportedModelError(f"{where}.attn.qkv: {type(attn.qkv).__name__} is not an nn.Linear")
-        if not hasattr(attn, "attn_dim"):  # the attention width attribute came with timm 1.0.15's Attention
+        if not hasattr(attn, "attn_dim"):  # the attention width attribute came with timm 1.0.23's Attention (the floor)
             raise UnsupportedModelError(f"{where}.attn: timm's ViT Attention has no attn_dim in timm "
-                                        f"{_timm_version()}; vitprune_fast needs timm>=1.0.15")
+                                        f"{_timm_version()}; vitprune_fast needs timm>=1.0.23")
         for part in ("q_norm", "k_norm", "norm"):
             if not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
                 raise UnsupportedModelError(f"{where}.attn.{part}: qk/scale norms are not supported")
