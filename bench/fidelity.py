@@ -10,7 +10,7 @@ fine-tunes (same steps, parameters removed matched to the others' plans), so it 
 The summary (mean ± standard deviation over runs, and per run the win / tie / loss of each method against
 magnitude on the same trained model and target) is computed from the runs in the results file only.
 
-    python bench/fidelity.py                # 3 seeds x 2 draws, DeiT + Swin, FLOPs 0.5 / 0.3 (~30 min, 2 cores)
+    python bench/fidelity.py                # 3 seeds x 2 draws, DeiT + Swin, FLOPs 0.5 / 0.3 (42 min on 2 cores)
     python bench/fidelity.py --readme       # re-render the README table and plot from the results file
 """
 from __future__ import annotations
