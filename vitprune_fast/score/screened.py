@@ -79,7 +79,7 @@ class _Exact:
                 part += self.engine.score_candidates(work, mine, x, i).detach().double().cpu()
             pieces = gather_objects((mine, part))
             got = {"idx": torch.cat([p[0] for p in pieces]), "val": torch.cat([p[1] for p in pieces])}
-            if self.store is not None and dist_info()[0] == 0:
+            if self.store is not None and rank == 0:
                 self.store.save_tensors(key, got)
         vals[got["idx"]] = got["val"]
         self.count += len(cands)
@@ -167,9 +167,12 @@ class _State:
                 dist[sel.items] = _log_dist(best[sel.items].sum(1), tau)[:, None].expand_as(sel.items)
         return out
 
-    def errors(self, names: list[str], near: float | None = None) -> torch.Tensor:
-        """``|log(estimate / exact)|`` of the scored candidates of groups ``names`` (within ``near`` of their cut)."""
-        dist = self.cut_distance() if near is not None else {}
+    def errors(self, names: list[str], near: float | None = None,
+               dist: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``|log(estimate / exact)|`` of the scored candidates of groups ``names`` (within ``near`` of their cut;
+        ``dist``: :meth:`cut_distance`, when the caller has it for the current scores)."""
+        if near is not None and dist is None:
+            dist = self.cut_distance()
         out = [torch.zeros(0, dtype=torch.float64)]
         for name in names:
             est, ex = self.est[name], self.exact.known(self.space.groups[name])
@@ -326,16 +329,19 @@ def _calibrate(state: _State, screened: list[Group], n: int, safety: float, min_
         before = state.exact.count
         state.exact.evaluate(g, pick, "calibration")
         stats[g.name]["calibration"] += state.exact.count - before
-    return {g.name: _width(state, g, screened, safety, min_width) for g in screened}
+    dist = state.cut_distance()
+    return {g.name: _width(state, g, screened, safety, min_width, dist) for g in screened}
 
 
-def _width(state: _State, g: Group, screened: list[Group], safety: float, floor: float) -> float:
-    """``safety`` x the largest screen error within a factor e of a cut: the group's own once it has
-    ``OWN_ERRORS`` such errors (screen errors differ between blocks), else those of every group of its kind."""
-    err = state.errors([g.name], near=1.0)
+def _width(state: _State, g: Group, screened: list[Group], safety: float, floor: float,
+           dist: dict[str, torch.Tensor]) -> float:
+    """``safety`` x the largest screen error within a factor e of a cut (``dist``: ``state.cut_distance()``): the
+    group's own once it has ``OWN_ERRORS`` such errors (screen errors differ between blocks), else those of every
+    group of its kind."""
+    err = state.errors([g.name], near=1.0, dist=dist)
     if len(err) < OWN_ERRORS:
         kind = [h.name for h in screened if h.kind == g.kind]
-        err = state.errors(kind, near=1.0)
+        err = state.errors(kind, near=1.0, dist=dist)
         if not len(err):
             err = state.errors(kind)
     worst = float(err.max()) if len(err) else 0.0
@@ -360,8 +366,9 @@ def _band_and_audit(state: _State, screened: list[Group], width: dict[str, float
                 before = state.exact.count
                 state.exact.evaluate(groups[name], cands, f"band{rounds}")
                 stats[name]["band"] += state.exact.count - before
+            dist = state.cut_distance()
             for g in screened:  # scored candidates erring beyond the band's premise widen it
-                width[g.name] = _width(state, g, screened, safety, width[g.name])
+                width[g.name] = _width(state, g, screened, safety, width[g.name], dist)
         seconds["band"] += time.perf_counter() - t0
         if audit == 0:
             return rounds, audits
@@ -370,8 +377,9 @@ def _band_and_audit(state: _State, screened: list[Group], width: dict[str, float
         flipped = _audit(state, groups, width, audit, gen, stats, audits)
         seconds["audit"] += time.perf_counter() - t0
         widened = False
+        dist = state.cut_distance()
         for g in screened:
-            new = max(_width(state, g, screened, safety, width[g.name]),
+            new = max(_width(state, g, screened, safety, width[g.name], dist),
                       safety * flipped.get(g.name, 0.0))
             widened |= new > width[g.name]
             width[g.name] = new
@@ -421,12 +429,11 @@ def _report(space, state: _State, screened, exact_only, stats, width, rounds, au
     groups = {}
     dist = state.cut_distance()
     for g in screened:
-        est, ex = state.est[g.name], state.exact.known(g)
-        ok = ~ex.isnan() & (dist[g.name] <= NEAR)
-        err = (est[ok].clamp_min(_TINY) / ex[ok].clamp_min(_TINY)).log().abs()
+        err = state.errors([g.name], near=NEAR, dist=dist)
         q = {f"p{p}": float(err.quantile(p / 100)) if len(err) else None for p in (50, 99, 99.9)}
-        groups[g.name] = {"kind": g.kind, "candidates": g.size, "scored_exactly": int((~ex.isnan()).sum()),
-                          **stats[g.name], "near_cut_scored": int(ok.sum()), "screen_log_error_near_cut": q}
+        groups[g.name] = {"kind": g.kind, "candidates": g.size,
+                          "scored_exactly": int((~state.exact.known(g).isnan()).sum()), **stats[g.name],
+                          "near_cut_scored": len(err), "screen_log_error_near_cut": q}
     for g in exact_only:
         groups[g.name] = {"kind": g.kind, "candidates": g.size, "scored_exactly": g.size}
     return {"groups": groups, "band_half_width": dict(width), "band_rounds": rounds, "audit_rounds": audits,
