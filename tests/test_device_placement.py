@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 import vitprune_fast as vpf
 from vitprune_fast.dap import DAP, Schedule
-from vitprune_fast.masked import MaskedLayerNorm, masked_copy
+from vitprune_fast.masked import MaskedNorm, masked_copy
 from vitprune_fast.score.upvits import FastEngine, ReferenceEngine, _Work
 
 aten = torch.ops.aten
@@ -63,7 +63,7 @@ def test_masked_copy_keeps_everything_on_the_model_device(key):
     with SameDevice():
         out = masked_copy(model.to("meta"), plan)
         out(make_input(model).to("meta"))
-    norms = [m for m in out.modules() if isinstance(m, MaskedLayerNorm)]
+    norms = [m for m in out.modules() if isinstance(m, MaskedNorm)]
     assert norms and all(m.mask.is_meta for m in norms)
 
 

@@ -89,7 +89,7 @@ class FlopProfile:
         tokens: ``nn.Linear`` module path -> rows (tokens) it processes, recorded by a forward hook.
         linear: ``nn.Linear`` module path -> its FLOPs (``2 * tokens * in * out``).
         attn_matmul: attention module path -> FLOPs of its token-mixing matmuls (q k^T and attn v), i.e. the
-            module's FLOPs minus its qkv and proj layers. Linear in the attention width.
+            module's FLOPs minus its Linear layers (qkv, proj). Linear in the attention width.
         img_size: the input ``(H, W)`` used.
     """
 
@@ -125,7 +125,7 @@ def flop_profile(model: nn.Module, img_size: int | tuple[int, int] | None = None
             h.remove()
     per_module = {_strip_root(k): sum(v.values()) for k, v in counter.get_flop_counts().items()}
     linear = {p: per_module.get(p, 0) for p in tokens}
-    attn_mm = {b.attn: per_module.get(b.attn, 0) - linear.get(b.qkv, 0) - linear.get(b.proj, 0)
+    attn_mm = {b.attn: per_module.get(b.attn, 0) - sum(f for p, f in linear.items() if p.startswith(f"{b.attn}."))
                for b in adapter.blocks()}
     return FlopProfile(counter.get_total_flops(), tokens, linear, attn_mm, size)
 

@@ -160,6 +160,28 @@ def _build(arch: dict, device: str | torch.device = "meta") -> nn.Module:
     return model
 
 
+def _layout(model: nn.Module) -> dict[str, tuple]:
+    """What a recipe must rebuild beyond tensor shapes: every module's class and the settings that change its
+    function (norm eps, GELU's approximation); dropout-like and identity modules are left out (training-only)."""
+    out = {}
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        if isinstance(m, nn.Identity) or "Drop" in kind:
+            continue
+        out[name] = (kind, getattr(m, "eps", None), getattr(m, "approximate", None))
+    return out
+
+
+def _check_layout(model: nn.Module, rebuilt: nn.Module, arch: dict) -> None:
+    mine, theirs = _layout(model), _layout(rebuilt)
+    for name in sorted(set(mine) | set(theirs)):
+        if mine.get(name) != theirs.get(name):
+            raise CheckpointError(
+                f"timm.create_model({arch['model_name']!r}, **{arch['model_kwargs']}) does not rebuild this model: "
+                f"module {name or '<root>'!r} is {mine.get(name)} here, {theirs.get(name)} rebuilt (class, eps, "
+                "approximation); pass the model_name / model_kwargs that built it")
+
+
 def _meta_safe(model: nn.Module) -> bool:
     """Building on meta is safe when every non-persistent buffer can be re-initialised afterwards."""
     return all(hasattr(m, "init_non_persistent_buffers") or not m._non_persistent_buffers_set
@@ -185,7 +207,8 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, model_name: str 
     from safetensors.torch import save_file
 
     arch = _architecture(model, model_name, model_kwargs)
-    _build(arch)  # fail at save time rather than at load time (it checks names and restores every shape)
+    # fail at save time rather than at load time: names and shapes (_build), classes and norm settings (layout)
+    _check_layout(model, _build(arch), arch)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

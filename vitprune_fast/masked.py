@@ -1,7 +1,8 @@
 """Masked execution: the function a Plan computes, without slicing anything.
 
-``masked_copy(model, plan)`` returns a copy of ``model`` whose removed channels are zeroed, and whose
-LayerNorms over a pruned residual normalise over the kept channels only (masked LayerNorm). It is the
+``masked_copy(model, plan)`` returns a copy of ``model`` whose removed channels are zeroed, and whose norms over a
+pruned width (LayerNorm / RMSNorm over the residual, an attention's scale-norm, an MLP's sub-norm) normalise over the
+kept channels only. It is the
 reference that physical removal must reproduce (DESIGN contract 1), and the building block of the
 literal UP-ViTs scorer.
 """
@@ -13,22 +14,10 @@ import torch
 from torch import nn
 
 from .arch import describe
-from .kernels.masked_layernorm import masked_layer_norm
+from .norms import MaskedNorm, is_norm
 from .plan import Plan
 from .prune import head_columns, resolve_plan
 from .space import tensor_of
-
-
-class MaskedLayerNorm(nn.Module):
-    """Drop-in replacement for a LayerNorm whose input has removed channels (plain-torch reference path)."""
-
-    def __init__(self, ln: nn.LayerNorm, mask: torch.Tensor):
-        super().__init__()
-        self.ln = ln
-        self.register_buffer("mask", mask)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return masked_layer_norm(x, self.mask, self.ln.weight, self.ln.bias, self.ln.eps, backend="torch")
 
 
 def _is_head_subset(keep: torch.Tensor, head_dim: int, heads: int) -> bool:
@@ -45,9 +34,10 @@ def masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
     """A deep copy of ``model`` that computes what the pruned model computes, at the original sizes.
 
     attn/mlp groups: removed channels are zeroed (q, k, v rows and proj columns; fc1 rows and fc2
-    columns). residual groups: removed channels are zeroed in every tensor and LayerNorms become masked
-    LayerNorms. A change of head count (UP-ViTs head merge) re-groups the heads of the copy and keeps the
-    original attention scale, which is what the merged pruned model computes.
+    columns). residual groups: removed channels are zeroed in every tensor. Every norm a group's slices reach
+    (residual LayerNorms / RMSNorms, an attention's scale-norm, an MLP's sub-norm) becomes a :class:`MaskedNorm`.
+    A change of head count (UP-ViTs head merge) re-groups the heads of the copy and keeps the original attention
+    scale, which is what the merged pruned model computes.
     """
     changes = resolve_plan(describe(model), plan)
     out = copy.deepcopy(model)
@@ -71,13 +61,13 @@ def masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
                 if removed.numel():
                     t.index_fill_(sl.dim, sl.indices(removed).to(t.device), 0.0)  # index on t's device (CUDA)
                 mod_path, _, pname = sl.name.rpartition(".")
-                if g.kind == "residual" and isinstance(out.get_submodule(mod_path), nn.LayerNorm):
+                if is_norm(out.get_submodule(mod_path)):
                     mask = torch.zeros(t.shape[0], dtype=torch.bool)
                     mask[sl.indices(ch.keep)] = True
                     norms[mod_path] = mask
             for path, mask in norms.items():
                 ln = out.get_submodule(path)
-                _set_submodule(out, path, MaskedLayerNorm(ln, mask.to(ln.weight.device)))
+                _set_submodule(out, path, MaskedNorm(ln, mask.to(ln.weight.device)))
             if merging:
                 attn = out.get_submodule(g.module)
                 attn.num_heads = ch.heads
@@ -95,4 +85,4 @@ def forward_masked_logits(model: nn.Module, plan: Plan, x: torch.Tensor) -> torc
         return m(x)
 
 
-__all__ = ["MaskedLayerNorm", "masked_copy", "forward_masked_logits"]
+__all__ = ["MaskedNorm", "masked_copy", "forward_masked_logits"]

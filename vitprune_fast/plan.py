@@ -113,8 +113,24 @@ class Selection:
     heads: int | None = None
 
 
+def whole_heads_error(g: Group) -> PlanError:
+    """The error for a plan that would split the heads of a ``whole_heads`` group."""
+    return PlanError(f"{g.name}: this attention normalises q / k per head (qk-norm), so only whole heads can be "
+                     "removed exactly: use attn_mode='heads' (and no head merge) for it")
+
+
+def check_whole_heads(space: PruningSpace, attn_mode: str) -> None:
+    """Raise :func:`whole_heads_error` when ``attn_mode`` would split the heads of a ``whole_heads`` group (for
+    planners that narrow every attention, DIMAP's structured plan and DAP)."""
+    bad = [g for g in space.of_kind("attn") if g.whole_heads]
+    if bad and attn_mode != "heads":
+        raise whole_heads_error(bad[0])
+
+
 def _attn_selections(g: Group, r: float, heads: int | None, attn_mode: str, round_to: int) -> list[Selection]:
     h, hd = g.num_heads, g.head_dim
+    if g.whole_heads and (heads not in (None, h) or attn_mode != "heads"):
+        raise whole_heads_error(g)
     if heads is not None:  # UP-ViTs head merge: h_t groups of h/h_t consecutive heads, same count kept in each
         if heads < 1 or h % heads:
             raise PlanError(f"{g.name}: heads={heads} must divide the number of heads ({h})")
@@ -196,7 +212,8 @@ def make_plan(
             every attention's head count. A dict gives a count per attention group (Swin stages differ);
             a group left out or mapped to ``None`` is planned as with ``heads=None``.
         attn_mode: without ``heads``: ``"dims"`` keeps every head and the same number of dims per head;
-            ``"heads"`` removes whole heads ranked by their summed channel scores.
+            ``"heads"`` removes whole heads ranked by their summed channel scores. An attention with per-head q/k
+            norms (``Group.whole_heads``) can only be narrowed with ``"heads"`` (a clear PlanError otherwise).
         round_to: round every narrowed width (residual, MLP hidden, head_dim; merged heads' head_dim) to the
             nearest multiple of this, at least one multiple (a group of at most ``round_to`` channels is not
             rounded). GPU kernels want multiples of 8: cuBLAS tensor-core tiles, and SDPA's fused kernels need

@@ -11,7 +11,7 @@ from torch import nn
 from .arch import adapter_for
 from .compact import compact_many_
 from .errors import PlanError
-from .plan import Plan
+from .plan import Plan, whole_heads_error
 from .space import Group, PruningSpace, tensor_of
 
 # Optimizer state entries that are second moments: they scale with the square of a reparametrisation.
@@ -65,12 +65,22 @@ def resolve_plan(space: PruningSpace, plan: Plan) -> list[_GroupChange]:
             heads = int(plan.heads.get(name, g.num_heads))
             if heads < 1 or keep.numel() % heads:
                 raise PlanError(f"{name}: {keep.numel()} kept channels cannot form {heads} equal heads")
+            if g.whole_heads and not _whole_heads_kept(keep, g.head_dim, heads):
+                raise whole_heads_error(g)
         elif name in plan.heads:
             raise PlanError(f"plan.heads[{name!r}]: only attn groups have heads")
         if keep.numel() == g.size and heads in (None, g.num_heads):
             continue
         changes.append(_GroupChange(g, keep, heads))
     return changes
+
+
+def _whole_heads_kept(keep: torch.Tensor, head_dim: int, heads: int) -> bool:
+    """Whether ``keep`` is ``heads`` complete original heads (each new head one old head, its dims in order)."""
+    if keep.numel() != heads * head_dim:
+        return False
+    rows = keep.view(heads, head_dim)
+    return bool((rows == rows[:, :1] + torch.arange(head_dim)).all() and (rows[:, 0] % head_dim == 0).all())
 
 
 def _companions(p: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> list[tuple[str, torch.Tensor]]:

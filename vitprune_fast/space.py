@@ -43,6 +43,8 @@ class Group:
         slices: every tensor slice the group implies.
         num_heads / head_dim: head layout of an ``attn`` group (channel d belongs to head ``d // head_dim``).
         module: module path of the timm module the group belongs to (Attention / Mlp / the model or stage).
+        whole_heads: an ``attn`` group whose channels can only go as whole heads, keeping head_dim (per-head
+            q/k norms: one weight per position in a head, shared by all heads). Plans that split a head are refused.
     """
 
     name: str
@@ -52,9 +54,11 @@ class Group:
     num_heads: int | None = None
     head_dim: int | None = None
     module: str = ""
+    whole_heads: bool = False
 
     def __repr__(self) -> str:
         heads = f", heads={self.num_heads}x{self.head_dim}" if self.kind == "attn" else ""
+        heads += ", whole heads only" if self.whole_heads else ""
         return f"Group({self.name!r}, kind={self.kind}, size={self.size}{heads}, tensors={len(self.slices)})"
 
 

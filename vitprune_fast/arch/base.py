@@ -7,11 +7,12 @@ asks an :class:`Adapter` for blocks, stages, the trunk and sizes; none of them w
 
 The blocks an adapter reports are pre-norm transformer blocks with two residual branches::
 
-    x = x + ls1(attn(norm1(x)))        attn: fused qkv Linear -> heads -> proj Linear
-    x = x + ls2(mlp(norm2(x)))         mlp: fc1 Linear -> act -> fc2 Linear
+    x = x + ls1(attn(norm1(x)))        attn: fused qkv Linear -> heads -> [scale-norm] -> proj Linear
+    x = x + ls2(mlp(norm2(x)))         mlp: fc1 Linear(s) -> act [x gate] -> [sub-norm] -> fc2 Linear
 
-which is what the UP-ViTs deltas (rank-1 MLP units, masked qkv rows), DAP's gates and DIMAP's module pools rely
-on. A family whose blocks differ must say so with a clear ``UnsupportedModelError`` in :meth:`Adapter.describe`.
+(norm1 / norm2: LayerNorm or RMSNorm), which is what the UP-ViTs deltas (rank-1 MLP units at fc2's input, masked
+qkv rows), DAP's gates and DIMAP's module pools rely on. A family whose blocks differ must say so with a clear
+``UnsupportedModelError`` in :meth:`Adapter.describe`.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class BlockRef:
         mlp: module path of its MLP; also the name of its ``mlp`` group.
         norm1, norm2: the LayerNorms in front of the attention and the MLP branch.
         qkv, proj: the attention's fused q/k/v Linear and output Linear.
-        fc1, act, fc2: the MLP's Linears and the activation between them (its output is the hidden unit).
+        fc1, act, fc2: the MLP's input Linear (SwiGLU: its value projection ``fc1_x``), activation and output
+            Linear; a hidden unit is an input channel of ``fc2`` (the MLP group's slices list every tensor).
         ls1, ls2: LayerScale modules with a ``gamma`` on the attention / MLP branch, or None.
     """
 
@@ -63,8 +65,9 @@ class BlockRef:
         """The reference for timm's pre-norm blocks (``norm1 attn ls1 norm2 mlp ls2`` children)."""
         blk = model.get_submodule(path)
         ls = {n: f"{path}.{n}" if hasattr(getattr(blk, n, None), "gamma") else None for n in ("ls1", "ls2")}
+        fc1 = "fc1_x" if hasattr(blk.mlp, "fc1_x") else "fc1"  # SwiGLU: the value projection (fc1_g gates it)
         return cls(index, stage, path, f"{path}.attn", f"{path}.mlp", f"{path}.norm1", f"{path}.norm2",
-                   f"{path}.attn.qkv", f"{path}.attn.proj", f"{path}.mlp.fc1", f"{path}.mlp.act",
+                   f"{path}.attn.qkv", f"{path}.attn.proj", f"{path}.mlp.{fc1}", f"{path}.mlp.act",
                    f"{path}.mlp.fc2", ls["ls1"], ls["ls2"])
 
 

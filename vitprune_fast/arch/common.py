@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..norms import is_affine_norm, is_rms_norm
 from ..space import TensorSlice
 
 
@@ -13,14 +14,15 @@ def is_layernorm(m: nn.Module) -> bool:
 
 
 def norm_slices(model: nn.Module, path: str, repeats: int = 1, stride: int = 0) -> list[TensorSlice]:
-    """Slices of a LayerNorm at ``path`` (nothing for Identity); anything else is an error."""
+    """Slices of a LayerNorm / RMSNorm at ``path`` (nothing for Identity); anything else is an error."""
     m = model.get_submodule(path)
     if isinstance(m, nn.Identity):
         return []
-    if not is_layernorm(m) or not m.elementwise_affine:
-        raise UnsupportedModelError(f"{path}: {type(m).__name__} is not an affine LayerNorm; cannot prune its width")
+    if not is_affine_norm(m):
+        raise UnsupportedModelError(f"{path}: {type(m).__name__} is not an affine LayerNorm or RMSNorm; cannot prune "
+                                    "its width")
     out = [TensorSlice(f"{path}.weight", 0, repeats, stride)]
-    if m.bias is not None:
+    if getattr(m, "bias", None) is not None:
         out.append(TensorSlice(f"{path}.bias", 0, repeats, stride))
     return out
 
@@ -43,9 +45,55 @@ def sync_generic_attributes(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape
-        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+        elif (isinstance(m, nn.LayerNorm) or is_rms_norm(m)) and m.weight is not None:
             m.normalized_shape = tuple(m.weight.shape)
         elif isinstance(m, nn.Conv2d):
             m.out_channels = m.weight.shape[0]
             m.in_channels = m.weight.shape[1] * m.groups
 
+
+
+def _mlp_form(model: nn.Module, path: str) -> str:
+    """``"mlp"`` (timm Mlp), ``"glu"`` (GluMlp / SwiGLUPacked: fc1 rows = [value | gate]) or ``"swiglu"`` (SwiGLU:
+    separate fc1_g / fc1_x); anything else is an error naming it."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    m = model.get_submodule(path)
+    if type(m) is Mlp:
+        form, fc1s = "mlp", ("fc1", "fc2")
+    elif isinstance(m, GluMlp):
+        form, fc1s = "glu", ("fc1", "fc2")
+    elif type(m) is SwiGLU:
+        form, fc1s = "swiglu", ("fc1_g", "fc1_x", "fc2")
+    else:
+        raise UnsupportedModelError(f"{path}: {type(m).__module__}.{type(m).__name__} is not supported (timm Mlp, "
+                                    "GluMlp / SwiGLUPacked and SwiGLU are)")
+    for name in fc1s:
+        if not isinstance(getattr(m, name), nn.Linear):  # use_conv=True MLPs have 1x1 convs
+            raise UnsupportedModelError(f"{path}.{name}: {type(getattr(m, name)).__name__} is not an nn.Linear")
+    return form
+
+
+def mlp_input_slices(model: nn.Module, path: str) -> list[TensorSlice]:
+    """Input columns of the MLP at ``path``: what a residual channel removes from it."""
+    if _mlp_form(model, path) == "swiglu":
+        return linear_slices(model, f"{path}.fc1_g", "in") + linear_slices(model, f"{path}.fc1_x", "in")
+    return linear_slices(model, f"{path}.fc1", "in")
+
+
+def mlp_slices(model: nn.Module, path: str) -> list[TensorSlice]:
+    """Every slice one hidden unit ``j`` of the MLP at ``path`` implies (its input to ``fc2`` is the unit).
+
+    Mlp: fc1 row j, fc2 column j. GluMlp: fc1 rows j and H + j (value and gate halves), fc2 column j. SwiGLU:
+    fc1_g row j, fc1_x row j, fc2 column j. A sub-norm over the hidden width (``norm``) is sliced with them.
+    """
+    form = _mlp_form(model, path)
+    m = model.get_submodule(path)
+    hidden = m.fc2.in_features
+    if form == "swiglu":
+        rows = linear_slices(model, f"{path}.fc1_g", "out") + linear_slices(model, f"{path}.fc1_x", "out")
+    elif form == "glu":
+        rows = linear_slices(model, f"{path}.fc1", "out", repeats=2, stride=hidden)
+    else:
+        rows = linear_slices(model, f"{path}.fc1", "out")
+    return rows + norm_slices(model, f"{path}.norm") + linear_slices(model, f"{path}.fc2", "in")

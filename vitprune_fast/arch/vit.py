@@ -5,9 +5,17 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..norms import is_norm
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
-from .common import is_layernorm, linear_slices, norm_slices, sync_generic_attributes
+from .common import linear_slices, mlp_input_slices, mlp_slices, norm_slices, sync_generic_attributes
+
+_BLOCK_REASONS = {  # why timm's other ViT blocks are refused
+    "ResPostBlock": "post-norm: the norm sits on the branch output, after the residual width is summed",
+    "ParallelScalingBlock": "fused parallel attention + MLP projections (one in_proj / out_proj for both branches)",
+    "ParallelThingsBlock": "several attention / MLP branches run in parallel on one input",
+    "DiffParallelScalingBlock": "differential attention with fused parallel projections",
+}
 
 
 class ViTAdapter(Adapter):
@@ -35,14 +43,14 @@ class ViTAdapter(Adapter):
         return blocks
 
     def _check_block(self, i: int) -> None:
-        from timm.layers import Mlp
         from timm.models.vision_transformer import Attention, Block
 
         blk = self._blocks[i]
         where = f"{self.blocks_attr}.{i}"
         if type(blk) is not Block:
-            raise UnsupportedModelError(f"{where}: block type {type(blk).__name__} is not supported (only timm Block)")
-        attn, mlp = blk.attn, blk.mlp
+            raise UnsupportedModelError(f"{where}: block type {type(blk).__name__} is not supported (only timm's "
+                                        f"pre-norm Block; {_BLOCK_REASONS.get(type(blk).__name__, 'another layout')})")
+        attn = blk.attn
         if type(attn) is not Attention:
             raise UnsupportedModelError(f"{where}.attn: attention class {type(attn).__module__}.{type(attn).__name__} "
                                         "is not supported (only timm's ViT Attention with a fused qkv Linear)")
@@ -51,23 +59,33 @@ class ViTAdapter(Adapter):
         if not hasattr(attn, "attn_dim"):  # the attention width attribute came with timm 1.0.23's Attention (the floor)
             raise UnsupportedModelError(f"{where}.attn: timm's ViT Attention has no attn_dim in timm "
                                         f"{_timm_version()}; vitprune_fast needs timm>=1.0.23")
-        for part in ("q_norm", "k_norm", "norm"):
-            if not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
-                raise UnsupportedModelError(f"{where}.attn.{part}: qk/scale norms are not supported")
+        for part in ("q_norm", "k_norm"):
+            m = getattr(attn, part, nn.Identity())
+            if not isinstance(m, nn.Identity) and not is_norm(m):
+                raise UnsupportedModelError(f"{where}.attn.{part}: {type(m).__name__} is not a LayerNorm / RMSNorm")
+        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            norm_slices(self.model, f"{where}.attn.norm")  # a scale-norm over the attention width: must be prunable
         if getattr(attn, "gate", None) is not None:
             raise UnsupportedModelError(f"{where}.attn.gate: gated attention is not supported")
-        if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
-            raise UnsupportedModelError(f"{where}.mlp: {type(mlp).__name__} is not supported (only timm Mlp, no norm)")
+        mlp_slices(self.model, f"{where}.mlp")  # raises for an MLP form it cannot prune
         for ls in ("ls1", "ls2"):
             m = getattr(blk, ls)
             if not isinstance(m, nn.Identity) and not hasattr(m, "gamma"):
                 raise UnsupportedModelError(f"{where}.{ls}: {type(m).__name__} is not supported")
         for nm in ("norm1", "norm2"):
-            if not is_layernorm(getattr(blk, nm)):
-                raise UnsupportedModelError(f"{where}.{nm}: only LayerNorm is supported")
+            if not is_norm(getattr(blk, nm)):
+                raise UnsupportedModelError(f"{where}.{nm}: {type(getattr(blk, nm)).__name__} is not supported (only "
+                                            "LayerNorm / RMSNorm in front of a branch)")
 
     def describe(self) -> PruningSpace:
-        """Residual / attn / mlp groups of a timm VisionTransformer."""
+        """Residual / attn / mlp groups of a timm VisionTransformer.
+
+        Attention with per-head q/k norms (qk-norm) is pruned by whole heads only (``Group.whole_heads``): a norm
+        over each head's dims has one weight per position in the head, shared by every head, so removing different
+        dims in different heads cannot be expressed and removing the same dims changes what every head normalises.
+        A scale-norm over the attention width and an MLP's sub-norm are part of their group (masked over the kept
+        channels, sliced on removal).
+        """
         model = self.model
         blocks = self._blocks
         if getattr(model, "attn_pool", None) is not None:
@@ -91,7 +109,7 @@ class ViTAdapter(Adapter):
             p = f"{self.blocks_attr}.{i}"
             res += norm_slices(model, f"{p}.norm1") + norm_slices(model, f"{p}.norm2")
             res += linear_slices(model, f"{p}.attn.qkv", "in") + linear_slices(model, f"{p}.attn.proj", "out")
-            res += linear_slices(model, f"{p}.mlp.fc1", "in") + linear_slices(model, f"{p}.mlp.fc2", "out")
+            res += mlp_input_slices(model, f"{p}.mlp") + linear_slices(model, f"{p}.mlp.fc2", "out")
             for ls in ("ls1", "ls2"):
                 if hasattr(getattr(blk, ls), "gamma"):
                     res.append(TensorSlice(f"{p}.{ls}.gamma", 0))
@@ -100,15 +118,12 @@ class ViTAdapter(Adapter):
             groups[f"{p}.attn"] = Group(
                 f"{p}.attn", "attn", a,
                 linear_slices(model, f"{p}.attn.qkv", "out", repeats=3, stride=a)
-                + linear_slices(model, f"{p}.attn.proj", "in"),
+                + norm_slices(model, f"{p}.attn.norm") + linear_slices(model, f"{p}.attn.proj", "in"),
                 num_heads=attn.num_heads, head_dim=attn.head_dim, module=f"{p}.attn",
+                whole_heads=not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity),
             )
-            h = blk.mlp.fc1.out_features
-            groups[f"{p}.mlp"] = Group(
-                f"{p}.mlp", "mlp", h,
-                linear_slices(model, f"{p}.mlp.fc1", "out") + linear_slices(model, f"{p}.mlp.fc2", "in"),
-                module=f"{p}.mlp",
-            )
+            groups[f"{p}.mlp"] = Group(f"{p}.mlp", "mlp", blk.mlp.fc2.in_features, mlp_slices(model, f"{p}.mlp"),
+                                       module=f"{p}.mlp")
         res += norm_slices(model, "norm") + norm_slices(model, "fc_norm")
         for head in ("head", "head_dist"):
             if isinstance(getattr(model, head, None), nn.Linear):
@@ -185,6 +200,12 @@ class ViTAdapter(Adapter):
             fc_norm=not isinstance(model.fc_norm, nn.Identity),
             dynamic_img_size=getattr(model, "dynamic_img_size", False),
         )
+        if len(blocks):  # optional norms, passed only when present (older timm lacks the scale-norm kwargs)
+            attn, mlp = blocks[0].attn, blocks[0].mlp
+            flags = {"qk_norm": not isinstance(attn.q_norm, nn.Identity),
+                     "scale_attn_norm": not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity),
+                     "scale_mlp_norm": not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)}
+            kw.update({k: True for k, v in flags.items() if v})
         if isinstance(model.fc_norm, nn.Identity) and isinstance(model.norm, nn.Identity):
             kw["final_norm"] = False  # only passed when needed: older timm has no such kwarg
             kw.pop("fc_norm")
@@ -194,7 +215,7 @@ class ViTAdapter(Adapter):
         """Uniform blocks with the attention width equal to embed_dim: timm's VisionTransformer with other widths."""
         kw = self.build_recipe()
         c = kw["embed_dim"]
-        shapes = {(b.attn.num_heads, b.attn.qkv.out_features // 3, b.mlp.fc1.out_features) for b in self._blocks}
+        shapes = {(b.attn.num_heads, b.attn.qkv.out_features // 3, _mlp_hidden_arg(b.mlp)) for b in self._blocks}
         if len(shapes) > 1:
             raise UnsupportedModelError(f"blocks differ in (heads, attention width, MLP width): {sorted(shapes)}; "
                                         "a stock VisionTransformer has the same widths in every block")
@@ -205,6 +226,13 @@ class ViTAdapter(Adapter):
                                             "VisionTransformer ties them (head_dim = embed_dim / num_heads)")
             kw.update(num_heads=heads, mlp_ratio=mlp_ratio_for(c, hidden))
         return kw
+
+
+def _mlp_hidden_arg(mlp: nn.Module) -> int:
+    """The ``hidden_features`` timm gave the MLP (``int(dim * mlp_ratio)``): fc1's rows (a GLU's two halves), or
+    the hidden width of a SwiGLU (separate gate and value Linears)."""
+    fc1 = getattr(mlp, "fc1", None)
+    return fc1.out_features if fc1 is not None else mlp.fc2.in_features
 
 
 def _timm_version() -> str:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..arch import BlockRef, adapter_for
 from ..errors import CallOrderError, CheckpointError, ConfigError, InputError
-from ..plan import Plan
+from ..plan import Plan, check_whole_heads
 from ..prune import prune_
 from .budget import keep_ratio_goal, round_to_budget, soft_mask
 from .config import DAPConfig
@@ -88,6 +88,7 @@ class DAP:
         adapter = adapter_for(model)
         self.model = model
         self.space = adapter.describe()  # validates the model (clear error if unsupported)
+        check_whole_heads(self.space, cfg.attn_mode)
         k = num_classes if num_classes is not None else getattr(model, "num_classes", 0)
         if not k:
             raise ConfigError("the model has no classifier: pass num_classes for the probes")

@@ -39,6 +39,7 @@ from ..arch import adapter_for
 from ..distributed import dist_info, gather_objects
 from ..errors import ConfigError
 from ..kernels.utils import HAS_TRITON
+from ..norms import group_norms
 from ..plan import Plan, Selection, make_plan, selections
 from ..space import Group
 from .second_order import second_order_screen
@@ -238,8 +239,8 @@ def upvits_select(
         raise ConfigError("safety must be >= 1, min_width > 0, calibration and audit >= 0")
     chunks = _chunks(images, batch_size)
     deciding = sorted({s.group for s in sels if s.keep < len(s.items)}, key=list(space.groups).index)
-    screened = [space.groups[n] for n in deciding if space.groups[n].kind in ("attn", "mlp")]
-    exact_only = [space.groups[n] for n in deciding if space.groups[n].kind not in ("attn", "mlp")]
+    screened = [space.groups[n] for n in deciding if _screenable(model, space.groups[n])]
+    exact_only = [space.groups[n] for n in deciding if not _screenable(model, space.groups[n])]
     kernels = chunks[0].is_cuda and HAS_TRITON if use_kernels is None else bool(use_kernels)
     settings = {"selected": "screened", "plan": [keep, heads, attn_mode, round_to], "dtype": str(autocast_dtype),
                 "kernels": kernels, "screen": [eps, max_rank, screen_batch], "draws": [calibration, audit, seed],
@@ -423,6 +424,12 @@ def _audit(state: _State, groups: dict[str, Group], width: dict[str, float], n: 
                 err = float((est / best[sel.items[j]].sum().clamp_min(_TINY)).log().abs())
                 flipped[sel.group] = max(flipped.get(sel.group, 0.0), err)
     return flipped
+
+
+def _screenable(model: nn.Module, group) -> bool:
+    """The screen models an attention dim / MLP unit of a plain block; a norm over the group's channels (scale-norm,
+    MLP sub-norm) or per-head q/k norms (whole heads only) make its local change something else: scored exactly."""
+    return group.kind in ("attn", "mlp") and not group.whole_heads and not group_norms(model, group)
 
 
 def _report(space, state: _State, screened, exact_only, stats, width, rounds, audits, seconds, count, total) -> dict:

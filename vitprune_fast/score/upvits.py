@@ -28,8 +28,8 @@ from ..distributed import dist_info, gather_objects
 from ..errors import ConfigError, InputError, PlanError
 from ..kernels.expand_ln import expand_ln
 from ..kernels.kl_div import kl_per_candidate
-from ..kernels.masked_layernorm import masked_layer_norm
 from ..kernels.utils import HAS_TRITON, resolve_backend
+from ..norms import group_norms, masked_norm
 from ..overrides import replaced_forward, replaced_output
 from ..plan import Plan
 from ..prune import prune_
@@ -98,17 +98,6 @@ def _unit_branches(model: nn.Module, blocks: Sequence[BlockRef], kind: str, i: i
     return [model.get_submodule(p) for p in paths]
 
 
-def _ln_slices(model: nn.Module, group: Group) -> list[tuple[nn.LayerNorm, object]]:
-    """The LayerNorms a residual group feeds, with their index map."""
-    out = []
-    for sl in group.slices:
-        path, _, pname = sl.name.rpartition(".")
-        mod = model.get_submodule(path) if path else model
-        if pname == "weight" and isinstance(mod, nn.LayerNorm):
-            out.append((mod, sl))
-    return out
-
-
 def _removal_masks(width: int, cands: torch.Tensor, index_map) -> torch.Tensor:
     """[K, width] bool keep-masks, built on the host: row i drops the entries ``index_map(cands[i])`` maps to."""
     k = len(cands)
@@ -118,17 +107,22 @@ def _removal_masks(width: int, cands: torch.Tensor, index_map) -> torch.Tensor:
     return keep
 
 
-def _masked_norm_forwards(lns, keep_masks: list[torch.Tensor], backend: str):
-    """(LayerNorm, forward) pairs normalising each candidate's rows over its kept channels ([K, width] masks)."""
+def _masked_norm_forwards(norms, cands: torch.Tensor, device, backend: str):
+    """(norm, forward) pairs normalising candidate k's rows over what is left without ``cands[k]``.
 
-    def forward(ln: nn.LayerNorm, mask: torch.Tensor):
+    Args:
+        norms: ``group_norms`` of the group.
+        cands: the K candidates; rows of the norm's input are candidate-major (mask row k covers candidate k's rows).
+    """
+
+    def forward(norm: nn.Module, mask: torch.Tensor):
         def fn(x):
-            flat = x.reshape(-1, x.shape[-1])  # candidates are batch-major: mask row k covers candidate k's rows
-            return masked_layer_norm(flat, mask, ln.weight, ln.bias, ln.eps, backend=backend).reshape(x.shape)
+            return masked_norm(norm, x.reshape(-1, x.shape[-1]), mask, backend=backend).reshape(x.shape)
 
         return fn
 
-    return [(ln, forward(ln, mask)) for (ln, _), mask in zip(lns, keep_masks, strict=True)]
+    return [(n, forward(n, _removal_masks(n.weight.shape[0], cands, sl.indices).to(device, non_blocking=True)))
+            for n, sl in norms]
 
 
 def _repeat(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -182,15 +176,21 @@ class FastEngine:
         return kl_per_candidate(logits, self.trunk.run(y, b + 1), k, backend=self.backend, accumulate=_KL_ACC)
 
     def _mlp(self, work, cands, x, inputs, logits):
-        """Removing hidden unit j changes block b's output by −act_j ⊗ (γ ⊙ W2[:, j]) (exact)."""
+        """Removing hidden unit j changes block b's output by −h_j ⊗ (γ ⊙ W2[:, j]) (exact; h = fc2's input)."""
         trunk, model, b = self.trunk, self.model, self.trunk.block_index(work.name)
+        if group_norms(model, self.space.groups[work.name]):  # a sub-norm over the hidden width: not rank-1
+            return self._rerun(work, cands, inputs, logits)
         ref = self.refs[b]
         cap = {}
-        with replaced_output([(model.get_submodule(ref.act), lambda out: cap.setdefault("h", out))]):
+        fc2 = model.get_submodule(ref.fc2)
+        handle = fc2.register_forward_pre_hook(lambda _m, args: cap.setdefault("h", args[0]))
+        try:
             y = trunk.blocks[b](trunk.enter(inputs[b], b))  # [n, *S, D]
+        finally:
+            handle.remove()
         h = cap["h"].reshape(*y.shape[:-1], -1)  # [n, *S, H]
         idx = cands.to(h.device)
-        w = model.get_submodule(ref.fc2).weight[:, idx].T  # [K, D]
+        w = fc2.weight[:, idx].T  # [K, D]
         if ref.ls2 is not None:
             w = w * model.get_submodule(ref.ls2).gamma
         k, n = len(cands), y.shape[0]
@@ -198,6 +198,8 @@ class FastEngine:
         nxt = b + 1  # the next block's norm1 reads this output directly unless a stage entry comes between
         norm = (model.get_submodule(self.refs[nxt].norm1) if nxt < len(trunk.blocks) and nxt not in trunk.stage_start
                 else None)
+        if not isinstance(norm, nn.LayerNorm):
+            norm = None  # the fused expansion + norm kernel is a LayerNorm (an RMSNorm runs in the suffix)
         xs, z = expand_ln(y.reshape(n, -1, y.shape[-1]), a.reshape(k, n, -1).to(y.dtype).contiguous(),
                           w.to(y.dtype).contiguous(), *((norm.weight, norm.bias, norm.eps) if norm else ()),
                           backend=self.backend)  # [K·n, T, D] each
@@ -209,27 +211,32 @@ class FastEngine:
 
     def _attn(self, work, cands, x, inputs, logits):
         """Removing attention dim d zeroes q_d, k_d, v_d: rerun block b with a per-candidate qkv mask."""
-        trunk, b = self.trunk, self.trunk.block_index(work.name)
         a, k = work.size, len(cands)
         keep = _removal_masks(3 * a, cands, lambda c: torch.cat([c + r * a for r in range(3)]))  # [K, 3A]
-        keep = keep.to(inputs[b].device, non_blocking=True)
+        keep = keep.to(inputs[0].device, non_blocking=True)
 
         def apply(out):  # [K·n, *S, 3A]: candidate-major rows; zeroing keeps the activation's dtype
             return out.reshape(k, -1, 3 * a).masked_fill(~keep[:, None, :], 0).reshape(out.shape)
 
-        with replaced_output([(self.model.get_submodule(self.refs[b].qkv), apply)]):
+        qkv = self.model.get_submodule(self.refs[self.trunk.block_index(work.name)].qkv)
+        return self._rerun(work, cands, inputs, logits, [(qkv, apply)])
+
+    def _rerun(self, work, cands, inputs, logits, outputs=()):
+        """Rerun block b for K candidates stacked along the batch: ``outputs`` replace module outputs per candidate,
+        and every norm over the group's channels (scale-norm, MLP sub-norm) normalises over the kept ones."""
+        trunk, b, k = self.trunk, self.trunk.block_index(work.name), len(cands)
+        norms = _masked_norm_forwards(group_norms(self.model, self.space.groups[work.name]), cands,
+                                      inputs[0].device, self.backend)
+        with replaced_output(outputs), replaced_forward(norms):
             y = trunk.blocks[b](_repeat(trunk.enter(inputs[b], b), k))
         return self._suffix_kl(y, b, logits, k)
 
     def _residual(self, work, cands, x, inputs, logits):
-        """Residual channel c: every LayerNorm the group feeds normalises over the other channels."""
-        trunk, model = self.trunk, self.model
-        group = self.space.groups[work.name]
-        lns = _ln_slices(model, group)
+        """Residual channel c: every norm the group feeds normalises over the other channels."""
+        trunk, model, group = self.trunk, self.model, self.space.groups[work.name]
+        lns = group_norms(model, group)
         k = len(cands)
-        dev = inputs[0].device
-        masks = [_removal_masks(ln.weight.shape[0], cands, sl.indices).to(dev, non_blocking=True) for ln, sl in lns]
-        with replaced_forward(_masked_norm_forwards(lns, masks, self.backend)):
+        with replaced_forward(_masked_norm_forwards(lns, cands, inputs[0].device, self.backend)):
             if any(self._in_prefix(ln) for ln, _ in lns):  # e.g. patch_embed.norm: start from the images
                 out = trunk.run(trunk.prefix(_repeat(x, k)), 0)
             else:
@@ -295,15 +302,17 @@ class ReferenceEngine:
         elif work.kind == "attn":  # zero q_d, k_d, v_d (weights and bias) and proj column d, then restore
             g = self.space.groups[work.name]
             saved = []
+            norms = group_norms(model, g)  # a scale-norm over the attention width normalises over the other dims
             for sl in g.slices:
-                if sl.per_head:
+                if sl.per_head or any(sl.name.startswith(f"{path}.") for path in _paths(model, norms)):
                     continue
                 t = tensor_of(model, sl.name)
                 idx = sl.indices(torch.tensor([c])).to(t.device)  # index_select / _fill_ / _copy_: same device
                 saved.append((t, sl.dim, idx, t.detach().index_select(sl.dim, idx).clone()))
                 t.detach().index_fill_(sl.dim, idx, 0.0)
             try:
-                yield model
+                with replaced_forward(_masked_norm_forwards(norms, torch.tensor([c]), _device(model), "torch")):
+                    yield model
             finally:
                 for t, dim, idx, v in saved:
                     t.detach().index_copy_(dim, idx, v)
@@ -311,6 +320,15 @@ class ReferenceEngine:
             kind = work.name.split(".", 1)[1]
             with replaced_output([(m, _zero) for m in _unit_branches(model, self.refs, kind, c)]):
                 yield model
+
+
+def _paths(model: nn.Module, norms) -> list[str]:
+    by_id = {id(m): p for p, m in model.named_modules()}
+    return [by_id[id(n)] for n, _ in norms]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 # ------------------------------------------------------------------------------------------------- driver

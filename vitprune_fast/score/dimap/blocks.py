@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...arch import adapter_for
+from ...space import Group
 
 MODULES = ("qkv", "proj", "mlp")  # QKV-M, PRJ-M, MLP-M
 
@@ -23,7 +24,10 @@ class DimapBlock:
         num_heads: attention heads.
         head_dim: channels per head (attention channel ``d`` belongs to head ``d // head_dim``).
         hidden: MLP hidden units.
-        qkv, proj, fc1, fc2: module paths of the block's four Linears.
+        qkv, proj, fc1, fc2: module paths of the block's main Linears (see :class:`vitprune_fast.arch.BlockRef`).
+        attn_linears / mlp_linears: ``(weight name, dim, repeats, stride)`` of every Linear weight slice of the
+            group (qkv rows ``repeats=3``, proj columns; fc1 rows -- both halves of a GLU, both SwiGLU inputs --
+            and fc2 columns): a unit's weights, whatever the MLP's form.
     """
 
     attn: str
@@ -35,6 +39,8 @@ class DimapBlock:
     proj: str
     fc1: str
     fc2: str
+    attn_linears: tuple[tuple[str, int, int, int], ...] = ()
+    mlp_linears: tuple[tuple[str, int, int, int], ...] = ()
 
     @property
     def attn_dim(self) -> int:
@@ -52,16 +58,26 @@ def find_blocks(model: nn.Module) -> list[DimapBlock]:
     out = []
     for b in adapter.blocks():
         attn, mlp = groups[b.attn], groups[b.mlp]
-        out.append(DimapBlock(b.attn, b.mlp, attn.num_heads, attn.head_dim, mlp.size, b.qkv, b.proj, b.fc1, b.fc2))
+        out.append(DimapBlock(b.attn, b.mlp, attn.num_heads, attn.head_dim, mlp.size, b.qkv, b.proj, b.fc1, b.fc2,
+                              _linear_weights(model, attn), _linear_weights(model, mlp)))
     return out
+
+
+def _linear_weights(model: nn.Module, group: Group) -> tuple[tuple[str, int, int, int], ...]:
+    out = []
+    for sl in group.slices:
+        path, _, pname = sl.name.rpartition(".")
+        if pname == "weight" and isinstance(model.get_submodule(path), nn.Linear):
+            out.append((sl.name, sl.dim, sl.repeats, sl.stride))
+    return tuple(out)
 
 
 def prunable_weights(model: nn.Module) -> dict[str, list[str]]:
     """DIMAP's modules: ``{"qkv": [...], "proj": [...], "mlp": [...]}`` -> weight parameter names (MLP-M holds
-    fc1 and fc2 of every block, in block order)."""
+    the MLP's Linears -- fc1 (SwiGLU: fc1_g, fc1_x) and fc2 -- of every block, in block order)."""
     out: dict[str, list[str]] = {m: [] for m in MODULES}
     for b in find_blocks(model):
-        out["qkv"].append(f"{b.qkv}.weight")
-        out["proj"].append(f"{b.proj}.weight")
-        out["mlp"] += [f"{b.fc1}.weight", f"{b.fc2}.weight"]
+        out["qkv"] += [name for name, dim, _, _ in b.attn_linears if dim == 0]
+        out["proj"] += [name for name, dim, _, _ in b.attn_linears if dim == 1]
+        out["mlp"] += [name for name, _, _, _ in b.mlp_linears]
     return out

@@ -79,19 +79,28 @@ def _faithful_scores(model: nn.Module, mode: str, dtype, backend: str) -> dict[s
     return dict(zip(names, scores, strict=True))
 
 
+def _unit_norms2(model: nn.Module, linears, size: int, acc) -> torch.Tensor:
+    """``[size]``: per unit, the squared norm of every Linear weight row / column it owns (see ``DimapBlock``)."""
+    out = None
+    for name, dim, repeats, stride in linears:
+        w = model.get_parameter(name).detach()
+        per_index = w.to(acc).square().sum(1 - dim)  # [w.shape[dim]]: a row's (dim 0) or a column's (dim 1) norm²
+        for r in range(repeats):
+            part = per_index[r * stride:r * stride + size]
+            out = part if out is None else out + part
+    return out
+
+
 def _group_norms2(model: nn.Module, block: DimapBlock, attn_mode: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Structured group norms² of one block: attention ``[A]`` (``[H]`` for whole heads) and MLP ``[hidden]``."""
-    qkv = model.get_submodule(block.qkv).weight.detach()  # [3A, C]
-    proj = model.get_submodule(block.proj).weight.detach()  # [C, A]
-    fc1 = model.get_submodule(block.fc1).weight.detach()  # [hidden, C]
-    fc2 = model.get_submodule(block.fc2).weight.detach()  # [C, hidden]
-    acc = dtype or acc_dtype(qkv)
-    a = block.attn_dim
-    attn = qkv.to(acc).square().sum(1).view(3, a).sum(0) + proj.to(acc).square().sum(0)  # [A] q,k,v rows + proj col
+    """Structured group norms² of one block: attention ``[A]`` (``[H]`` for whole heads) and MLP ``[hidden]``.
+
+    An attention channel owns its q, k, v rows and proj column; an MLP unit its fc1 row(s) and fc2 column.
+    """
+    acc = dtype or acc_dtype(model.get_submodule(block.qkv).weight)
+    attn = _unit_norms2(model, block.attn_linears, block.attn_dim, acc)
     if attn_mode == "heads":
         attn = attn.view(block.num_heads, block.head_dim).sum(1)  # [H]
-    mlp = fc1.to(acc).square().sum(1) + fc2.to(acc).square().sum(0)  # [hidden]: fc1 row j + fc2 column j
-    return attn, mlp
+    return attn, _unit_norms2(model, block.mlp_linears, block.hidden, acc)
 
 
 def structured_unit_scores(

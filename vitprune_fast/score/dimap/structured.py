@@ -11,7 +11,7 @@ from torch import nn
 from ...arch import describe
 from ...errors import PlanError
 from ...flops import FlopProfile, flop_profile
-from ...plan import Plan
+from ...plan import Plan, check_whole_heads
 from .blocks import DimapBlock, find_blocks
 from .metric import check_attn_mode, check_mode, structured_unit_scores
 from .thresholds import bisect_ratio, check_flops_target, check_ratio
@@ -82,12 +82,16 @@ def _structured_keep(state: _StructuredState, rho: float) -> tuple[dict[str, tor
     return keep, heads
 
 
+def _module(weight: str) -> str:
+    return weight.rpartition(".")[0]
+
+
 def _structured_flops(profile: FlopProfile, blocks: list[DimapBlock], keep: Mapping[str, torch.Tensor]) -> int:
     """FLOPs of the physically pruned model: every Linear and attention matmul scales with its kept width."""
     saved = 0
     for b in blocks:
-        attn = profile.linear[b.qkv] + profile.linear[b.proj] + profile.attn_matmul[b.attn]
-        mlp = profile.linear[b.fc1] + profile.linear[b.fc2]
+        attn = sum(profile.linear[_module(n)] for n, *_ in b.attn_linears) + profile.attn_matmul[b.attn]
+        mlp = sum(profile.linear[_module(n)] for n, *_ in b.mlp_linears)
         # integers: each term is a multiple of its width (every FLOP count is linear in it)
         saved += attn * (b.attn_dim - len(keep[b.attn])) // b.attn_dim + mlp * (b.hidden - len(keep[b.mlp])) // b.hidden
     return profile.total - saved
@@ -140,6 +144,7 @@ def dimap_structured_plan(
     if (ratio is None) == (flops is None):
         raise PlanError("pass exactly one of ratio= or flops=")
     space = describe(model)
+    check_whole_heads(space, attn_mode)
     state = _structured_state(model, attn_mode, mode, dtype, backend)
     missing = [n for n in state.unit if n not in space.groups]
     if missing:

@@ -1,0 +1,209 @@
+"""The ViT variants beyond plain ViT / DeiT / Swin: RMSNorm (AIMv2), SwiGLU / GLU MLPs (AIMv2, DINOv2-g),
+scale-norms inside attention and MLP (BEiT-3), per-head qk-norm (whole heads only).
+
+One small representative of each, every weight, bias and norm randomised, float64.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import vitprune_fast as vpf
+from tests.models import make_input, randomize_, rel_err
+from vitprune_fast.dap import DAP, Schedule
+from vitprune_fast.errors import PlanError
+from vitprune_fast.masked import masked_copy
+from vitprune_fast.score.screened import selection_differences
+
+SMALL = dict(img_size=32, patch_size=8, num_classes=10, depth=2, embed_dim=48, num_heads=4)
+FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
+    "aimv2": ("aimv2_large_patch14_224", SMALL, "RmsNorm everywhere, SwiGLU MLP, no class token"),
+    "dinov2_giant": ("vit_giant_patch14_dinov2", dict(SMALL, init_values=1e-5), "SwiGLUPacked (GluMlp) MLP"),
+    "beit3": ("beit3_base_patch16_224", SMALL, "scale-norm in attention and in the MLP"),
+    "qk_norm": ("vit_small_patch16_224", dict(SMALL, qk_norm=True), "per-head q/k LayerNorm"),
+    "rms_mlp": ("test_vit4", dict(SMALL, mlp_ratio=3.0), "RmsNorm blocks with a plain Mlp"),
+}
+
+
+def _model(key: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
+    name, kw, _ = FAMILIES[key]
+    return randomize_(timm.create_model(name, pretrained=False, **kw).to(dtype), seed).eval()
+
+
+def _attn_mode(space) -> str:
+    return "heads" if any(g.whole_heads for g in space.of_kind("attn")) else "dims"
+
+
+def _plans(space, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    scores = {n: torch.rand(gr.size, generator=g, dtype=torch.float64) for n, gr in space.groups.items()}
+    mode = _attn_mode(space)
+    yield vpf.make_plan(space, scores, keep={"residual": 0.75}, attn_mode=mode)
+    yield vpf.make_plan(space, scores, keep={"attn": 0.5}, attn_mode=mode)
+    yield vpf.make_plan(space, scores, keep={"mlp": 0.4}, attn_mode=mode)
+    yield vpf.make_plan(space, scores, keep=0.5, attn_mode=mode)
+    yield vpf.make_plan(space, scores, keep=0.5, attn_mode="heads")
+
+
+def _layout(model):
+    return [(n, type(m)) for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_removal_equals_masking_every_group_kind(key):
+    model = _model(key)
+    space = vpf.describe(model)
+    x = make_input(model, 3)
+    for plan in _plans(space):
+        pruned = copy.deepcopy(model)
+        vpf.prune_(pruned, plan)
+        with torch.no_grad():
+            want = masked_copy(model, plan)(x)
+            assert rel_err(pruned(x), want) < 1e-9
+        assert _layout(pruned) == _layout(model)  # still timm's own classes, module for module
+        assert vpf.describe(pruned).groups.keys() == space.groups.keys()
+        for name, size in plan.kept_sizes(space).items():
+            assert vpf.describe(pruned).groups[name].size == size
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_masking_changes_the_function(key):
+    """The check above is not vacuous: every kind's plan changes the logits, and a residual norm unmasked is wrong."""
+    model = _model(key)
+    space = vpf.describe(model)
+    x = make_input(model, 2)
+    with torch.no_grad():
+        dense = model(x)
+        for plan in _plans(space):
+            assert rel_err(masked_copy(model, plan)(x), dense) > 1e-4
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_save_load_round_trip(key, tmp_path):
+    model = _model(key)
+    space = vpf.describe(model)
+    plan = list(_plans(space))[3]
+    vpf.prune_(model, plan)
+    vpf.save_pruned(model, tmp_path / key)
+    back = vpf.load_pruned(tmp_path / key)
+    assert _layout(back) == _layout(model)
+    sd, sd_back = model.state_dict(), back.state_dict()
+    assert sd.keys() == sd_back.keys() and all(torch.equal(sd[k], sd_back[k]) for k in sd)
+    x = make_input(model, 2)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_upvits_fast_equals_reference(key):
+    model = _model(key)
+    x = make_input(model, 2)
+    comps = ("residual", "attn", "mlp", "blocks")
+    fast = vpf.upvits_scores(model, x, components=comps, max_rows=16, progress=False)
+    ref = vpf.upvits_scores(model, x, components=comps, engine="reference", progress=False)
+    assert fast.keys() == ref.keys()
+    for name in fast:
+        assert rel_err(fast[name], ref[name]) < 1e-6, name
+        assert (ref[name] > 0).all(), name
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_dimap_structured_plan(key):
+    model = _model(key)
+    mode = _attn_mode(vpf.describe(model))
+    plan = vpf.dimap_structured_plan(model, flops=0.7, attn_mode=mode)
+    assert plan.keep
+    x = make_input(model, 2)
+    with torch.no_grad():
+        want = masked_copy(model, plan)(x)
+        assert rel_err(vpf.prune_(copy.deepcopy(model), plan)(x), want) < 1e-9
+    scores = vpf.dimap_scores(model, structured=True, attn_mode=mode)
+    for name, g in vpf.describe(model).groups.items():
+        if g.kind != "residual":
+            assert scores[name].shape == (g.size,)
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_dap_steps_and_finalize(key):
+    model = _model(key, torch.float32).train()
+    dap = DAP(model, target=0.4, schedule=Schedule(0, 2, 3, update_every=1),
+              attn_mode=_attn_mode(vpf.describe(model)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(4, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (4,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x), y) + dap.loss(y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        dap.step()
+    kept = dap.kept_params()
+    dap.finalize(opt)
+    assert sum(p.numel() for p in model.parameters()) == kept < sum(p.numel() for p in _model(key).parameters())
+    model(torch.randn(2, 3, 32, 32))
+
+
+def test_screened_selection_equals_exact_on_rmsnorm_swiglu():
+    model = _model("aimv2")
+    x = make_input(model, 4)
+    keep = {"residual": 0.75, "attn": 0.5, "mlp": 0.5}
+    plan, report = vpf.upvits_select(model, x, keep=keep, progress=False)
+    space = vpf.describe(model)
+    scores = vpf.upvits_scores(model, x, progress=False)
+    exact = vpf.make_plan(space, scores, keep=keep)
+    assert not selection_differences(space, scores, plan, exact, keep=keep)
+    assert report["share_scored_exactly"] < 1.0  # the screen did the attention and MLP groups
+
+
+def test_rms_norm_masking_is_the_rms_over_kept_channels():
+    """The masked RMSNorm is the norm of the physically sliced input (the reference the engines rely on)."""
+    from vitprune_fast.norms import masked_norm
+
+    g = torch.Generator().manual_seed(0)
+    norm = timm.layers.RmsNorm(12, eps=1e-5).double()
+    norm.weight.data = torch.randn(12, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0, 2, 3, 7, 8, 11])
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[keep] = True
+    sliced = timm.layers.RmsNorm(6, eps=1e-5).double()
+    sliced.weight.data = norm.weight.data[keep]
+    y = masked_norm(norm, x, mask)
+    torch.testing.assert_close(y[:, keep], sliced(x[:, keep]), rtol=1e-12, atol=1e-12)
+    assert (y[:, ~mask] == 0).all()
+
+
+def test_qk_norm_attention_is_pruned_by_whole_heads_only():
+    model = _model("qk_norm")
+    space = vpf.describe(model)
+    g = space.groups["blocks.0.attn"]
+    assert g.whole_heads and "whole heads" in repr(g)
+    scores = {n: torch.rand(gr.size) for n, gr in space.groups.items()}
+    for kwargs in (dict(keep={"attn": 0.5}), dict(keep={"attn": 0.5}, heads=2)):
+        with pytest.raises(PlanError, match="attn_mode='heads'"):
+            vpf.make_plan(space, scores, **kwargs)
+    with pytest.raises(PlanError, match="attn_mode='heads'"):
+        vpf.dimap_structured_plan(model, ratio=0.3)
+    with pytest.raises(PlanError, match="attn_mode='heads'"):
+        DAP(model, target=0.5, schedule=Schedule(0, 2, 3))
+    # a hand-made plan that splits heads is refused before anything moves
+    before = copy.deepcopy(model.state_dict())
+    split = vpf.Plan.from_space(space, {"blocks.0.attn": torch.arange(0, 48, 2)}, {"blocks.0.attn": 4})
+    with pytest.raises(PlanError, match="whole heads"):
+        vpf.prune_(model, split)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    plan = vpf.make_plan(space, scores, keep={"attn": 0.5}, attn_mode="heads")
+    vpf.prune_(model, plan)
+    assert model.blocks[0].attn.num_heads == 2 and model.blocks[0].attn.head_dim == 12
+
+
+def test_save_refuses_a_recipe_that_rebuilds_another_function(tmp_path):
+    """A model whose norms differ from what its timm name builds must not be saved as that name."""
+    model = _model("aimv2")
+    model.blocks[0].norm1.eps = 1e-3
+    with pytest.raises(vpf.CheckpointError, match="blocks.0.norm1"):
+        vpf.save_pruned(model, tmp_path / "x")
