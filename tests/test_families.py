@@ -1,5 +1,5 @@
-"""The ViT variants beyond plain ViT / DeiT / Swin: RMSNorm (AIMv2), SwiGLU / GLU MLPs (AIMv2, DINOv2-g),
-scale-norms inside attention and MLP (BEiT-3), per-head qk-norm (whole heads only).
+"""The ViT variants beyond plain ViT / DeiT / Swin: attention-pooling heads (SigLIP), RMSNorm (AIMv2), SwiGLU / GLU
+MLPs (AIMv2, DINOv2-g), scale-norms inside attention and MLP (BEiT-3), per-head qk-norm (whole heads only).
 
 One small representative of each, every weight, bias and norm randomised, float64.
 """
@@ -20,6 +20,7 @@ from vitprune_fast.score.screened import selection_differences
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=10, depth=2, embed_dim=48, num_heads=4)
 FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
+    "siglip": ("vit_base_patch16_siglip_224", SMALL, "attention-pooling (MAP) head, width tied to the residual"),
     "aimv2": ("aimv2_large_patch14_224", SMALL, "RmsNorm everywhere, SwiGLU MLP, no class token"),
     "dinov2_giant": ("vit_giant_patch14_dinov2", dict(SMALL, init_values=1e-5), "SwiGLUPacked (GluMlp) MLP"),
     "beit3": ("beit3_base_patch16_224", SMALL, "scale-norm in attention and in the MLP"),
@@ -121,9 +122,10 @@ def test_dimap_structured_plan(key):
         want = masked_copy(model, plan)(x)
         assert rel_err(vpf.prune_(copy.deepcopy(model), plan)(x), want) < 1e-9
     scores = vpf.dimap_scores(model, structured=True, attn_mode=mode)
-    for name, g in vpf.describe(model).groups.items():
-        if g.kind != "residual":
-            assert scores[name].shape == (g.size,)
+    groups = vpf.describe(model).groups  # DIMAP's modules are the blocks' (an attention pool's groups stay whole)
+    assert set(scores) == {n for n, g in groups.items() if g.kind != "residual" and not n.startswith("attn_pool")}
+    for name, s in scores.items():
+        assert s.shape == (groups[name].size,)
 
 
 @pytest.mark.parametrize("key", list(FAMILIES))
@@ -207,3 +209,23 @@ def test_save_refuses_a_recipe_that_rebuilds_another_function(tmp_path):
     model.blocks[0].norm1.eps = 1e-3
     with pytest.raises(vpf.CheckpointError, match="blocks.0.norm1"):
         vpf.save_pruned(model, tmp_path / "x")
+
+
+def test_attention_pool_width_is_tied_to_the_residual():
+    model = _model("siglip")
+    space = vpf.describe(model)
+    g = space.groups["attn_pool.attn"]
+    assert g.tied_to == "residual" and space.groups["attn_pool.mlp"].kind == "mlp"
+    scores = {n: torch.rand(gr.size, dtype=torch.float64) for n, gr in space.groups.items()}
+    plan = vpf.make_plan(space, scores, keep={"residual": 0.6})  # 28.8 channels -> 28: a multiple of 4 pool heads
+    assert len(plan.keep["residual"]) == len(plan.keep["attn_pool.attn"]) == 28
+    assert torch.bincount(plan.keep["attn_pool.attn"] // g.head_dim).tolist() == [7] * 4
+    # a plan that narrows the residual alone cannot be removed (timm's pool reshapes to its input width) ...
+    alone = vpf.Plan.from_space(space, {"residual": plan.keep["residual"]})
+    with pytest.raises(PlanError, match="tied to residual"):
+        vpf.prune_(copy.deepcopy(model), alone)
+    # ... and one that narrows the pool alone neither
+    with pytest.raises(PlanError, match="tied to residual"):
+        vpf.prune_(copy.deepcopy(model), vpf.Plan.from_space(space, {"attn_pool.attn": plan.keep["attn_pool.attn"]}))
+    pruned = vpf.prune_(copy.deepcopy(model), plan)
+    assert pruned.attn_pool.head_dim == 7 and pruned.attn_pool.kv.in_features == pruned.embed_dim == 28

@@ -44,6 +44,8 @@ def _count(meta: nn.Module, x: torch.Tensor):
     for m in meta.modules():  # the counter has no formula for CPU fused SDPA; the explicit path does the same matmuls
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
+    for p in meta.parameters():  # a view of a parameter (an attention pool's expanded latent) trips its module tracker
+        p.requires_grad_(False)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         meta(x)

@@ -39,7 +39,7 @@ def masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
     A change of head count (UP-ViTs head merge) re-groups the heads of the copy and keeps the original attention
     scale, which is what the merged pruned model computes.
     """
-    changes = resolve_plan(describe(model), plan)
+    changes = resolve_plan(describe(model), plan, physical=False)
     out = copy.deepcopy(model)
     with torch.no_grad():
         for ch in changes:

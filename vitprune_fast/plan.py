@@ -165,7 +165,8 @@ def selections(
             raise PlanError(f"keep has unknown keys {unknown}; use kinds {KINDS} or group names")
     per_group = heads if isinstance(heads, Mapping) else None
     if per_group is not None:
-        bad = [n for n in per_group if n not in space.groups or space.groups[n].kind != "attn"]
+        bad = [n for n in per_group
+               if n not in space.groups or space.groups[n].kind != "attn" or space.groups[n].tied_to]
         if bad:
             raise PlanError(f"heads has keys {bad[:5]} that are not attention groups of this model")
     for h in per_group.values() if per_group is not None else [heads]:
@@ -174,7 +175,10 @@ def selections(
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
         raise PlanError(f"round_to must be an int >= 1, got {round_to!r}")
     out: list[Selection] = []
+    ties = _ties(space)
     for g in space.groups.values():
+        if g.tied_to is not None:
+            continue  # planned with the group it is tied to
         r = _ratio_for(g, keep)
         h = per_group.get(g.name) if per_group is not None else heads
         if g.kind == "attn" and h is not None and h != g.num_heads:
@@ -184,8 +188,23 @@ def selections(
             continue
         if g.kind == "attn":
             out += _attn_selections(g, r, h, attn_mode, round_to)
-        else:
-            out.append(Selection(g.name, torch.arange(g.size)[:, None], _count(r, g.size, round_to)))
+            continue
+        n = _count(r, g.size, round_to)
+        for t in ties.get(g.name, []):  # every tied attention splits the kept count into equal heads
+            n = max(t.num_heads, t.num_heads * round(n / t.num_heads))
+        out.append(Selection(g.name, torch.arange(g.size)[:, None], n))
+        for t in ties.get(g.name, []):
+            out += [Selection(t.name, (i * t.head_dim + torch.arange(t.head_dim))[:, None], n // t.num_heads,
+                              t.num_heads) for i in range(t.num_heads)]
+    return out
+
+
+def _ties(space: PruningSpace) -> dict[str, list[Group]]:
+    """Group name -> the attention groups tied to its kept count."""
+    out: dict[str, list[Group]] = {}
+    for g in space.groups.values():
+        if g.tied_to is not None:
+            out.setdefault(g.tied_to, []).append(g)
     return out
 
 
@@ -214,6 +233,9 @@ def make_plan(
         attn_mode: without ``heads``: ``"dims"`` keeps every head and the same number of dims per head;
             ``"heads"`` removes whole heads ranked by their summed channel scores. An attention with per-head q/k
             norms (``Group.whole_heads``) can only be narrowed with ``"heads"`` (a clear PlanError otherwise).
+            An attention tied to a residual (``Group.tied_to``: SigLIP's attention pool) is not planned by ``keep``
+            or ``heads``: it keeps the residual's count, split evenly over its heads (the residual's count is
+            rounded to a multiple of those heads).
         round_to: round every narrowed width (residual, MLP hidden, head_dim; merged heads' head_dim) to the
             nearest multiple of this, at least one multiple (a group of at most ``round_to`` channels is not
             rounded). GPU kernels want multiples of 8: cuBLAS tensor-core tiles, and SDPA's fused kernels need

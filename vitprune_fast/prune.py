@@ -43,8 +43,12 @@ def _as_index(name: str, keep, size: int) -> torch.Tensor:
     return keep
 
 
-def resolve_plan(space: PruningSpace, plan: Plan) -> list[_GroupChange]:
-    """Check ``plan`` against ``space`` (no tensor is touched) and list the group changes."""
+def resolve_plan(space: PruningSpace, plan: Plan, physical: bool = True) -> list[_GroupChange]:
+    """Check ``plan`` against ``space`` (no tensor is touched) and list the group changes.
+
+    Args:
+        physical: the plan is for removal (``prune_``): tied widths must agree. Masking can express any plan.
+    """
     if not isinstance(plan, Plan):
         raise PlanError(f"expected a vitprune_fast.Plan, got {type(plan).__name__}")
     unknown = sorted((set(plan.keep) | set(plan.heads)) - set(space.groups))
@@ -72,7 +76,25 @@ def resolve_plan(space: PruningSpace, plan: Plan) -> list[_GroupChange]:
         if keep.numel() == g.size and heads in (None, g.num_heads):
             continue
         changes.append(_GroupChange(g, keep, heads))
+    if physical:
+        _check_ties(space, {ch.group.name: ch for ch in changes})
     return changes
+
+
+def _check_ties(space: PruningSpace, changes: dict[str, _GroupChange]) -> None:
+    """A tied attention keeps its partner's count, in equal heads of the original head count."""
+    for g in space.groups.values():
+        if g.tied_to is None:
+            continue
+        partner = changes[g.tied_to].keep.numel() if g.tied_to in changes else space.groups[g.tied_to].size
+        ch = changes.get(g.name)
+        mine, heads = (ch.keep.numel(), ch.heads) if ch is not None else (g.size, g.num_heads)
+        per_head = torch.bincount(ch.keep // g.head_dim, minlength=g.num_heads) if ch is not None else None
+        if mine != partner or heads != g.num_heads or (per_head is not None and (per_head != mine // heads).any()):
+            raise PlanError(f"{g.name}: its attention width is tied to {g.tied_to} (timm's {g.module} reshapes its "
+                            f"output to its input width): it must keep {partner} channels, the same number in "
+                            f"each of its {g.num_heads} heads; the plan keeps {mine} in {heads} heads "
+                            "(make_plan plans it so)")
 
 
 def _whole_heads_kept(keep: torch.Tensor, head_dim: int, heads: int) -> bool:
@@ -192,7 +214,8 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
             continue
         attn = model.get_submodule(ch.group.module)
         new_hd = ch.keep.numel() // ch.heads
-        _fold_scale(attn.qkv, ch.keep.numel(), math.sqrt(new_hd / old_hd[ch.group.name]), optimizer)
+        q = attn.qkv if hasattr(attn, "qkv") else attn.q  # fused q|k|v rows, or an attention pool's own q Linear
+        _fold_scale(q, ch.keep.numel(), math.sqrt(new_hd / old_hd[ch.group.name]), optimizer)
     return model
 
 

@@ -45,6 +45,9 @@ class Group:
         module: module path of the timm module the group belongs to (Attention / Mlp / the model or stage).
         whole_heads: an ``attn`` group whose channels can only go as whole heads, keeping head_dim (per-head
             q/k norms: one weight per position in a head, shared by all heads). Plans that split a head are refused.
+        tied_to: the group whose kept count this ``attn`` group must keep too (an attention pool whose class ties its
+            attention width to its input width: timm's ``AttentionPoolLatent``); planned with that group, every
+            head keeping the same number of dims.
     """
 
     name: str
@@ -55,10 +58,12 @@ class Group:
     head_dim: int | None = None
     module: str = ""
     whole_heads: bool = False
+    tied_to: str | None = None
 
     def __repr__(self) -> str:
         heads = f", heads={self.num_heads}x{self.head_dim}" if self.kind == "attn" else ""
         heads += ", whole heads only" if self.whole_heads else ""
+        heads += f", width tied to {self.tied_to}" if self.tied_to else ""
         return f"Group({self.name!r}, kind={self.kind}, size={self.size}{heads}, tensors={len(self.slices)})"
 
 

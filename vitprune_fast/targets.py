@@ -179,13 +179,16 @@ def shape_targets(model: nn.Module, target: str) -> tuple[dict[str, float], dict
     src_keys, tgt_keys = _stage_keys(model), _stage_keys(ref)
     by_key = {}  # (kind, stage) -> the target's group in the first block of that stage
     for name, g in tgt.groups.items():
-        by_key.setdefault(tgt_keys[name], g)
+        if name in tgt_keys:  # groups outside the stages (an attention pool's) follow their stage's plan
+            by_key.setdefault(tgt_keys[name], g)
     missing = sorted(by_key[k].name for k in set(by_key) - set(src_keys.values()))
     if missing:  # the target has stages the model lacks: matching the first ones only would be a silent guess
         raise PlanError(f"target {target} has groups {missing[:3]} with no counterpart in the model "
                         "(different number of stages)")
     keep, heads, notes = {}, {}, []
     for name, g in src.groups.items():
+        if name not in src_keys:
+            continue
         t = by_key.get(src_keys[name])
         if t is None:
             raise PlanError(f"target {target} has no counterpart of group {name} (different number of stages)")

@@ -85,11 +85,17 @@ class ViTAdapter(Adapter):
         dims in different heads cannot be expressed and removing the same dims changes what every head normalises.
         A scale-norm over the attention width and an MLP's sub-norm are part of their group (masked over the kept
         channels, sliced on removal).
+
+        An attention-pooling head (``attn_pool``, SigLIP's MAP head) reads the residual through its kv projection;
+        its attention (``attn_pool.attn``) is tied to the residual's width (timm's ``AttentionPoolLatent`` reshapes
+        the attention output to its input width), its MLP is a group (``attn_pool.mlp``), and its output width --
+        proj, norm, MLP, fc_norm, head: one pooled token, a negligible share of the FLOPs -- is left whole.
         """
         model = self.model
         blocks = self._blocks
-        if getattr(model, "attn_pool", None) is not None:
-            raise UnsupportedModelError("attention pooling head (attn_pool) is not supported")
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None:
+            _check_pool(pool)
         if not isinstance(model.patch_embed.proj, nn.Conv2d):
             raise UnsupportedModelError("patch_embed.proj must be a Conv2d")
         if not isinstance(model.head, (nn.Linear, nn.Identity)):
@@ -124,10 +130,24 @@ class ViTAdapter(Adapter):
             )
             groups[f"{p}.mlp"] = Group(f"{p}.mlp", "mlp", blk.mlp.fc2.in_features, mlp_slices(model, f"{p}.mlp"),
                                        module=f"{p}.mlp")
-        res += norm_slices(model, "norm") + norm_slices(model, "fc_norm")
-        for head in ("head", "head_dist"):
-            if isinstance(getattr(model, head, None), nn.Linear):
-                res += linear_slices(model, head, "in")
+        res += norm_slices(model, "norm")
+        if pool is not None:  # the pool's output is its own width (proj -> MLP -> fc_norm -> head): left whole
+            res += linear_slices(model, "attn_pool.kv", "in")
+            if pool.pos_embed is not None:
+                res.append(TensorSlice("attn_pool.pos_embed", 1))
+            a = pool.kv.out_features // 2
+            groups["attn_pool.attn"] = Group(
+                "attn_pool.attn", "attn", a,
+                linear_slices(model, "attn_pool.q", "out") + linear_slices(model, "attn_pool.kv", "out", 2, a)
+                + linear_slices(model, "attn_pool.proj", "in"),
+                num_heads=pool.num_heads, head_dim=pool.head_dim, module="attn_pool", tied_to="residual")
+            groups["attn_pool.mlp"] = Group("attn_pool.mlp", "mlp", pool.mlp.fc2.in_features,
+                                            mlp_slices(model, "attn_pool.mlp"), module="attn_pool.mlp")
+        else:
+            res += norm_slices(model, "fc_norm")
+            for head in ("head", "head_dist"):
+                if isinstance(getattr(model, head, None), nn.Linear):
+                    res += linear_slices(model, head, "in")
         groups = {"residual": Group("residual", "residual", model.embed_dim, res, module="")} | groups
         return PruningSpace(self.arch, groups)
 
@@ -168,7 +188,12 @@ class ViTAdapter(Adapter):
         model = self.model
         sync_generic_attributes(model)
         c = model.patch_embed.proj.weight.shape[0]
-        model.embed_dim = model.num_features = model.head_hidden_size = c
+        model.embed_dim = model.num_features = c
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None:
+            pool.head_dim = pool.kv.out_features // 2 // pool.num_heads
+            pool.scale = pool.head_dim ** -0.5
+        model.head_hidden_size = pool.out_features if pool is not None else c
         for blk in self._blocks:
             attn = blk.attn
             attn.attn_dim = attn.qkv.weight.shape[0] // 3
@@ -226,6 +251,22 @@ class ViTAdapter(Adapter):
                                             "VisionTransformer ties them (head_dim = embed_dim / num_heads)")
             kw.update(num_heads=heads, mlp_ratio=mlp_ratio_for(c, hidden))
         return kw
+
+
+def _check_pool(pool: nn.Module) -> None:
+    """An attention pool whose widths follow the residual and its own MLP (timm ``AttentionPoolLatent``)."""
+    from timm.layers import AttentionPoolLatent
+
+    if type(pool) is not AttentionPoolLatent:
+        raise UnsupportedModelError(f"attn_pool: {type(pool).__name__} is not supported (only AttentionPoolLatent)")
+    if not isinstance(pool.q, nn.Linear):
+        raise UnsupportedModelError("attn_pool: q_proj=False (the latent is the query) is not supported: its width "
+                                    "would have to follow the residual's pruned width")
+    if not (isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity)):
+        raise UnsupportedModelError("attn_pool: q/k norms in the attention pool are not supported")
+    if pool.mlp is None:
+        raise UnsupportedModelError("attn_pool: out_features=0 (the pooled attention output feeds the head) is not "
+                                    "supported: the head's input would be the pool's tied attention width")
 
 
 def _mlp_hidden_arg(mlp: nn.Module) -> int:

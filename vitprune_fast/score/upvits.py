@@ -29,6 +29,7 @@ from ..errors import ConfigError, InputError, PlanError
 from ..kernels.expand_ln import expand_ln
 from ..kernels.kl_div import kl_per_candidate
 from ..kernels.utils import HAS_TRITON, resolve_backend
+from ..masked import masked_copy
 from ..norms import group_norms, masked_norm
 from ..overrides import replaced_forward, replaced_output
 from ..plan import Plan
@@ -165,6 +166,8 @@ class FastEngine:
         inputs, logits = self.teacher(x, key)
         k_max = max(1, self.max_rows // x.shape[0])
         fn = {"mlp": self._mlp, "attn": self._attn, "residual": self._residual, "unit": self._unit}[work.kind]
+        if work.kind in ("attn", "mlp") and not self._in_block(work.name):
+            fn = self._head_part
         out = []
         for start in range(0, len(cands), k_max):
             part = cands[start:start + k_max]
@@ -230,6 +233,31 @@ class FastEngine:
         with replaced_output(outputs), replaced_forward(norms):
             y = trunk.blocks[b](_repeat(trunk.enter(inputs[b], b), k))
         return self._suffix_kl(y, b, logits, k)
+
+    def _in_block(self, name: str) -> bool:
+        try:
+            self.trunk.block_index(name)
+        except KeyError:
+            return False
+        return True
+
+    def _head_part(self, work, cands, x, inputs, logits):
+        """A group inside the head (an attention pool's attention or MLP): rerun the head for K candidates with each
+        candidate's output rows of the group's Linears zeroed (q, k, v rows; fc1 rows, act(0) = 0)."""
+        trunk, model, k = self.trunk, self.model, len(cands)
+        last = len(trunk.blocks) - 1
+        y = trunk.run(inputs[last], last, last + 1)  # output of the last block
+        outputs = []
+        for sl in self.space.groups[work.name].slices:
+            path, _, pname = sl.name.rpartition(".")
+            lin = model.get_submodule(path)
+            if pname == "weight" and sl.dim == 0 and isinstance(lin, nn.Linear):
+                keep = _removal_masks(lin.out_features, cands, sl.indices).to(y.device, non_blocking=True)
+                outputs.append((lin, lambda out, keep=keep: out.reshape(k, -1, keep.shape[1]).masked_fill(
+                    ~keep[:, None, :], 0).reshape(out.shape)))
+        with replaced_output(outputs):
+            out = trunk.head(_repeat(y, k))
+        return kl_per_candidate(logits, out, k, backend=self.backend, accumulate=_KL_ACC)
 
     def _residual(self, work, cands, x, inputs, logits):
         """Residual channel c: every norm the group feeds normalises over the other channels."""
@@ -297,8 +325,11 @@ class ReferenceEngine:
             keep = torch.cat([torch.arange(c), torch.arange(c + 1, g.size)])
             if keep.numel() == 0:
                 raise PlanError(f"{work.name} has a single channel; removing it leaves nothing to score")
-            cand = copy.deepcopy(model)
-            yield prune_(cand, Plan.from_space(self.space, {work.name: keep}))
+            plan = Plan.from_space(self.space, {work.name: keep})
+            if any(g.tied_to == work.name for g in self.space.groups.values()):
+                yield masked_copy(model, plan)  # removal == masking; one channel cannot be removed alone (tied width)
+            else:
+                yield prune_(copy.deepcopy(model), plan)
         elif work.kind == "attn":  # zero q_d, k_d, v_d (weights and bias) and proj column d, then restore
             g = self.space.groups[work.name]
             saved = []
