@@ -26,7 +26,18 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
     "beit3": ("beit3_base_patch16_224", SMALL, "scale-norm in attention and in the MLP"),
     "qk_norm": ("vit_small_patch16_224", dict(SMALL, qk_norm=True), "per-head q/k LayerNorm"),
     "rms_mlp": ("test_vit4", dict(SMALL, mlp_ratio=3.0), "RmsNorm blocks with a plain Mlp"),
+    "eva02": ("eva02_small_patch14_224.mim_in22k", dict(SMALL, embed_dim=64),
+              "EVA-02: rotary, EvaAttention tied to the residual, SwiGLU with sub-norm"),
+    "eva_giant": ("eva_giant_patch14_224.clip_ft_in1k", dict(SMALL, embed_dim=64),
+                  "EVA-1: no rope, fused qkv with separate q / v biases, tied width, dims"),
+    "dinov3": ("vit_small_patch16_dinov3.lvd1689m", dict(SMALL, embed_dim=64),
+               "DINOv3: DinoV3 rope, register tokens, layer scale"),
+    "rope_vit": ("vit_base_patch16_rope_224.naver_in1k", dict(SMALL, embed_dim=64),
+                 "RoPE-ViT: AttentionRope (own width, whole heads), layer scale"),
+    "pe_core": ("vit_pe_core_base_patch16_224", dict(SMALL, embed_dim=64),
+                "Perception Encoder: AttentionRope + attention pool"),
 }
+DAP_REFUSED = {"eva02", "eva_giant", "dinov3"}  # EvaAttention: width tied to the residual, no fused qkv to gate
 
 
 def _model(key: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
@@ -79,7 +90,8 @@ def test_masking_changes_the_function(key):
     with torch.no_grad():
         dense = model(x)
         for plan in _plans(space):
-            assert rel_err(masked_copy(model, plan)(x), dense) > 1e-4
+            if plan.keep:  # a tied attention (EVA) is not narrowed by keep={"attn": r}
+                assert rel_err(masked_copy(model, plan)(x), dense) > 1e-4
 
 
 @pytest.mark.parametrize("key", list(FAMILIES))
@@ -108,7 +120,7 @@ def test_upvits_fast_equals_reference(key):
     assert fast.keys() == ref.keys()
     for name in fast:
         assert rel_err(fast[name], ref[name]) < 1e-6, name
-        assert (ref[name] > 0).all(), name
+        assert ref[name].max() > 0 and ref[name].min() > -1e-12, name  # KLs: non-negative, not all zero
 
 
 @pytest.mark.parametrize("key", list(FAMILIES))
@@ -128,7 +140,13 @@ def test_dimap_structured_plan(key):
         assert s.shape == (groups[name].size,)
 
 
-@pytest.mark.parametrize("key", list(FAMILIES))
+@pytest.mark.parametrize("key", sorted(DAP_REFUSED))
+def test_dap_refuses_tied_attention_clearly(key):
+    with pytest.raises(vpf.ConfigError, match="tied to residual|no fused qkv"):
+        DAP(_model(key, torch.float32), target=0.4, schedule=Schedule(0, 2, 3), attn_mode="heads")
+
+
+@pytest.mark.parametrize("key", [k for k in FAMILIES if k not in DAP_REFUSED])
 def test_dap_steps_and_finalize(key):
     model = _model(key, torch.float32).train()
     dap = DAP(model, target=0.4, schedule=Schedule(0, 2, 3, update_every=1),

@@ -47,4 +47,15 @@ def replaced_output(pairs: Iterable[tuple[nn.Module, Callable]]) -> Iterator[Non
             h.remove()
 
 
-__all__ = ["replaced_forward", "replaced_output"]
+@contextlib.contextmanager
+def replaced_input(pairs: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Inside the block, each module's first input is replaced by ``fn(input)`` (a forward pre-hook, removed after)."""
+    handles = [m.register_forward_pre_hook(lambda _m, args, fn=fn: (fn(args[0]), *args[1:])) for m, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+__all__ = ["replaced_forward", "replaced_input", "replaced_output"]

@@ -122,7 +122,7 @@ def whole_heads_error(g: Group) -> PlanError:
 def check_whole_heads(space: PruningSpace, attn_mode: str) -> None:
     """Raise :func:`whole_heads_error` when ``attn_mode`` would split the heads of a ``whole_heads`` group (for
     planners that narrow every attention, DIMAP's structured plan and DAP)."""
-    bad = [g for g in space.of_kind("attn") if g.whole_heads]
+    bad = [g for g in space.of_kind("attn") if g.whole_heads and g.tied_to is None]  # tied ones follow their partner
     if bad and attn_mode != "heads":
         raise whole_heads_error(bad[0])
 
@@ -190,12 +190,17 @@ def selections(
             out += _attn_selections(g, r, h, attn_mode, round_to)
             continue
         n = _count(r, g.size, round_to)
-        for t in ties.get(g.name, []):  # every tied attention splits the kept count into equal heads
-            n = max(t.num_heads, t.num_heads * round(n / t.num_heads))
+        mult = math.lcm(g.multiple_of, *(t.head_dim if t.whole_heads else t.num_heads for t in ties.get(g.name, [])))
+        if mult > 1:  # tied attentions split the kept count into equal heads; multiples of mult <= the group's size
+            n = min(g.size // mult * mult, max(mult, mult * round(n / mult)))
         out.append(Selection(g.name, torch.arange(g.size)[:, None], n))
         for t in ties.get(g.name, []):
-            out += [Selection(t.name, (i * t.head_dim + torch.arange(t.head_dim))[:, None], n // t.num_heads,
-                              t.num_heads) for i in range(t.num_heads)]
+            if t.whole_heads:
+                out.append(Selection(t.name, torch.arange(t.size).view(t.num_heads, t.head_dim), n // t.head_dim,
+                                     n // t.head_dim))
+            else:
+                out += [Selection(t.name, (i * t.head_dim + torch.arange(t.head_dim))[:, None], n // t.num_heads,
+                                  t.num_heads) for i in range(t.num_heads)]
     return out
 
 

@@ -82,19 +82,27 @@ def resolve_plan(space: PruningSpace, plan: Plan, physical: bool = True) -> list
 
 
 def _check_ties(space: PruningSpace, changes: dict[str, _GroupChange]) -> None:
-    """A tied attention keeps its partner's count, in equal heads of the original head count."""
+    """A tied attention keeps its partner's count, in equal heads of the original head count (or whole heads); a
+    residual with ``multiple_of`` keeps a multiple of it."""
     for g in space.groups.values():
+        if g.multiple_of > 1 and g.name in changes and changes[g.name].keep.numel() % g.multiple_of:
+            raise PlanError(f"{g.name}: this model keeps its residual width a multiple of {g.multiple_of} (the "
+                            f"rotary embedding's head size); the plan keeps {changes[g.name].keep.numel()}")
         if g.tied_to is None:
             continue
         partner = changes[g.tied_to].keep.numel() if g.tied_to in changes else space.groups[g.tied_to].size
         ch = changes.get(g.name)
         mine, heads = (ch.keep.numel(), ch.heads) if ch is not None else (g.size, g.num_heads)
-        per_head = torch.bincount(ch.keep // g.head_dim, minlength=g.num_heads) if ch is not None else None
-        if mine != partner or heads != g.num_heads or (per_head is not None and (per_head != mine // heads).any()):
+        if g.whole_heads:  # whole heads are checked by resolve_plan; only the count is tied
+            ok, rule = mine == partner, "in whole heads"
+        else:
+            per_head = torch.bincount(ch.keep // g.head_dim, minlength=g.num_heads) if ch is not None else None
+            ok = mine == partner and heads == g.num_heads and (per_head is None or (per_head == mine // heads).all())
+            rule = f"the same number in each of its {g.num_heads} heads"
+        if not ok:
             raise PlanError(f"{g.name}: its attention width is tied to {g.tied_to} (timm's {g.module} reshapes its "
-                            f"output to its input width): it must keep {partner} channels, the same number in "
-                            f"each of its {g.num_heads} heads; the plan keeps {mine} in {heads} heads "
-                            "(make_plan plans it so)")
+                            f"output to its input width): it must keep {partner} channels, {rule}; the plan keeps "
+                            f"{mine} in {heads} heads (make_plan plans it so)")
 
 
 def _whole_heads_kept(keep: torch.Tensor, head_dim: int, heads: int) -> bool:
@@ -214,19 +222,29 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
             continue
         attn = model.get_submodule(ch.group.module)
         new_hd = ch.keep.numel() // ch.heads
-        q = attn.qkv if hasattr(attn, "qkv") else attn.q  # fused q|k|v rows, or an attention pool's own q Linear
-        _fold_scale(q, ch.keep.numel(), math.sqrt(new_hd / old_hd[ch.group.name]), optimizer)
+        _fold_scale(_q_tensors(attn, ch.keep.numel()), math.sqrt(new_hd / old_hd[ch.group.name]), optimizer)
     return model
 
 
-def _fold_scale(qkv: nn.Linear, q_rows: int, factor: float, optimizer) -> None:
+def _q_tensors(attn: nn.Module, q_rows: int) -> list[tuple[torch.Tensor, int]]:
+    """``(tensor, rows)``: the leading rows of each tensor that make q (fused q|k|v Linear and EVA's separate
+    q_bias; a q_proj Linear; an attention pool's q Linear)."""
+    fused = getattr(attn, "qkv", None)
+    if isinstance(fused, nn.Linear):
+        q = [fused.weight, fused.bias]
+    else:
+        lin = getattr(attn, "q_proj", None) or attn.q
+        q = [lin.weight, lin.bias]
+    q.append(getattr(attn, "q_bias", None))
+    return [(t, q_rows) for t in q if t is not None]
+
+
+def _fold_scale(tensors: list[tuple[torch.Tensor, int]], factor: float, optimizer) -> None:
     """q' = factor * q so that q'·k / sqrt(new_hd) == q·k / sqrt(old_hd); gradients/state follow the reparam."""
     if factor == 1.0:
         return
     with torch.no_grad():
-        for p in (qkv.weight, qkv.bias):
-            if p is None:
-                continue
+        for p, q_rows in tensors:
             p[:q_rows].mul_(factor)
             if p.grad is not None:
                 p.grad[:q_rows].div_(factor)

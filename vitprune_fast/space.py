@@ -47,7 +47,9 @@ class Group:
             q/k norms: one weight per position in a head, shared by all heads). Plans that split a head are refused.
         tied_to: the group whose kept count this ``attn`` group must keep too (an attention pool whose class ties its
             attention width to its input width: timm's ``AttentionPoolLatent``); planned with that group, every
-            head keeping the same number of dims.
+            head keeping the same number of dims (whole heads when it is ``whole_heads``).
+        multiple_of: a residual whose kept count must be a multiple of this (rotary embeddings sized from
+            ``embed_dim / num_heads`` when the model is rebuilt: EVA).
     """
 
     name: str
@@ -59,6 +61,7 @@ class Group:
     module: str = ""
     whole_heads: bool = False
     tied_to: str | None = None
+    multiple_of: int = 1
 
     def __repr__(self) -> str:
         heads = f", heads={self.num_heads}x{self.head_dim}" if self.kind == "attn" else ""

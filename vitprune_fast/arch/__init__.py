@@ -10,10 +10,11 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..space import PruningSpace
 from .base import Adapter, BlockRef, StageRef, Trunk
+from .eva import EvaAdapter
 from .swin import SwinAdapter
 from .vit import ViTAdapter
 
-_ADAPTERS: list[type[Adapter]] = [SwinAdapter, ViTAdapter]  # checked in order: most specific first
+_ADAPTERS: list[type[Adapter]] = [EvaAdapter, SwinAdapter, ViTAdapter]  # checked in order: most specific first
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -49,7 +50,7 @@ def adapter_for(model: nn.Module) -> Adapter:
             return cls(model)
     raise UnsupportedModelError(
         f"{type(model).__module__}.{type(model).__name__} is not supported: vitprune_fast prunes timm "
-        "VisionTransformer (ViT/DeiT/DeiT-distilled) and SwinTransformer models"
+        "VisionTransformer (ViT/DeiT/SigLIP/AIMv2/...), Eva (EVA/EVA-02/...) and SwinTransformer models"
     )
 
 
@@ -69,5 +70,5 @@ def describe(model: nn.Module) -> PruningSpace:
     return adapter_for(model).describe()
 
 
-__all__ = ["Adapter", "BlockRef", "StageRef", "SwinAdapter", "Trunk", "ViTAdapter", "adapter_for", "adapters",
-           "describe", "register_adapter", "unregister_adapter"]
+__all__ = ["Adapter", "BlockRef", "EvaAdapter", "StageRef", "SwinAdapter", "Trunk", "ViTAdapter", "adapter_for",
+           "adapters", "describe", "register_adapter", "unregister_adapter"]

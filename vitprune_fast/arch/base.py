@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -42,7 +42,10 @@ class BlockRef:
         qkv, proj: the attention's fused q/k/v Linear and output Linear.
         fc1, act, fc2: the MLP's input Linear (SwiGLU: its value projection ``fc1_x``), activation and output
             Linear; a hidden unit is an input channel of ``fc2`` (the MLP group's slices list every tensor).
-        ls1, ls2: LayerScale modules with a ``gamma`` on the attention / MLP branch, or None.
+        ls1, ls2: the layer-scale tensor (``gamma``) of the attention / MLP branch, or None.
+        taps: where an attention without a called fused qkv Linear exposes q, k and v to the UP-ViTs engine:
+            module paths whose INPUTS are q ``[B, H, N, hd]``, k ``[B, H, N, hd]`` and the attention output
+            ``[B, N, A]`` (zeroing v_d zeroes output d); None for a fused ``qkv`` Linear that is called.
     """
 
     index: int
@@ -59,12 +62,13 @@ class BlockRef:
     fc2: str
     ls1: str | None = None
     ls2: str | None = None
+    taps: tuple[str, str, str] | None = None
 
     @classmethod
     def pre_norm(cls, model: nn.Module, index: int, stage: int, path: str) -> BlockRef:
         """The reference for timm's pre-norm blocks (``norm1 attn ls1 norm2 mlp ls2`` children)."""
         blk = model.get_submodule(path)
-        ls = {n: f"{path}.{n}" if hasattr(getattr(blk, n, None), "gamma") else None for n in ("ls1", "ls2")}
+        ls = {n: f"{path}.{n}.gamma" if hasattr(getattr(blk, n, None), "gamma") else None for n in ("ls1", "ls2")}
         fc1 = "fc1_x" if hasattr(blk.mlp, "fc1_x") else "fc1"  # SwiGLU: the value projection (fc1_g gates it)
         return cls(index, stage, path, f"{path}.attn", f"{path}.mlp", f"{path}.norm1", f"{path}.norm2",
                    f"{path}.attn.qkv", f"{path}.attn.proj", f"{path}.mlp.{fc1}", f"{path}.mlp.act",
@@ -111,6 +115,7 @@ class Trunk:
         stage_of: block index -> stage index.
         embed: images -> input of block 0.
         head_fn: output of the last block -> logits.
+        block_kwargs: keyword arguments every block call gets (EVA: the rotary embedding), computed once.
     """
 
     blocks: list[nn.Module]
@@ -119,6 +124,11 @@ class Trunk:
     stage_of: list[int]
     embed: Callable[[torch.Tensor], torch.Tensor]
     head_fn: Callable[[torch.Tensor], torch.Tensor]
+    block_kwargs: dict = field(default_factory=dict)
+
+    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i`` on ``x`` (already past the stage entry): ``blocks[i](x, **block_kwargs)``."""
+        return self.blocks[i](x, **self.block_kwargs)
 
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """Embedding: images -> input of block 0 (before a stage-0 entry, if any)."""
@@ -141,7 +151,7 @@ class Trunk:
         """
         stop = len(self.blocks) if end is None else end
         for i in range(start, stop):
-            x = self.blocks[i](self.enter(x, i))
+            x = self.block(i, self.enter(x, i))
         return self.head(x) if end is None else x
 
     def block_index(self, module_path: str) -> int:
@@ -155,9 +165,9 @@ class Trunk:
         """Inputs of every block (before any stage entry) and the logits."""
         x = self.prefix(images)
         inputs = []
-        for i, blk in enumerate(self.blocks):
+        for i in range(len(self.blocks)):
             inputs.append(x)
-            x = blk(self.enter(x, i))
+            x = self.block(i, self.enter(x, i))
         return inputs, self.head(x)
 
 
@@ -232,7 +242,11 @@ class Adapter(ABC):
         blocks = [b for s in stages for b in s.blocks]
         starts = {s.blocks[0].index: model.get_submodule(s.entry) for s in stages if s.entry and s.blocks}
         return Trunk([model.get_submodule(b.path) for b in blocks], [b.path for b in blocks], starts,
-                     [b.stage for b in blocks], self.embed, self.head)
+                     [b.stage for b in blocks], self.embed, self.head, self.block_kwargs())
+
+    def block_kwargs(self) -> dict:
+        """Keyword arguments the model's forward gives every block besides its input (EVA: ``rope``)."""
+        return {}
 
     def unit_params(self, group: Group) -> tuple[int, int]:
         """Parameters one unit of ``group`` removes: ``(per channel, per head)``.

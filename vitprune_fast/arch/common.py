@@ -5,7 +5,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..norms import is_affine_norm, is_rms_norm
-from ..space import TensorSlice
+from ..space import Group, TensorSlice
 
 
 def is_layernorm(m: nn.Module) -> bool:
@@ -97,3 +97,47 @@ def mlp_slices(model: nn.Module, path: str) -> list[TensorSlice]:
     else:
         rows = linear_slices(model, f"{path}.fc1", "out")
     return rows + norm_slices(model, f"{path}.norm") + linear_slices(model, f"{path}.fc2", "in")
+
+
+def check_attn_pool(pool: nn.Module) -> None:
+    """An attention pool whose widths follow the residual and its own MLP (timm ``AttentionPoolLatent``)."""
+    from timm.layers import AttentionPoolLatent
+
+    if type(pool) is not AttentionPoolLatent:
+        raise UnsupportedModelError(f"attn_pool: {type(pool).__name__} is not supported (only AttentionPoolLatent)")
+    if not isinstance(pool.q, nn.Linear):
+        raise UnsupportedModelError("attn_pool: q_proj=False (the latent is the query) is not supported: its width "
+                                    "would have to follow the residual's pruned width")
+    if not (isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity)):
+        raise UnsupportedModelError("attn_pool: q/k norms in the attention pool are not supported")
+    if pool.mlp is None:
+        raise UnsupportedModelError("attn_pool: out_features=0 (the pooled attention output feeds the head) is not "
+                                    "supported: the head's input would be the pool's tied attention width")
+
+
+def attn_pool_groups(model: nn.Module, path: str, groups: dict[str, Group]) -> list[TensorSlice]:
+    """Add an attention pool's groups to ``groups``; return the residual's slices in it.
+
+    timm's ``AttentionPoolLatent`` reshapes its attention output to its input width, so its attention
+    (``{path}.attn``) is tied to the residual's kept count; its MLP is a group; its output width (proj -> MLP ->
+    fc_norm -> head, one pooled token) is left whole.
+    """
+    pool = model.get_submodule(path)
+    res = linear_slices(model, f"{path}.kv", "in")
+    if pool.pos_embed is not None:
+        res.append(TensorSlice(f"{path}.pos_embed", 1))
+    a = pool.kv.out_features // 2
+    groups[f"{path}.attn"] = Group(
+        f"{path}.attn", "attn", a,
+        linear_slices(model, f"{path}.q", "out") + linear_slices(model, f"{path}.kv", "out", 2, a)
+        + linear_slices(model, f"{path}.proj", "in"),
+        num_heads=pool.num_heads, head_dim=pool.head_dim, module=path, tied_to="residual")
+    groups[f"{path}.mlp"] = Group(f"{path}.mlp", "mlp", pool.mlp.fc2.in_features, mlp_slices(model, f"{path}.mlp"),
+                                  module=f"{path}.mlp")
+    return res
+
+
+def sync_attn_pool(pool: nn.Module) -> None:
+    """An attention pool's head size and scale from its (sliced) kv projection."""
+    pool.head_dim = pool.kv.out_features // 2 // pool.num_heads
+    pool.scale = pool.head_dim ** -0.5

@@ -8,7 +8,16 @@ from ..errors import UnsupportedModelError
 from ..norms import is_norm
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
-from .common import linear_slices, mlp_input_slices, mlp_slices, norm_slices, sync_generic_attributes
+from .common import (
+    attn_pool_groups,
+    check_attn_pool,
+    linear_slices,
+    mlp_input_slices,
+    mlp_slices,
+    norm_slices,
+    sync_attn_pool,
+    sync_generic_attributes,
+)
 
 _BLOCK_REASONS = {  # why timm's other ViT blocks are refused
     "ResPostBlock": "post-norm: the norm sits on the branch output, after the residual width is summed",
@@ -95,7 +104,7 @@ class ViTAdapter(Adapter):
         blocks = self._blocks
         pool = getattr(model, "attn_pool", None)
         if pool is not None:
-            _check_pool(pool)
+            check_attn_pool(pool)
         if not isinstance(model.patch_embed.proj, nn.Conv2d):
             raise UnsupportedModelError("patch_embed.proj must be a Conv2d")
         if not isinstance(model.head, (nn.Linear, nn.Identity)):
@@ -132,17 +141,7 @@ class ViTAdapter(Adapter):
                                        module=f"{p}.mlp")
         res += norm_slices(model, "norm")
         if pool is not None:  # the pool's output is its own width (proj -> MLP -> fc_norm -> head): left whole
-            res += linear_slices(model, "attn_pool.kv", "in")
-            if pool.pos_embed is not None:
-                res.append(TensorSlice("attn_pool.pos_embed", 1))
-            a = pool.kv.out_features // 2
-            groups["attn_pool.attn"] = Group(
-                "attn_pool.attn", "attn", a,
-                linear_slices(model, "attn_pool.q", "out") + linear_slices(model, "attn_pool.kv", "out", 2, a)
-                + linear_slices(model, "attn_pool.proj", "in"),
-                num_heads=pool.num_heads, head_dim=pool.head_dim, module="attn_pool", tied_to="residual")
-            groups["attn_pool.mlp"] = Group("attn_pool.mlp", "mlp", pool.mlp.fc2.in_features,
-                                            mlp_slices(model, "attn_pool.mlp"), module="attn_pool.mlp")
+            res += attn_pool_groups(model, "attn_pool", groups)
         else:
             res += norm_slices(model, "fc_norm")
             for head in ("head", "head_dist"):
@@ -191,8 +190,7 @@ class ViTAdapter(Adapter):
         model.embed_dim = model.num_features = c
         pool = getattr(model, "attn_pool", None)
         if pool is not None:
-            pool.head_dim = pool.kv.out_features // 2 // pool.num_heads
-            pool.scale = pool.head_dim ** -0.5
+            sync_attn_pool(pool)
         model.head_hidden_size = pool.out_features if pool is not None else c
         for blk in self._blocks:
             attn = blk.attn
@@ -251,22 +249,6 @@ class ViTAdapter(Adapter):
                                             "VisionTransformer ties them (head_dim = embed_dim / num_heads)")
             kw.update(num_heads=heads, mlp_ratio=mlp_ratio_for(c, hidden))
         return kw
-
-
-def _check_pool(pool: nn.Module) -> None:
-    """An attention pool whose widths follow the residual and its own MLP (timm ``AttentionPoolLatent``)."""
-    from timm.layers import AttentionPoolLatent
-
-    if type(pool) is not AttentionPoolLatent:
-        raise UnsupportedModelError(f"attn_pool: {type(pool).__name__} is not supported (only AttentionPoolLatent)")
-    if not isinstance(pool.q, nn.Linear):
-        raise UnsupportedModelError("attn_pool: q_proj=False (the latent is the query) is not supported: its width "
-                                    "would have to follow the residual's pruned width")
-    if not (isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity)):
-        raise UnsupportedModelError("attn_pool: q/k norms in the attention pool are not supported")
-    if pool.mlp is None:
-        raise UnsupportedModelError("attn_pool: out_features=0 (the pooled attention output feeds the head) is not "
-                                    "supported: the head's input would be the pool's tied attention width")
 
 
 def _mlp_hidden_arg(mlp: nn.Module) -> int:

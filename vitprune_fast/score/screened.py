@@ -239,7 +239,7 @@ def upvits_select(
         raise ConfigError("safety must be >= 1, min_width > 0, calibration and audit >= 0")
     chunks = _chunks(images, batch_size)
     deciding = sorted({s.group for s in sels if s.keep < len(s.items)}, key=list(space.groups).index)
-    in_blocks = {name for b in adapter.blocks() for name in (b.attn, b.mlp)}
+    in_blocks = {b.mlp for b in adapter.blocks()} | {b.attn for b in adapter.blocks() if b.taps is None}
     screened = [space.groups[n] for n in deciding if _screenable(model, space.groups[n], in_blocks)]
     exact_only = [space.groups[n] for n in deciding if not _screenable(model, space.groups[n], in_blocks)]
     kernels = chunks[0].is_cuda and HAS_TRITON if use_kernels is None else bool(use_kernels)
@@ -429,9 +429,11 @@ def _audit(state: _State, groups: dict[str, Group], width: dict[str, float], n: 
 
 def _screenable(model: nn.Module, group, in_blocks: set[str]) -> bool:
     """The screen models an attention dim / MLP unit of a plain block; a norm over the group's channels (scale-norm,
-    MLP sub-norm), per-head q/k norms (whole heads only) or a group outside the blocks (an attention pool's) make
-    its local change something else: scored exactly."""
-    return group.name in in_blocks and not group.whole_heads and not group_norms(model, group)
+    MLP sub-norm), per-head q/k norms (whole heads only), a width tied to the residual, q / k / v without a called
+    fused qkv Linear (EVA) or a group outside the blocks (an attention pool's) make its local change something
+    else: scored exactly."""
+    return (group.name in in_blocks and not group.whole_heads and group.tied_to is None
+            and not group_norms(model, group))
 
 
 def _report(space, state: _State, screened, exact_only, stats, width, rounds, audits, seconds, count, total) -> dict:

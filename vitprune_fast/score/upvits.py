@@ -31,7 +31,7 @@ from ..kernels.kl_div import kl_per_candidate
 from ..kernels.utils import HAS_TRITON, resolve_backend
 from ..masked import masked_copy
 from ..norms import group_norms, masked_norm
-from ..overrides import replaced_forward, replaced_output
+from ..overrides import replaced_forward, replaced_input, replaced_output
 from ..plan import Plan
 from ..prune import prune_
 from ..space import Group, PruningSpace, tensor_of
@@ -188,14 +188,14 @@ class FastEngine:
         fc2 = model.get_submodule(ref.fc2)
         handle = fc2.register_forward_pre_hook(lambda _m, args: cap.setdefault("h", args[0]))
         try:
-            y = trunk.blocks[b](trunk.enter(inputs[b], b))  # [n, *S, D]
+            y = trunk.block(b, trunk.enter(inputs[b], b))  # [n, *S, D]
         finally:
             handle.remove()
         h = cap["h"].reshape(*y.shape[:-1], -1)  # [n, *S, H]
         idx = cands.to(h.device)
         w = fc2.weight[:, idx].T  # [K, D]
         if ref.ls2 is not None:
-            w = w * model.get_submodule(ref.ls2).gamma
+            w = w * tensor_of(model, ref.ls2)
         k, n = len(cands), y.shape[0]
         a = h.index_select(-1, idx).movedim(-1, 0)  # [K, n, *S]
         nxt = b + 1  # the next block's norm1 reads this output directly unless a stage entry comes between
@@ -221,8 +221,28 @@ class FastEngine:
         def apply(out):  # [K·n, *S, 3A]: candidate-major rows; zeroing keeps the activation's dtype
             return out.reshape(k, -1, 3 * a).masked_fill(~keep[:, None, :], 0).reshape(out.shape)
 
-        qkv = self.model.get_submodule(self.refs[self.trunk.block_index(work.name)].qkv)
-        return self._rerun(work, cands, inputs, logits, [(qkv, apply)])
+        ref = self.refs[self.trunk.block_index(work.name)]
+        if ref.taps is None:
+            return self._rerun(work, cands, inputs, logits, [(self.model.get_submodule(ref.qkv), apply)])
+        g = self.space.groups[work.name]
+        h, hd = g.num_heads, g.head_dim
+        q_keep, k_keep, v_keep = (keep[:, r * a:(r + 1) * a] for r in range(3))  # [K, A] each
+
+        def heads(mask):  # q / k: [K·n, H, N, hd] -> zero the candidate's (head, dim)
+            def fn(x):
+                return x.reshape(k, -1, h, x.shape[-2], hd).masked_fill(
+                    ~mask.view(k, 1, h, 1, hd), 0).reshape(x.shape)
+            return fn
+
+        def out(x):  # attention output [K·n, N, A]: v_d = 0 makes output d zero
+            return x.reshape(k, -1, a).masked_fill(~v_keep[:, None, :], 0).reshape(x.shape)
+
+        taps = [self.model.get_submodule(p) for p in ref.taps]
+        inputs_fns = [(taps[0], heads(q_keep)), (taps[1], heads(k_keep))]
+        if not group_norms(self.model, g):  # a scale-norm is masked (its kept channels) by _rerun instead
+            inputs_fns.append((taps[2], out))
+        with replaced_input(inputs_fns):
+            return self._rerun(work, cands, inputs, logits)
 
     def _rerun(self, work, cands, inputs, logits, outputs=()):
         """Rerun block b for K candidates stacked along the batch: ``outputs`` replace module outputs per candidate,
@@ -231,7 +251,7 @@ class FastEngine:
         norms = _masked_norm_forwards(group_norms(self.model, self.space.groups[work.name]), cands,
                                       inputs[0].device, self.backend)
         with replaced_output(outputs), replaced_forward(norms):
-            y = trunk.blocks[b](_repeat(trunk.enter(inputs[b], b), k))
+            y = trunk.block(b, _repeat(trunk.enter(inputs[b], b), k))
         return self._suffix_kl(y, b, logits, k)
 
     def _in_block(self, name: str) -> bool:
@@ -326,7 +346,8 @@ class ReferenceEngine:
             if keep.numel() == 0:
                 raise PlanError(f"{work.name} has a single channel; removing it leaves nothing to score")
             plan = Plan.from_space(self.space, {work.name: keep})
-            if any(g.tied_to == work.name for g in self.space.groups.values()):
+            g = self.space.groups[work.name]
+            if g.multiple_of > 1 or any(t.tied_to == work.name for t in self.space.groups.values()):
                 yield masked_copy(model, plan)  # removal == masking; one channel cannot be removed alone (tied width)
             else:
                 yield prune_(copy.deepcopy(model), plan)

@@ -28,6 +28,7 @@ class DimapBlock:
         attn_linears / mlp_linears: ``(weight name, dim, repeats, stride)`` of every Linear weight slice of the
             group (qkv rows ``repeats=3``, proj columns; fc1 rows -- both halves of a GLU, both SwiGLU inputs --
             and fc2 columns): a unit's weights, whatever the MLP's form.
+        attn_tied: the attention's width is tied to the residual (EVA): structured plans leave it whole.
     """
 
     attn: str
@@ -41,6 +42,7 @@ class DimapBlock:
     fc2: str
     attn_linears: tuple[tuple[str, int, int, int], ...] = ()
     mlp_linears: tuple[tuple[str, int, int, int], ...] = ()
+    attn_tied: bool = False
 
     @property
     def attn_dim(self) -> int:
@@ -59,7 +61,7 @@ def find_blocks(model: nn.Module) -> list[DimapBlock]:
     for b in adapter.blocks():
         attn, mlp = groups[b.attn], groups[b.mlp]
         out.append(DimapBlock(b.attn, b.mlp, attn.num_heads, attn.head_dim, mlp.size, b.qkv, b.proj, b.fc1, b.fc2,
-                              _linear_weights(model, attn), _linear_weights(model, mlp)))
+                              _linear_weights(model, attn), _linear_weights(model, mlp), attn.tied_to is not None))
     return out
 
 

@@ -42,10 +42,12 @@ def _structured_state(model: nn.Module, attn_mode: str, mode: str, dtype, backen
     if attn_mode == "heads":
         for b in blocks:
             channel[b.attn] = unit[b.attn].repeat_interleave(b.head_dim)
+    attns = [b.attn for b in blocks if not b.attn_tied]  # a tied attention keeps the residual's width: left whole
     if mode == "module":
-        pools = {"attn": [b.attn for b in blocks], "mlp": [b.mlp for b in blocks]}
+        pools = {"attn": attns, "mlp": [b.mlp for b in blocks]}
     else:
-        pools = {"model": [n for b in blocks for n in (b.attn, b.mlp)]}
+        pools = {"model": attns + [b.mlp for b in blocks]}
+    pools = {p: names for p, names in pools.items() if names}
     sorted_pool = {p: torch.sort(torch.cat([unit[n] for n in names])).values for p, names in pools.items()}
     return _StructuredState(blocks, channel, unit, pools, sorted_pool, attn_mode)
 
@@ -75,8 +77,9 @@ def _structured_keep(state: _StructuredState, rho: float) -> tuple[dict[str, tor
         tau.update(dict.fromkeys(names, t))
     keep, heads = {}, {}
     for b in state.blocks:
-        keep[b.attn], heads[b.attn] = _keep_attn(b, state.unit[b.attn], state.channel[b.attn], tau[b.attn],
-                                                 state.attn_mode)
+        if not b.attn_tied:
+            keep[b.attn], heads[b.attn] = _keep_attn(b, state.unit[b.attn], state.channel[b.attn], tau[b.attn],
+                                                     state.attn_mode)
         s = state.unit[b.mlp]
         keep[b.mlp] = _top_ascending(s, max(1, int((s > tau[b.mlp]).sum())))
     return keep, heads
@@ -90,10 +93,12 @@ def _structured_flops(profile: FlopProfile, blocks: list[DimapBlock], keep: Mapp
     """FLOPs of the physically pruned model: every Linear and attention matmul scales with its kept width."""
     saved = 0
     for b in blocks:
-        attn = sum(profile.linear[_module(n)] for n, *_ in b.attn_linears) + profile.attn_matmul[b.attn]
         mlp = sum(profile.linear[_module(n)] for n, *_ in b.mlp_linears)
         # integers: each term is a multiple of its width (every FLOP count is linear in it)
-        saved += attn * (b.attn_dim - len(keep[b.attn])) // b.attn_dim + mlp * (b.hidden - len(keep[b.mlp])) // b.hidden
+        saved += mlp * (b.hidden - len(keep[b.mlp])) // b.hidden
+        if b.attn in keep:  # (a tied attention is left whole)
+            attn = sum(profile.linear[_module(n)] for n, *_ in b.attn_linears) + profile.attn_matmul[b.attn]
+            saved += attn * (b.attn_dim - len(keep[b.attn])) // b.attn_dim
     return profile.total - saved
 
 

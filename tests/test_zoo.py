@@ -1,0 +1,68 @@
+"""Every architecture name in timm's ViT-family modules: a PruningSpace or a clear UnsupportedModelError.
+
+Built on the meta device (no memory, no weights): ``describe`` only reads module types and shapes.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import timm
+import torch
+
+import vitprune_fast as vpf
+from vitprune_fast.errors import UnsupportedModelError
+
+ZOO_MODULES = ("vision_transformer", "deit", "swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr",
+               "vision_transformer_relpos", "eva", "beit", "cait", "pvt_v2", "xcit")
+# Families the README's table says are supported: every name matching is described (a regression fails here).
+SUPPORTED = {
+    "DeiT / DeiT-III": lambda n: n.startswith("deit"),
+    "Swin V1": lambda n: n.startswith("swin_") and "v2" not in n,
+    "SigLIP / SigLIP 2 (attention pool)": lambda n: "siglip" in n and "gap" not in n,
+    "AIMv2 (RMSNorm, SwiGLU)": lambda n: n.startswith("aimv2"),
+    "BEiT-3 (scale-norms)": lambda n: n.startswith("beit3"),
+    "DINOv2 (incl. SwiGLU giant)": lambda n: n.startswith("vit_") and "dinov2" in n,
+}
+
+
+@functools.cache
+def _meta_model(name: str) -> torch.nn.Module:
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return timm.create_model(name, pretrained=False)
+
+
+def _names(module: str) -> list[str]:
+    return timm.list_models(module=module)
+
+
+@pytest.mark.parametrize("module", ZOO_MODULES)
+def test_every_zoo_model_is_described_or_refused_clearly(module):
+    names = _names(module)
+    assert names, f"timm lists no model in {module}"
+    crashed, refused = [], {}
+    for name in names:
+        model = _meta_model(name)
+        try:
+            space = vpf.describe(model)
+        except UnsupportedModelError as e:
+            msg = str(e)
+            assert msg and len(msg) > 20, f"{name}: an unclear refusal {msg!r}"
+            refused[name] = msg
+            continue
+        except Exception as e:  # noqa: BLE001 -- any other exception is the failure this test looks for
+            crashed.append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        assert space.groups and space.of_kind("residual"), name
+    assert not crashed, "\n".join(crashed)
+
+
+def test_the_readme_families_are_supported():
+    names = [n for m in ZOO_MODULES for n in _names(m)]
+    for family, match in SUPPORTED.items():
+        members = [n for n in names if match(n)]
+        assert members, family
+        for name in members:
+            vpf.describe(_meta_model(name))  # raises if a claimed family is refused
