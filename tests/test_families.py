@@ -36,8 +36,12 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
                  "RoPE-ViT: AttentionRope (own width, whole heads), layer scale"),
     "pe_core": ("vit_pe_core_base_patch16_224", dict(SMALL, embed_dim=64),
                 "Perception Encoder: AttentionRope + attention pool"),
+    "relpos": ("vit_relpos_base_patch16_clsgap_224.sw_in1k", dict(SMALL, embed_dim=64),
+               "relative-position ViT: per-block RelPosMlp, width tied to the residual"),
+    "relpos_shared": ("vit_srelpos_small_patch16_224.sw_in1k", dict(SMALL, embed_dim=64),
+                      "relative-position ViT with one RelPosMlp shared by every block"),
 }
-DAP_REFUSED = {"eva02", "eva_giant", "dinov3"}  # EvaAttention: width tied to the residual, no fused qkv to gate
+DAP_REFUSED = {"eva02", "eva_giant", "dinov3", "relpos", "relpos_shared"}  # attention width tied to the residual
 
 
 def _model(key: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:

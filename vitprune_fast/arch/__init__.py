@@ -11,10 +11,12 @@ from ..errors import UnsupportedModelError
 from ..space import PruningSpace
 from .base import Adapter, BlockRef, StageRef, Trunk
 from .eva import EvaAdapter
+from .relpos import RelPosViTAdapter
 from .swin import SwinAdapter
 from .vit import ViTAdapter
 
-_ADAPTERS: list[type[Adapter]] = [EvaAdapter, SwinAdapter, ViTAdapter]  # checked in order: most specific first
+# checked in order: most specific first
+_ADAPTERS: list[type[Adapter]] = [EvaAdapter, RelPosViTAdapter, SwinAdapter, ViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -70,5 +72,5 @@ def describe(model: nn.Module) -> PruningSpace:
     return adapter_for(model).describe()
 
 
-__all__ = ["Adapter", "BlockRef", "EvaAdapter", "StageRef", "SwinAdapter", "Trunk", "ViTAdapter", "adapter_for",
-           "adapters", "describe", "register_adapter", "unregister_adapter"]
+__all__ = ["Adapter", "BlockRef", "EvaAdapter", "RelPosViTAdapter", "StageRef", "SwinAdapter", "Trunk", "ViTAdapter",
+           "adapter_for", "adapters", "describe", "register_adapter", "unregister_adapter"]
