@@ -40,8 +40,12 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
                "relative-position ViT: per-block RelPosMlp, width tied to the residual"),
     "relpos_shared": ("vit_srelpos_small_patch16_224.sw_in1k", dict(SMALL, embed_dim=64),
                       "relative-position ViT with one RelPosMlp shared by every block"),
+    "beit": ("beit_base_patch16_224.in22k_ft_in22k_in1k", dict(SMALL, embed_dim=64),
+             "BEiT: per-block relative-position tables, q / v biases via F.linear, layer scale, tied width"),
+    "beitv2": ("beitv2_base_patch16_224.in1k_ft_in22k_in1k", dict(SMALL, embed_dim=64), "BEiT v2"),
 }
-DAP_REFUSED = {"eva02", "eva_giant", "dinov3", "relpos", "relpos_shared"}  # attention width tied to the residual
+# attention width tied to the residual (and / or no called fused qkv Linear to gate)
+DAP_REFUSED = {"eva02", "eva_giant", "dinov3", "relpos", "relpos_shared", "beit", "beitv2"}
 
 
 def _model(key: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:

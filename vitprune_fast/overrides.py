@@ -9,6 +9,8 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 _ABSENT = object()
 
@@ -58,4 +60,27 @@ def replaced_input(pairs: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None
             h.remove()
 
 
-__all__ = ["replaced_forward", "replaced_input", "replaced_output"]
+class _LinearOutputTap(TorchFunctionMode):
+    """Replace the output of every ``F.linear`` call whose weight is ``weight`` (module call or not)."""
+
+    def __init__(self, weight, fn: Callable):
+        super().__init__()
+        self.weight, self.fn = weight, fn
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear and (args[1] if len(args) > 1 else kwargs.get("weight")) is self.weight:
+            out = self.fn(out)
+        return out
+
+
+@contextlib.contextmanager
+def replaced_linear_output(weight, fn: Callable) -> Iterator[None]:
+    """Inside the block, ``F.linear(x, weight, bias)`` returns ``fn(output)`` for this ``weight``: a tap for the
+    projections timm calls functionally (BEiT's and EVA's fused qkv with separate q / v biases)."""
+    with _LinearOutputTap(weight, fn):
+        yield
+
+
+__all__ = ["replaced_forward", "replaced_input", "replaced_linear_output", "replaced_output"]

@@ -10,13 +10,14 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..space import PruningSpace
 from .base import Adapter, BlockRef, StageRef, Trunk
+from .beit import BeitAdapter
 from .eva import EvaAdapter
 from .relpos import RelPosViTAdapter
 from .swin import SwinAdapter
 from .vit import ViTAdapter
 
 # checked in order: most specific first
-_ADAPTERS: list[type[Adapter]] = [EvaAdapter, RelPosViTAdapter, SwinAdapter, ViTAdapter]
+_ADAPTERS: list[type[Adapter]] = [BeitAdapter, EvaAdapter, RelPosViTAdapter, SwinAdapter, ViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -72,5 +73,5 @@ def describe(model: nn.Module) -> PruningSpace:
     return adapter_for(model).describe()
 
 
-__all__ = ["Adapter", "BlockRef", "EvaAdapter", "RelPosViTAdapter", "StageRef", "SwinAdapter", "Trunk", "ViTAdapter",
-           "adapter_for", "adapters", "describe", "register_adapter", "unregister_adapter"]
+__all__ = ["Adapter", "BeitAdapter", "BlockRef", "EvaAdapter", "RelPosViTAdapter", "StageRef", "SwinAdapter", "Trunk",
+           "ViTAdapter", "adapter_for", "adapters", "describe", "register_adapter", "unregister_adapter"]

@@ -46,6 +46,8 @@ class BlockRef:
         taps: where an attention without a called fused qkv Linear exposes q, k and v to the UP-ViTs engine:
             module paths whose INPUTS are q ``[B, H, N, hd]``, k ``[B, H, N, hd]`` and the attention output
             ``[B, N, A]`` (zeroing v_d zeroes output d); None for a fused ``qkv`` Linear that is called.
+        qkv_functional: the fused ``qkv`` weight is applied with ``F.linear`` (separate q / v biases: BEiT), so its
+            output is tapped by weight instead of by a module hook.
     """
 
     index: int
@@ -63,6 +65,7 @@ class BlockRef:
     ls1: str | None = None
     ls2: str | None = None
     taps: tuple[str, str, str] | None = None
+    qkv_functional: bool = False
 
     @classmethod
     def pre_norm(cls, model: nn.Module, index: int, stage: int, path: str) -> BlockRef:

@@ -185,7 +185,7 @@ class DAP:
     # ------------------------------------------------------------------------------------------ setup
     def _add_blocks(self, adapter, ref: BlockRef) -> None:
         attn, mlp = self.space.groups[ref.attn], self.space.groups[ref.mlp]
-        if attn.tied_to is not None or ref.taps is not None:
+        if attn.tied_to is not None or ref.taps is not None or ref.qkv_functional:
             why = (f"its width is tied to {attn.tied_to}" if attn.tied_to is not None
                    else "it has no fused qkv Linear to gate")
             raise ConfigError(f"DAP cannot gate {ref.attn}: {why} (timm's EvaAttention); DAP supports attention "

@@ -31,7 +31,7 @@ from ..kernels.kl_div import kl_per_candidate
 from ..kernels.utils import HAS_TRITON, resolve_backend
 from ..masked import masked_copy
 from ..norms import group_norms, masked_norm
-from ..overrides import replaced_forward, replaced_input, replaced_output
+from ..overrides import replaced_forward, replaced_input, replaced_linear_output, replaced_output
 from ..plan import Plan
 from ..prune import prune_
 from ..space import Group, PruningSpace, tensor_of
@@ -222,6 +222,9 @@ class FastEngine:
             return out.reshape(k, -1, 3 * a).masked_fill(~keep[:, None, :], 0).reshape(out.shape)
 
         ref = self.refs[self.trunk.block_index(work.name)]
+        if ref.qkv_functional:
+            with replaced_linear_output(self.model.get_submodule(ref.qkv).weight, apply):
+                return self._rerun(work, cands, inputs, logits)
         if ref.taps is None:
             return self._rerun(work, cands, inputs, logits, [(self.model.get_submodule(ref.qkv), apply)])
         g = self.space.groups[work.name]
