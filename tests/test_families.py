@@ -43,9 +43,12 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
     "beit": ("beit_base_patch16_224.in22k_ft_in22k_in1k", dict(SMALL, embed_dim=64),
              "BEiT: per-block relative-position tables, q / v biases via F.linear, layer scale, tied width"),
     "beitv2": ("beitv2_base_patch16_224.in1k_ft_in22k_in1k", dict(SMALL, embed_dim=64), "BEiT v2"),
+    "swin_v2": ("swinv2_tiny_window8_256", dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2),
+                                               num_heads=(2, 4), num_classes=10),
+                "Swin V2: post-norm, cosine attention tied to the stage width, PatchMerging norm after it"),
 }
 # attention width tied to the residual (and / or no called fused qkv Linear to gate)
-DAP_REFUSED = {"eva02", "eva_giant", "dinov3", "relpos", "relpos_shared", "beit", "beitv2"}
+DAP_REFUSED = {"eva02", "eva_giant", "dinov3", "relpos", "relpos_shared", "beit", "beitv2", "swin_v2"}
 
 
 def _model(key: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
@@ -150,7 +153,7 @@ def test_dimap_structured_plan(key):
 
 @pytest.mark.parametrize("key", sorted(DAP_REFUSED))
 def test_dap_refuses_tied_attention_clearly(key):
-    with pytest.raises(vpf.ConfigError, match="tied to residual|no fused qkv"):
+    with pytest.raises(vpf.ConfigError, match="tied to|no fused qkv|post-norm"):
         DAP(_model(key, torch.float32), target=0.4, schedule=Schedule(0, 2, 3), attn_mode="heads")
 
 

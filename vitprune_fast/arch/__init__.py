@@ -14,10 +14,11 @@ from .beit import BeitAdapter
 from .eva import EvaAdapter
 from .relpos import RelPosViTAdapter
 from .swin import SwinAdapter
+from .swin_v2 import SwinV2Adapter
 from .vit import ViTAdapter
 
 # checked in order: most specific first
-_ADAPTERS: list[type[Adapter]] = [BeitAdapter, EvaAdapter, RelPosViTAdapter, SwinAdapter, ViTAdapter]
+_ADAPTERS: list[type[Adapter]] = [BeitAdapter, EvaAdapter, RelPosViTAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -73,5 +74,5 @@ def describe(model: nn.Module) -> PruningSpace:
     return adapter_for(model).describe()
 
 
-__all__ = ["Adapter", "BeitAdapter", "BlockRef", "EvaAdapter", "RelPosViTAdapter", "StageRef", "SwinAdapter", "Trunk",
-           "ViTAdapter", "adapter_for", "adapters", "describe", "register_adapter", "unregister_adapter"]
+__all__ = ["Adapter", "BeitAdapter", "BlockRef", "EvaAdapter", "RelPosViTAdapter", "StageRef", "SwinAdapter",
+           "SwinV2Adapter", "Trunk", "ViTAdapter", "adapter_for", "adapters", "describe", "register_adapter", "unregister_adapter"]

@@ -48,6 +48,8 @@ class BlockRef:
             ``[B, N, A]`` (zeroing v_d zeroes output d); None for a fused ``qkv`` Linear that is called.
         qkv_functional: the fused ``qkv`` weight is applied with ``F.linear`` (separate q / v biases: BEiT), so its
             output is tapped by weight instead of by a module hook.
+        post_norm: ``x = x + norm1(attn(x))``, ``x = x + norm2(mlp(x))`` (Swin V2): the norms sit on the branch
+            outputs, so an MLP unit's change is not rank-1 at the block output and removing a branch zeroes its norm.
     """
 
     index: int
@@ -66,6 +68,7 @@ class BlockRef:
     ls2: str | None = None
     taps: tuple[str, str, str] | None = None
     qkv_functional: bool = False
+    post_norm: bool = False
 
     @classmethod
     def pre_norm(cls, model: nn.Module, index: int, stage: int, path: str) -> BlockRef:

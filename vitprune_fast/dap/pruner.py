@@ -185,11 +185,12 @@ class DAP:
     # ------------------------------------------------------------------------------------------ setup
     def _add_blocks(self, adapter, ref: BlockRef) -> None:
         attn, mlp = self.space.groups[ref.attn], self.space.groups[ref.mlp]
-        if attn.tied_to is not None or ref.taps is not None or ref.qkv_functional:
+        if attn.tied_to is not None or ref.taps is not None or ref.qkv_functional or ref.post_norm:
             why = (f"its width is tied to {attn.tied_to}" if attn.tied_to is not None
+                   else "its norms are on the branch outputs (post-norm)" if ref.post_norm
                    else "it has no fused qkv Linear to gate")
-            raise ConfigError(f"DAP cannot gate {ref.attn}: {why} (timm's EvaAttention); DAP supports attention "
-                              "with a called fused qkv Linear and its own width")
+            raise ConfigError(f"DAP cannot gate {ref.attn}: {why}; DAP supports pre-norm blocks whose attention "
+                              "has its own width and a called fused qkv Linear")
         h, hd = attn.num_heads, attn.head_dim
         per_channel, per_head = adapter.unit_params(attn)  # qkv rows + proj column; Swin bias-table column
         if self.attn_mode == "dims":

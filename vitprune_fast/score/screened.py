@@ -239,8 +239,8 @@ def upvits_select(
         raise ConfigError("safety must be >= 1, min_width > 0, calibration and audit >= 0")
     chunks = _chunks(images, batch_size)
     deciding = sorted({s.group for s in sels if s.keep < len(s.items)}, key=list(space.groups).index)
-    in_blocks = ({b.mlp for b in adapter.blocks()}
-                 | {b.attn for b in adapter.blocks() if b.taps is None and not b.qkv_functional})
+    in_blocks = ({b.mlp for b in adapter.blocks() if not b.post_norm}
+                 | {b.attn for b in adapter.blocks() if b.taps is None and not b.qkv_functional and not b.post_norm})
     screened = [space.groups[n] for n in deciding if _screenable(model, space.groups[n], in_blocks)]
     exact_only = [space.groups[n] for n in deciding if not _screenable(model, space.groups[n], in_blocks)]
     kernels = chunks[0].is_cuda and HAS_TRITON if use_kernels is None else bool(use_kernels)

@@ -91,12 +91,14 @@ def _zero(out: torch.Tensor) -> torch.Tensor:
 def _unit_branches(model: nn.Module, blocks: Sequence[BlockRef], kind: str, i: int) -> list[nn.Module]:
     """Residual branches a block unit removes (UP-ViTs §4): their outputs become zero."""
     if kind == "block":
-        paths = [blocks[i].attn, blocks[i].mlp]
+        parts = [(blocks[i], "attn"), (blocks[i], "mlp")]
     elif kind == "hybrid":  # FFN_i + MSA_{i+1}: a residual unit straddling two blocks
-        paths = [blocks[i].mlp, blocks[i + 1].attn]
+        parts = [(blocks[i], "mlp"), (blocks[i + 1], "attn")]
     else:
-        paths = [getattr(blocks[i], kind)]
-    return [model.get_submodule(p) for p in paths]
+        parts = [(blocks[i], kind)]
+    # a post-norm branch ends in its norm: the branch is gone when the norm's output is zero
+    post = {"attn": "norm1", "mlp": "norm2"}
+    return [model.get_submodule(getattr(ref, post[part] if ref.post_norm else part)) for ref, part in parts]
 
 
 def _removal_masks(width: int, cands: torch.Tensor, index_map) -> torch.Tensor:
@@ -181,9 +183,18 @@ class FastEngine:
     def _mlp(self, work, cands, x, inputs, logits):
         """Removing hidden unit j changes block b's output by −h_j ⊗ (γ ⊙ W2[:, j]) (exact; h = fc2's input)."""
         trunk, model, b = self.trunk, self.model, self.trunk.block_index(work.name)
+        ref = self.refs[b]
         if group_norms(model, self.space.groups[work.name]):  # a sub-norm over the hidden width: not rank-1
             return self._rerun(work, cands, inputs, logits)
-        ref = self.refs[b]
+        if ref.post_norm:  # the change passes norm2 before the residual: not rank-1 either
+            keep = _removal_masks(work.size, cands, lambda c: c).to(inputs[0].device, non_blocking=True)
+            k = len(cands)
+
+            def hidden(h):  # fc2's input [K·n, *S, H]: zero each candidate's unit
+                return h.reshape(k, -1, work.size).masked_fill(~keep[:, None, :], 0).reshape(h.shape)
+
+            with replaced_input([(model.get_submodule(ref.fc2), hidden)]):
+                return self._rerun(work, cands, inputs, logits)
         cap = {}
         fc2 = model.get_submodule(ref.fc2)
         handle = fc2.register_forward_pre_hook(lambda _m, args: cap.setdefault("h", args[0]))
