@@ -33,7 +33,8 @@ def test_unsupported_model(model):
 
 def test_unsupported_module_named():
     model = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=2, qk_norm=True)
-    with pytest.raises(vpf.UnsupportedModelError, match=r"blocks\.0\.attn\.q_norm"):
+    model.blocks[1].attn.q_norm = torch.nn.BatchNorm1d(32)  # not a per-token norm: its statistics mix tokens
+    with pytest.raises(vpf.UnsupportedModelError, match=r"blocks\.1\.attn\.q_norm"):
         vpf.describe(model)
 
 

@@ -75,4 +75,5 @@ def describe(model: nn.Module) -> PruningSpace:
 
 
 __all__ = ["Adapter", "BeitAdapter", "BlockRef", "EvaAdapter", "RelPosViTAdapter", "StageRef", "SwinAdapter",
-           "SwinV2Adapter", "Trunk", "ViTAdapter", "adapter_for", "adapters", "describe", "register_adapter", "unregister_adapter"]
+           "SwinV2Adapter", "Trunk", "ViTAdapter", "adapter_for", "adapters", "describe", "register_adapter",
+           "unregister_adapter"]
