@@ -46,9 +46,12 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
     "swin_v2": ("swinv2_tiny_window8_256", dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2),
                                                num_heads=(2, 4), num_classes=10),
                 "Swin V2: post-norm, cosine attention tied to the stage width, PatchMerging norm after it"),
+    "swin_v2_cr": ("swinv2_cr_tiny_ns_224", dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2),
+                                                 num_heads=(2, 4), num_classes=10),
+                   "Swin V2-CR: post-norm, main-branch norm3, PatchMerging norm before the reduction"),
 }
 # attention width tied to the residual (and / or no called fused qkv Linear to gate)
-DAP_REFUSED = {"eva02", "eva_giant", "dinov3", "relpos", "relpos_shared", "beit", "beitv2", "swin_v2"}
+DAP_REFUSED = {"eva02", "eva_giant", "dinov3", "relpos", "relpos_shared", "beit", "beitv2", "swin_v2", "swin_v2_cr"}
 
 
 def _model(key: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
@@ -138,7 +141,7 @@ def test_upvits_fast_equals_reference(key):
 def test_dimap_structured_plan(key):
     model = _model(key)
     mode = _attn_mode(vpf.describe(model))
-    plan = vpf.dimap_structured_plan(model, flops=0.7, attn_mode=mode)
+    plan = vpf.dimap_structured_plan(model, ratio=0.3, attn_mode=mode)
     assert plan.keep
     x = make_input(model, 2)
     with torch.no_grad():

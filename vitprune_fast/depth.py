@@ -60,6 +60,9 @@ def remove_units_(model: nn.Module, units: Sequence[tuple[str, int]]) -> nn.Modu
             raise PlanError(f"unit ({kind!r}, {i}) does not exist in a model with {n} blocks")
         if kind == "hybrid" and trunk.stage_of[i] != trunk.stage_of[i + 1]:
             raise PlanError(f"hybrid unit {i} crosses a stage boundary (Swin: a PatchMerging)")
+        if kind == "hybrid" and not isinstance(getattr(trunk.blocks[i], "norm3", nn.Identity()), nn.Identity):
+            raise PlanError(f"hybrid unit {i}: block {i} ends in a main-branch norm (Swin V2-CR norm3) between its "
+                            "MLP and the next attention; remove whole blocks there")
         drop.add(i if kind == "block" else i + 1)
     for s in set(trunk.stage_of):
         if all(i in drop for i, st in enumerate(trunk.stage_of) if st == s):
@@ -69,7 +72,8 @@ def remove_units_(model: nn.Module, units: Sequence[tuple[str, int]]) -> nn.Modu
     for kind, i in units:  # re-pack hybrids first: block i keeps its attention, takes block i+1's MLP half
         if kind == "hybrid":
             a, b = trunk.blocks[i], trunk.blocks[i + 1]
-            for part in ("norm2", "mlp", "ls2", "gamma_2", "drop_path2"):  # gamma_2: EVA's layer scale
+            # gamma_2: EVA's layer scale; norm3: Swin V2-CR's main-branch norm after the MLP
+            for part in ("norm2", "mlp", "ls2", "gamma_2", "drop_path2", "norm3"):
                 if hasattr(b, part):
                     setattr(a, part, getattr(b, part))
     kept: dict[int, list[nn.Module]] = {}  # stage -> kept block modules, in order

@@ -14,11 +14,12 @@ from .beit import BeitAdapter
 from .eva import EvaAdapter
 from .relpos import RelPosViTAdapter
 from .swin import SwinAdapter
-from .swin_v2 import SwinV2Adapter
+from .swin_v2 import SwinV2Adapter, SwinV2CrAdapter
 from .vit import ViTAdapter
 
 # checked in order: most specific first
-_ADAPTERS: list[type[Adapter]] = [BeitAdapter, EvaAdapter, RelPosViTAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter]
+_ADAPTERS: list[type[Adapter]] = [BeitAdapter, EvaAdapter, RelPosViTAdapter, SwinV2CrAdapter, SwinV2Adapter,
+                                  SwinAdapter, ViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -75,5 +76,5 @@ def describe(model: nn.Module) -> PruningSpace:
 
 
 __all__ = ["Adapter", "BeitAdapter", "BlockRef", "EvaAdapter", "RelPosViTAdapter", "StageRef", "SwinAdapter",
-           "SwinV2Adapter", "Trunk", "ViTAdapter", "adapter_for", "adapters", "describe", "register_adapter",
-           "unregister_adapter"]
+           "SwinV2Adapter", "SwinV2CrAdapter", "Trunk", "ViTAdapter", "adapter_for", "adapters", "describe",
+           "register_adapter", "unregister_adapter"]

@@ -7,13 +7,19 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
-from .common import is_layernorm, linear_slices, norm_slices, sync_generic_attributes
+from .common import is_layernorm, linear_slices, mlp_input_slices, mlp_slices, norm_slices, sync_generic_attributes
 
 
 class SwinAdapter(Adapter):
     """timm ``SwinTransformer``: stage s is ``layers.s`` (its PatchMerging, then its blocks)."""
 
     arch = "swin"
+    stages_attr = "layers"  # the model's list of stages
+    merge_norm_after = False  # PatchMerging: norm -> reduction (V1, V2-CR), or reduction -> norm (V2)
+
+    @property
+    def _stages(self) -> nn.Sequential:
+        return getattr(self.model, self.stages_attr)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -25,7 +31,7 @@ class SwinAdapter(Adapter):
         from timm.layers import Mlp
         from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 
-        stage = self.model.layers[s]
+        stage = self._stages[s]
         if s > 0 and not isinstance(stage.downsample, PatchMerging):
             raise UnsupportedModelError(f"layers.{s}.downsample: stage without PatchMerging is not supported")
         for b, blk in enumerate(stage.blocks):
@@ -48,10 +54,10 @@ class SwinAdapter(Adapter):
         if not isinstance(head_fc, (nn.Linear, nn.Identity)):
             raise UnsupportedModelError(f"head.fc: {type(head_fc).__name__} is not supported")
         groups: dict[str, Group] = {}
-        n_stages = len(model.layers)
-        for s, stage in enumerate(model.layers):
+        stages = self._stages
+        for s, stage in enumerate(stages):
             self._check_stage(s)
-            p = f"layers.{s}"
+            p = f"{self.stages_attr}.{s}"
             if s == 0:
                 res = [TensorSlice("patch_embed.proj.weight", 0)]
                 if model.patch_embed.proj.bias is not None:
@@ -59,50 +65,54 @@ class SwinAdapter(Adapter):
                 res += norm_slices(model, "patch_embed.norm")
             else:  # PatchMerging at the start of the stage produces this stage's width
                 res = linear_slices(model, f"{p}.downsample.reduction", "out")
+                if self.merge_norm_after:
+                    res += norm_slices(model, f"{p}.downsample.norm")
             width = model.get_parameter(res[0].name).shape[0]
             for b, blk in enumerate(stage.blocks):
                 q = f"{p}.blocks.{b}"
                 res += norm_slices(model, f"{q}.norm1") + norm_slices(model, f"{q}.norm2")
+                res += norm_slices(model, f"{q}.norm3") if hasattr(blk, "norm3") else []
                 res += linear_slices(model, f"{q}.attn.qkv", "in") + linear_slices(model, f"{q}.attn.proj", "out")
-                res += linear_slices(model, f"{q}.mlp.fc1", "in") + linear_slices(model, f"{q}.mlp.fc2", "out")
-                attn = blk.attn
-                a = attn.qkv.out_features // 3
-                groups[f"{q}.attn"] = Group(
-                    f"{q}.attn", "attn", a,
-                    linear_slices(model, f"{q}.attn.qkv", "out", repeats=3, stride=a)
-                    + linear_slices(model, f"{q}.attn.proj", "in")
-                    + [TensorSlice(f"{q}.attn.relative_position_bias_table", 1, per_head=True)],
-                    num_heads=attn.num_heads, head_dim=a // attn.num_heads, module=f"{q}.attn",
-                )
-                groups[f"{q}.mlp"] = Group(
-                    f"{q}.mlp", "mlp", blk.mlp.fc1.out_features,
-                    linear_slices(model, f"{q}.mlp.fc1", "out") + linear_slices(model, f"{q}.mlp.fc2", "in"),
-                    module=f"{q}.mlp",
-                )
-            if s + 1 < n_stages:  # next PatchMerging sees 4 neighbours concatenated: [x0 | x1 | x2 | x3], each width C
-                nxt = f"layers.{s + 1}.downsample"
-                res += norm_slices(model, f"{nxt}.norm", repeats=4, stride=width)
+                res += mlp_input_slices(model, f"{q}.mlp") + linear_slices(model, f"{q}.mlp.fc2", "out")
+                groups[f"{q}.attn"] = self._attn_group(q, blk.attn, f"{p}.residual")
+                groups[f"{q}.mlp"] = Group(f"{q}.mlp", "mlp", blk.mlp.fc2.in_features, mlp_slices(model, f"{q}.mlp"),
+                                           module=f"{q}.mlp")
+            if s + 1 < len(stages):  # next PatchMerging sees 4 neighbours concatenated: [x0 | x1 | x2 | x3], each C
+                nxt = f"{self.stages_attr}.{s + 1}.downsample"
+                if not self.merge_norm_after:
+                    res += norm_slices(model, f"{nxt}.norm", repeats=4, stride=width)
                 res += linear_slices(model, f"{nxt}.reduction", "in", repeats=4, stride=width)
             else:
-                res += norm_slices(model, "norm")
+                res += norm_slices(model, "norm") if hasattr(model, "norm") else []
                 if isinstance(head_fc, nn.Linear):
                     res += linear_slices(model, "head.fc", "in")
             groups[f"{p}.residual"] = Group(f"{p}.residual", "residual", width, res, module=p)
         order = sorted(groups, key=lambda n: (n.split(".blocks")[0], 0 if n.endswith("residual") else 1))
         return PruningSpace(self.arch, {n: groups[n] for n in order})
 
+    def _attn_group(self, q: str, attn: nn.Module, residual: str) -> Group:
+        """Swin V1: window attention with its own width and a per-head relative-position bias table."""
+        a = attn.qkv.out_features // 3
+        return Group(f"{q}.attn", "attn", a,
+                     linear_slices(self.model, f"{q}.attn.qkv", "out", repeats=3, stride=a)
+                     + linear_slices(self.model, f"{q}.attn.proj", "in")
+                     + [TensorSlice(f"{q}.attn.relative_position_bias_table", 1, per_head=True)],
+                     num_heads=attn.num_heads, head_dim=a // attn.num_heads, module=f"{q}.attn")
+
     def stages(self) -> list[StageRef]:
         model = self.model
         out, index = [], 0
-        for s, stage in enumerate(model.layers):
+        for s, stage in enumerate(self._stages):
+            p = f"{self.stages_attr}.{s}"
             blocks = []
             for b in range(len(stage.blocks)):
-                blocks.append(BlockRef.pre_norm(model, index, s, f"layers.{s}.blocks.{b}"))
+                blocks.append(BlockRef.pre_norm(model, index, s, f"{p}.blocks.{b}"))
                 index += 1
-            entry = None if isinstance(stage.downsample, nn.Identity) else f"layers.{s}.downsample"
-            grid = tuple(stage.blocks[0].input_resolution) if len(stage.blocks) else (0, 0)
+            entry = None if isinstance(stage.downsample, nn.Identity) else f"{p}.downsample"
+            first = stage.blocks[0] if len(stage.blocks) else None
+            grid = tuple(getattr(first, "input_resolution", getattr(first, "feat_size", (0, 0))))
             width = (model.patch_embed.proj.weight if s == 0 else stage.downsample.reduction.weight).shape[0]
-            out.append(StageRef(s, tuple(blocks), f"layers.{s}.residual", entry, width, grid))
+            out.append(StageRef(s, tuple(blocks), f"{p}.residual", entry, width, grid))
         return out
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -139,8 +149,8 @@ class SwinAdapter(Adapter):
         return [fc.weight] if isinstance(fc, nn.Linear) else []
 
     def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
-        st = self.model.layers[stage]
-        st.blocks = nn.Sequential(*blocks)
+        st = self._stages[stage]
+        st.blocks = nn.Sequential(*blocks) if isinstance(st.blocks, nn.Sequential) else nn.ModuleList(blocks)
         st.depth = len(blocks)
 
     def sync_attributes(self) -> None:
@@ -215,9 +225,10 @@ class SwinAdapter(Adapter):
 
     def extra_state(self) -> dict:
         """Per-block window/shift layout: after depth pruning it no longer follows timm's even/odd rule."""
-        return {f"layers.{s}.blocks.{b}": {"window_size": list(blk.window_size), "shift_size": list(blk.shift_size),
-                                           "target_shift_size": list(blk.target_shift_size)}
-                for s, st in enumerate(self.model.layers) for b, blk in enumerate(st.blocks)}
+        return {f"{self.stages_attr}.{s}.blocks.{b}": {"window_size": list(blk.window_size),
+                                                      "shift_size": list(blk.shift_size),
+                                                      "target_shift_size": list(blk.target_shift_size)}
+                for s, st in enumerate(self._stages) for b, blk in enumerate(st.blocks)}
 
     def apply_extra_state(self, state: dict) -> None:
         for path, d in state.items():

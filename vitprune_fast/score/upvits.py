@@ -278,27 +278,38 @@ class FastEngine:
     def _head_part(self, work, cands, x, inputs, logits):
         """A group inside the head (an attention pool's attention or MLP): rerun the head for K candidates with each
         candidate's output rows of the group's Linears zeroed (q, k, v rows; fc1 rows, act(0) = 0)."""
-        trunk, model, k = self.trunk, self.model, len(cands)
+        trunk, k = self.trunk, len(cands)
         last = len(trunk.blocks) - 1
         y = trunk.run(inputs[last], last, last + 1)  # output of the last block
-        outputs = []
-        for sl in self.space.groups[work.name].slices:
-            path, _, pname = sl.name.rpartition(".")
-            lin = model.get_submodule(path)
-            if pname == "weight" and sl.dim == 0 and isinstance(lin, nn.Linear):
-                keep = _removal_masks(lin.out_features, cands, sl.indices).to(y.device, non_blocking=True)
-                outputs.append((lin, lambda out, keep=keep: out.reshape(k, -1, keep.shape[1]).masked_fill(
-                    ~keep[:, None, :], 0).reshape(out.shape)))
-        with replaced_output(outputs):
+        with replaced_output(self._zeroed_linear_rows(work, cands, y.device)):
             out = trunk.head(_repeat(y, k))
         return kl_per_candidate(logits, out, k, backend=self.backend, accumulate=_KL_ACC)
+
+    def _zeroed_linear_rows(self, work, cands, device) -> list:
+        """(Linear, fn) pairs zeroing each candidate's output rows of every Linear the group's rows slice (rows of
+        the K candidates stacked along the batch)."""
+        k, out = len(cands), []
+        for sl in self.space.groups[work.name].slices:
+            path, _, pname = sl.name.rpartition(".")
+            lin = self.model.get_submodule(path)
+            if pname == "weight" and sl.dim == 0 and isinstance(lin, nn.Linear):
+                keep = _removal_masks(lin.out_features, cands, sl.indices).to(device, non_blocking=True)
+                out.append((lin, lambda y, keep=keep: y.reshape(k, -1, keep.shape[1]).masked_fill(
+                    ~keep[:, None, :], 0).reshape(y.shape)))
+        return out
 
     def _residual(self, work, cands, x, inputs, logits):
         """Residual channel c: every norm the group feeds normalises over the other channels."""
         trunk, model, group = self.trunk, self.model, self.space.groups[work.name]
         lns = group_norms(model, group)
         k = len(cands)
-        with replaced_forward(_masked_norm_forwards(lns, cands, inputs[0].device, self.backend)):
+        stage = next(s for s in self.stages if s.residual == group.name)
+        # post-norm blocks read the residual stream directly: its writers (a stage entry's Linear, proj, fc2) must
+        # leave channel c at zero, as removal does; pre-norm blocks read it only through the masked norms
+        writers = (self._zeroed_linear_rows(work, cands, inputs[0].device)
+                   if any(b.post_norm for b in stage.blocks) else [])
+        with replaced_forward(_masked_norm_forwards(lns, cands, inputs[0].device, self.backend)), \
+                replaced_output(writers):
             if any(self._in_prefix(ln) for ln, _ in lns):  # e.g. patch_embed.norm: start from the images
                 out = trunk.run(trunk.prefix(_repeat(x, k)), 0)
             else:
@@ -382,6 +393,9 @@ class ReferenceEngine:
             finally:
                 for t, dim, idx, v in saved:
                     t.detach().index_copy_(dim, idx, v)
+        elif work.name == "units.block":  # the block is skipped (with a main-branch norm3, if it has one)
+            with replaced_forward([(model.get_submodule(self.refs[c].path), lambda x, *_a, **_k: x)]):
+                yield model
         else:
             kind = work.name.split(".", 1)[1]
             with replaced_output([(m, _zero) for m in _unit_branches(model, self.refs, kind, c)]):
