@@ -13,6 +13,7 @@ import torch
 
 import vitprune_fast as vpf
 from tests.models import make_input, randomize_, rel_err
+from vitprune_fast.arch import adapter_for
 from vitprune_fast.dap import DAP, Schedule
 from vitprune_fast.errors import PlanError
 from vitprune_fast.masked import masked_copy
@@ -49,9 +50,12 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
     "swin_v2_cr": ("swinv2_cr_tiny_ns_224", dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2),
                                                  num_heads=(2, 4), num_classes=10),
                    "Swin V2-CR: post-norm, main-branch norm3, PatchMerging norm before the reduction"),
+    "cait": ("cait_xxs24_224", dict(SMALL, depth=2, depth_token_only=2),
+             "CaiT: talking-heads attention, class-attention blocks in the head, layer scale"),
 }
 # attention width tied to the residual (and / or no called fused qkv Linear to gate)
-DAP_REFUSED = {"eva02", "eva_giant", "dinov3", "relpos", "relpos_shared", "beit", "beitv2", "swin_v2", "swin_v2_cr"}
+DAP_REFUSED = {"eva02", "eva_giant", "dinov3", "relpos", "relpos_shared", "beit", "beitv2", "swin_v2", "swin_v2_cr",
+               "cait"}
 
 
 def _model(key: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
@@ -148,8 +152,8 @@ def test_dimap_structured_plan(key):
         want = masked_copy(model, plan)(x)
         assert rel_err(vpf.prune_(copy.deepcopy(model), plan)(x), want) < 1e-9
     scores = vpf.dimap_scores(model, structured=True, attn_mode=mode)
-    groups = vpf.describe(model).groups  # DIMAP's modules are the blocks' (an attention pool's groups stay whole)
-    assert set(scores) == {n for n, g in groups.items() if g.kind != "residual" and not n.startswith("attn_pool")}
+    groups = vpf.describe(model).groups  # DIMAP's modules are the blocks' (a pool's, CaiT's class attention stay whole)
+    assert set(scores) == {n for b in adapter_for(model).blocks() for n in (b.attn, b.mlp)}
     for name, s in scores.items():
         assert s.shape == (groups[name].size,)
 

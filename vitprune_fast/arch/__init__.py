@@ -11,6 +11,7 @@ from ..errors import UnsupportedModelError
 from ..space import PruningSpace
 from .base import Adapter, BlockRef, StageRef, Trunk
 from .beit import BeitAdapter
+from .cait import CaitAdapter
 from .eva import EvaAdapter
 from .relpos import RelPosViTAdapter
 from .swin import SwinAdapter
@@ -18,8 +19,8 @@ from .swin_v2 import SwinV2Adapter, SwinV2CrAdapter
 from .vit import ViTAdapter
 
 # checked in order: most specific first
-_ADAPTERS: list[type[Adapter]] = [BeitAdapter, EvaAdapter, RelPosViTAdapter, SwinV2CrAdapter, SwinV2Adapter,
-                                  SwinAdapter, ViTAdapter]
+_ADAPTERS: list[type[Adapter]] = [BeitAdapter, CaitAdapter, EvaAdapter, RelPosViTAdapter, SwinV2CrAdapter,
+                                  SwinV2Adapter, SwinAdapter, ViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -75,6 +76,6 @@ def describe(model: nn.Module) -> PruningSpace:
     return adapter_for(model).describe()
 
 
-__all__ = ["Adapter", "BeitAdapter", "BlockRef", "EvaAdapter", "RelPosViTAdapter", "StageRef", "SwinAdapter",
-           "SwinV2Adapter", "SwinV2CrAdapter", "Trunk", "ViTAdapter", "adapter_for", "adapters", "describe",
+__all__ = ["Adapter", "BeitAdapter", "BlockRef", "CaitAdapter", "EvaAdapter", "RelPosViTAdapter", "StageRef",
+           "SwinAdapter", "SwinV2Adapter", "SwinV2CrAdapter", "Trunk", "ViTAdapter", "adapter_for", "adapters", "describe",
            "register_adapter", "unregister_adapter"]
