@@ -77,5 +77,5 @@ def describe(model: nn.Module) -> PruningSpace:
 
 
 __all__ = ["Adapter", "BeitAdapter", "BlockRef", "CaitAdapter", "EvaAdapter", "RelPosViTAdapter", "StageRef",
-           "SwinAdapter", "SwinV2Adapter", "SwinV2CrAdapter", "Trunk", "ViTAdapter", "adapter_for", "adapters", "describe",
-           "register_adapter", "unregister_adapter"]
+           "SwinAdapter", "SwinV2Adapter", "SwinV2CrAdapter", "Trunk", "ViTAdapter", "adapter_for", "adapters",
+           "describe", "register_adapter", "unregister_adapter"]
