@@ -52,10 +52,14 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
                    "Swin V2-CR: post-norm, main-branch norm3, PatchMerging norm before the reduction"),
     "cait": ("cait_xxs24_224", dict(SMALL, depth=2, depth_token_only=2),
              "CaiT: talking-heads attention, class-attention blocks in the head, layer scale"),
+    "relpos_post": ("vit_relpos_small_patch16_rpn_224", dict(SMALL, embed_dim=64),
+                    "post-norm relative-position ViT (ResPostRelPosBlock)"),
+    "vit_post": ("vit_base_patch16_rpn_224", dict(SMALL, embed_dim=64), "post-norm ViT (ResPostBlock)"),
+    "eva_post": ("eva02_enormous_patch14_clip_224", dict(SMALL, embed_dim=64), "post-norm EVA (EvaBlockPostNorm)"),
 }
 # attention width tied to the residual (and / or no called fused qkv Linear to gate)
 DAP_REFUSED = {"eva02", "eva_giant", "dinov3", "relpos", "relpos_shared", "beit", "beitv2", "swin_v2", "swin_v2_cr",
-               "cait"}
+               "cait", "relpos_post", "vit_post", "eva_post"}
 
 
 def _model(key: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:

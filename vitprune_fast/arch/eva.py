@@ -31,7 +31,8 @@ from .common import (
 
 
 class EvaAdapter(Adapter):
-    """timm ``Eva``: one stage, one residual group, pre-norm ``EvaBlock``s with a rotary embedding passed in."""
+    """timm ``Eva``: one stage, one residual group, ``EvaBlock``s (or post-norm ``EvaBlockPostNorm``s) with a rotary
+    embedding passed in."""
 
     arch = "eva"
 
@@ -44,7 +45,7 @@ class EvaAdapter(Adapter):
     # ------------------------------------------------------------------------------------------- checks
     def _check(self) -> None:
         from timm.layers import AttentionRope
-        from timm.models.eva import EvaAttention, EvaBlock
+        from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
 
         m = self.model
         if getattr(m, "rope_mixed", False):
@@ -58,11 +59,9 @@ class EvaAdapter(Adapter):
             check_attn_pool(m.attn_pool)
         for i, blk in enumerate(m.blocks):
             where = f"blocks.{i}"
-            if type(blk) is not EvaBlock:
-                why = ("post-norm: the norm sits on the branch output" if type(blk).__name__ == "EvaBlockPostNorm"
-                       else "another layout")
-                raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported (only the pre-norm "
-                                            f"EvaBlock; {why})")
+            if type(blk) not in (EvaBlock, EvaBlockPostNorm):
+                raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported (EvaBlock and "
+                                            "EvaBlockPostNorm are)")
             attn = blk.attn
             if type(attn) not in (EvaAttention, AttentionRope):
                 raise UnsupportedModelError(f"{where}.attn: {type(attn).__name__} is not supported")
@@ -145,6 +144,8 @@ class EvaAdapter(Adapter):
         return PruningSpace(self.arch, {"residual": residual} | groups)
 
     def stages(self) -> list[StageRef]:
+        from timm.models.eva import EvaBlockPostNorm
+
         m = self.model
         blocks = []
         for i, blk in enumerate(m.blocks):
@@ -158,7 +159,7 @@ class EvaAdapter(Adapter):
             taps = None if untapped else (f"{p}.attn.q_norm", f"{p}.attn.k_norm", f"{p}.attn.norm")
             blocks.append(BlockRef(i, 0, p, f"{p}.attn", f"{p}.mlp", f"{p}.norm1", f"{p}.norm2", qkv,
                                    f"{p}.attn.proj", f"{p}.mlp.{fc1}", f"{p}.mlp.act", f"{p}.mlp.fc2",
-                                   ls["gamma_1"], ls["gamma_2"], taps))
+                                   ls["gamma_1"], ls["gamma_2"], taps, post_norm=type(blk) is EvaBlockPostNorm))
         return [StageRef(0, tuple(blocks), "residual", None, m.patch_embed.proj.weight.shape[0],
                          tuple(m.patch_embed.grid_size), m.num_prefix_tokens, m.cls_token is not None)]
 

@@ -6,6 +6,8 @@ relative-position bias (a table or an MLP with one output per head) is never sli
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -17,7 +19,7 @@ from .common import linear_slices, mlp_input_slices, mlp_slices, norm_slices, sy
 
 
 class RelPosViTAdapter(Adapter):
-    """timm ``VisionTransformerRelPos`` with pre-norm ``RelPosBlock``s (post-norm ``ResPostRelPosBlock`` refused)."""
+    """timm ``VisionTransformerRelPos`` with pre-norm ``RelPosBlock``s or post-norm ``ResPostRelPosBlock``s."""
 
     arch = "vit_relpos"
 
@@ -28,7 +30,7 @@ class RelPosViTAdapter(Adapter):
         return isinstance(model, VisionTransformerRelPos)
 
     def _check(self) -> None:
-        from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock
+        from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, ResPostRelPosBlock
 
         m = self.model
         if not isinstance(m.patch_embed.proj, nn.Conv2d):
@@ -37,11 +39,9 @@ class RelPosViTAdapter(Adapter):
             raise UnsupportedModelError(f"head: {type(m.head).__name__} is not supported")
         for i, blk in enumerate(m.blocks):
             where = f"blocks.{i}"
-            if type(blk) is not RelPosBlock:
-                why = ("post-norm: the norm sits on the branch output" if type(blk).__name__ == "ResPostRelPosBlock"
-                       else "another layout")
-                raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported (only the pre-norm "
-                                            f"RelPosBlock; {why})")
+            if type(blk) not in (RelPosBlock, ResPostRelPosBlock):
+                raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported (RelPosBlock and "
+                                            "ResPostRelPosBlock are)")
             if type(blk.attn) is not RelPosAttention or not isinstance(blk.attn.qkv, nn.Linear):
                 raise UnsupportedModelError(f"{where}.attn: {type(blk.attn).__name__} is not supported")
             if not (isinstance(blk.attn.q_norm, nn.Identity) and isinstance(blk.attn.k_norm, nn.Identity)):
@@ -51,8 +51,9 @@ class RelPosViTAdapter(Adapter):
                 if not is_norm(getattr(blk, nm)):
                     raise UnsupportedModelError(f"{where}.{nm}: {type(getattr(blk, nm)).__name__} is not supported")
             for ls in ("ls1", "ls2"):
-                if not isinstance(getattr(blk, ls), nn.Identity) and not hasattr(getattr(blk, ls), "gamma"):
-                    raise UnsupportedModelError(f"{where}.{ls}: {type(getattr(blk, ls)).__name__} is not supported")
+                m = getattr(blk, ls, nn.Identity())
+                if not isinstance(m, nn.Identity) and not hasattr(m, "gamma"):
+                    raise UnsupportedModelError(f"{where}.{ls}: {type(m).__name__} is not supported")
 
     def describe(self) -> PruningSpace:
         """``residual``, ``blocks.{i}.attn`` (tied to the residual, dims per head), ``blocks.{i}.mlp``."""
@@ -71,7 +72,8 @@ class RelPosViTAdapter(Adapter):
             res += norm_slices(m, f"{p}.norm1") + norm_slices(m, f"{p}.norm2")
             res += linear_slices(m, f"{p}.attn.qkv", "in") + linear_slices(m, f"{p}.attn.proj", "out")
             res += mlp_input_slices(m, f"{p}.mlp") + linear_slices(m, f"{p}.mlp.fc2", "out")
-            res += [TensorSlice(f"{p}.{ls}.gamma", 0) for ls in ("ls1", "ls2") if hasattr(getattr(blk, ls), "gamma")]
+            res += [TensorSlice(f"{p}.{ls}.gamma", 0) for ls in ("ls1", "ls2")
+                    if hasattr(getattr(blk, ls, None), "gamma")]
             groups[f"{p}.attn"] = Group(
                 f"{p}.attn", "attn", a,
                 linear_slices(m, f"{p}.attn.qkv", "out", repeats=3, stride=a)
@@ -86,7 +88,10 @@ class RelPosViTAdapter(Adapter):
 
     def stages(self) -> list[StageRef]:
         m = self.model
-        blocks = tuple(BlockRef.pre_norm(m, i, 0, f"blocks.{i}") for i in range(len(m.blocks)))
+        from timm.models.vision_transformer_relpos import ResPostRelPosBlock
+
+        blocks = tuple(dataclasses.replace(BlockRef.pre_norm(m, i, 0, f"blocks.{i}"),
+                                           post_norm=type(blk) is ResPostRelPosBlock) for i, blk in enumerate(m.blocks))
         return [StageRef(0, blocks, "residual", None, m.patch_embed.proj.weight.shape[0],
                          tuple(m.patch_embed.grid_size), m.num_prefix_tokens, m.cls_token is not None)]
 

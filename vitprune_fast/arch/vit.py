@@ -1,6 +1,8 @@
 """Adapter for timm ``VisionTransformer`` (ViT, DeiT, DeiT-distilled, LayerScale, with/without class token)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -20,7 +22,6 @@ from .common import (
 )
 
 _BLOCK_REASONS = {  # why timm's other ViT blocks are refused
-    "ResPostBlock": "post-norm: the norm sits on the branch output, after the residual width is summed",
     "ParallelScalingBlock": "fused parallel attention + MLP projections (one in_proj / out_proj for both branches)",
     "ParallelThingsBlock": "several attention / MLP branches run in parallel on one input",
     "DiffParallelScalingBlock": "differential attention with fused parallel projections",
@@ -52,11 +53,11 @@ class ViTAdapter(Adapter):
         return blocks
 
     def _check_block(self, i: int) -> None:
-        from timm.models.vision_transformer import Attention, Block
+        from timm.models.vision_transformer import Attention, Block, ResPostBlock
 
         blk = self._blocks[i]
         where = f"{self.blocks_attr}.{i}"
-        if type(blk) is not Block:
+        if type(blk) not in (Block, ResPostBlock):
             raise UnsupportedModelError(f"{where}: block type {type(blk).__name__} is not supported (only timm's "
                                         f"pre-norm Block; {_BLOCK_REASONS.get(type(blk).__name__, 'another layout')})")
         attn = blk.attn
@@ -78,7 +79,7 @@ class ViTAdapter(Adapter):
             raise UnsupportedModelError(f"{where}.attn.gate: gated attention is not supported")
         mlp_slices(self.model, f"{where}.mlp")  # raises for an MLP form it cannot prune
         for ls in ("ls1", "ls2"):
-            m = getattr(blk, ls)
+            m = getattr(blk, ls, nn.Identity())  # (a post-norm ResPostBlock has none)
             if not isinstance(m, nn.Identity) and not hasattr(m, "gamma"):
                 raise UnsupportedModelError(f"{where}.{ls}: {type(m).__name__} is not supported")
         for nm in ("norm1", "norm2"):
@@ -126,7 +127,7 @@ class ViTAdapter(Adapter):
             res += linear_slices(model, f"{p}.attn.qkv", "in") + linear_slices(model, f"{p}.attn.proj", "out")
             res += mlp_input_slices(model, f"{p}.mlp") + linear_slices(model, f"{p}.mlp.fc2", "out")
             for ls in ("ls1", "ls2"):
-                if hasattr(getattr(blk, ls), "gamma"):
+                if hasattr(getattr(blk, ls, None), "gamma"):
                     res.append(TensorSlice(f"{p}.{ls}.gamma", 0))
             attn = blk.attn
             a = attn.attn_dim
@@ -152,7 +153,10 @@ class ViTAdapter(Adapter):
 
     def stages(self) -> list[StageRef]:
         model = self.model
-        blocks = tuple(BlockRef.pre_norm(model, i, 0, f"{self.blocks_attr}.{i}") for i in range(len(self._blocks)))
+        from timm.models.vision_transformer import ResPostBlock
+
+        blocks = tuple(dataclasses.replace(BlockRef.pre_norm(model, i, 0, f"{self.blocks_attr}.{i}"),
+                                           post_norm=type(blk) is ResPostBlock) for i, blk in enumerate(self._blocks))
         return [StageRef(0, blocks, "residual", None, model.patch_embed.proj.weight.shape[0],
                          tuple(model.patch_embed.grid_size), model.num_prefix_tokens, model.cls_token is not None)]
 
@@ -218,7 +222,7 @@ class ViTAdapter(Adapter):
             no_embed_class=model.no_embed_class,
             pos_embed="learn" if model.pos_embed is not None else "none",
             qkv_bias=blocks[0].attn.qkv.bias is not None if len(blocks) else True,
-            init_values=1e-5 if len(blocks) and hasattr(blocks[0].ls1, "gamma") else None,
+            init_values=1e-5 if len(blocks) and hasattr(getattr(blocks[0], "ls1", None), "gamma") else None,
             pre_norm=not isinstance(model.norm_pre, nn.Identity),
             fc_norm=not isinstance(model.fc_norm, nn.Identity),
             dynamic_img_size=getattr(model, "dynamic_img_size", False),

@@ -304,17 +304,20 @@ class FastEngine:
         lns = group_norms(model, group)
         k = len(cands)
         stage = next(s for s in self.stages if s.residual == group.name)
-        # post-norm blocks read the residual stream directly: its writers (a stage entry's Linear, proj, fc2) must
-        # leave channel c at zero, as removal does; pre-norm blocks read it only through the masked norms
-        writers = (self._zeroed_linear_rows(work, cands, inputs[0].device)
-                   if any(b.post_norm for b in stage.blocks) else [])
+        # post-norm blocks read the residual stream directly: channel c must stay zero, as removal leaves it -- in
+        # the stream entering the stage and from every writer (a stage entry's Linear, proj, fc2); pre-norm blocks
+        # read the stream only through the masked norms
+        post = any(b.post_norm for b in stage.blocks)
+        writers = self._zeroed_linear_rows(work, cands, inputs[0].device) if post else []
+        s = self._first_block(group)
         with replaced_forward(_masked_norm_forwards(lns, cands, inputs[0].device, self.backend)), \
                 replaced_output(writers):
-            if any(self._in_prefix(ln) for ln, _ in lns):  # e.g. patch_embed.norm: start from the images
-                out = trunk.run(trunk.prefix(_repeat(x, k)), 0)
-            else:
-                s = self._first_block(group)
-                out = trunk.run(_repeat(inputs[s], k), s)
+            from_images = any(self._in_prefix(ln) for ln, _ in lns)  # e.g. patch_embed.norm: start from the images
+            start, s = (trunk.prefix(_repeat(x, k)), 0) if from_images else (_repeat(inputs[s], k), s)
+            if post and s not in trunk.stage_start:  # the stream entering block s carries this group's channels
+                keep = _removal_masks(work.size, cands, lambda c: c).to(start.device, non_blocking=True)
+                start = start.reshape(k, -1, work.size).masked_fill(~keep[:, None, :], 0).reshape(start.shape)
+            out = trunk.run(start, s)
         return kl_per_candidate(logits, out, k, backend=self.backend, accumulate=_KL_ACC)
 
     def _first_block(self, group: Group) -> int:
