@@ -56,10 +56,16 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
                     "post-norm relative-position ViT (ResPostRelPosBlock)"),
     "vit_post": ("vit_base_patch16_rpn_224", dict(SMALL, embed_dim=64), "post-norm ViT (ResPostBlock)"),
     "eva_post": ("eva02_enormous_patch14_clip_224", dict(SMALL, embed_dim=64), "post-norm EVA (EvaBlockPostNorm)"),
+    "pvt_v2": ("pvt_v2_b0", dict(num_classes=10, depths=(2, 1, 1, 1), embed_dims=(16, 24, 32, 40),
+                                 num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2)),
+               "PVTv2: spatial-reduction attention, depthwise-conv MLP, overlapping patch embeddings"),
+    "pvt_v2_linear": ("pvt_v2_b2_li", dict(num_classes=10, depths=(1, 1, 1, 1), embed_dims=(16, 24, 32, 40),
+                                           num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2)),
+                      "PVTv2-li: pooled linear attention"),
 }
 # attention width tied to the residual (and / or no called fused qkv Linear to gate)
 DAP_REFUSED = {"eva02", "eva_giant", "dinov3", "relpos", "relpos_shared", "beit", "beitv2", "swin_v2", "swin_v2_cr",
-               "cait", "relpos_post", "vit_post", "eva_post"}
+               "cait", "relpos_post", "vit_post", "eva_post", "pvt_v2", "pvt_v2_linear"}
 
 
 def _model(key: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:

@@ -13,14 +13,15 @@ from .base import Adapter, BlockRef, StageRef, Trunk
 from .beit import BeitAdapter
 from .cait import CaitAdapter
 from .eva import EvaAdapter
+from .pvt_v2 import PvtV2Adapter
 from .relpos import RelPosViTAdapter
 from .swin import SwinAdapter
 from .swin_v2 import SwinV2Adapter, SwinV2CrAdapter
 from .vit import ViTAdapter
 
 # checked in order: most specific first
-_ADAPTERS: list[type[Adapter]] = [BeitAdapter, CaitAdapter, EvaAdapter, RelPosViTAdapter, SwinV2CrAdapter,
-                                  SwinV2Adapter, SwinAdapter, ViTAdapter]
+_ADAPTERS: list[type[Adapter]] = [BeitAdapter, CaitAdapter, EvaAdapter, PvtV2Adapter, RelPosViTAdapter,
+                                  SwinV2CrAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -76,6 +77,7 @@ def describe(model: nn.Module) -> PruningSpace:
     return adapter_for(model).describe()
 
 
-__all__ = ["Adapter", "BeitAdapter", "BlockRef", "CaitAdapter", "EvaAdapter", "RelPosViTAdapter", "StageRef",
+__all__ = ["Adapter", "BeitAdapter", "BlockRef", "CaitAdapter", "EvaAdapter", "PvtV2Adapter", "RelPosViTAdapter",
+           "StageRef",
            "SwinAdapter", "SwinV2Adapter", "SwinV2CrAdapter", "Trunk", "ViTAdapter", "adapter_for", "adapters",
            "describe", "register_adapter", "unregister_adapter"]

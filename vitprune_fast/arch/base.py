@@ -121,7 +121,8 @@ class Trunk:
         stage_of: block index -> stage index.
         embed: images -> input of block 0.
         head_fn: output of the last block -> logits.
-        block_kwargs: keyword arguments every block call gets (EVA: the rotary embedding), computed once.
+        block_kwargs: keyword arguments every block call gets (EVA: the rotary embedding), or a function of the
+            block index giving them (PVTv2: its stage's token grid).
     """
 
     blocks: list[nn.Module]
@@ -130,11 +131,12 @@ class Trunk:
     stage_of: list[int]
     embed: Callable[[torch.Tensor], torch.Tensor]
     head_fn: Callable[[torch.Tensor], torch.Tensor]
-    block_kwargs: dict = field(default_factory=dict)
+    block_kwargs: dict | Callable[[int], dict] = field(default_factory=dict)
 
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Block ``i`` on ``x`` (already past the stage entry): ``blocks[i](x, **block_kwargs)``."""
-        return self.blocks[i](x, **self.block_kwargs)
+        kw = self.block_kwargs(i) if callable(self.block_kwargs) else self.block_kwargs
+        return self.blocks[i](x, **kw)
 
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """Embedding: images -> input of block 0 (before a stage-0 entry, if any)."""

@@ -233,6 +233,9 @@ class FastEngine:
             return out.reshape(k, -1, 3 * a).masked_fill(~keep[:, None, :], 0).reshape(out.shape)
 
         ref = self.refs[self.trunk.block_index(work.name)]
+        qkv = self.model.get_submodule(ref.qkv)
+        if ref.taps is None and not ref.qkv_functional and qkv.out_features != 3 * a:  # separate q and kv Linears
+            return self._rerun(work, cands, inputs, logits, self._zeroed_linear_rows(work, cands, inputs[0].device))
         if ref.qkv_functional:
             with replaced_linear_output(self.model.get_submodule(ref.qkv).weight, apply):
                 return self._rerun(work, cands, inputs, logits)
