@@ -9,7 +9,9 @@ GPU: CUDA-event medians (triton.testing.do_bench) in bf16 at batch 1 / 64 / 256;
 in fp32 at batch 1 / 8 with one intra-op thread, the models of a case timed round-robin and the ratios taken as
 medians of per-round ratios (``--quick``: smaller models, fewer repeats).
 
-    python bench/pruned_speed.py [--quick | --check]   # --check: the GPU check's rows (DeiT-B, Swin-B), 3 rounds
+* ``--families``: a SigLIP-style (attention-pool head) and an EVA-02-style (rotary, SwiGLU) ViT-B at keep 0.7.
+
+    python bench/pruned_speed.py [--quick | --check | --families]   # --check: the GPU check's rows, 3 rounds
 """
 from __future__ import annotations
 
@@ -95,6 +97,11 @@ FULL = [("deit_base_patch16_224", {}, [("deit_small_patch16_224", 0.5, 6), ("dei
 QUICK = [("deit_small_patch16_224", {}, [("deit_tiny_patch16_224", 0.5, 3)]),
          ("swin_tiny_patch4_window7_224", {}, [(None, 0.7, None)])]
 CHECK = [FULL[0], FULL[2]]  # the GPU check: DeiT-B -> S / Ti shapes, Swin-B keep 0.7 with and without round_to 8
+# The families of today: a SigLIP-style ViT (attention-pool head, the pool's attention tied to the residual) and an
+# EVA-02-style ViT (rotary attention tied to the residual, whole heads; SwiGLU with sub-norm), keep 0.7 of every
+# width: about half the FLOPs (EVA-02's residual rounds to whole 64-dim heads: 768 -> 512).
+FAMILIES = [("vit_base_patch16_siglip_224", {}, [(None, 0.7, None)]),
+            ("eva02_base_patch14_224.mim_in22k", {}, [(None, 0.7, None)])]
 
 
 def run(quick: bool, device: torch.device | None = None, cases=None, batches=None, repeats=None,
@@ -154,10 +161,16 @@ def main() -> None:
                                                          "no ONNX")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: on a shared box, multi-threaded OpenMP stalls dominate timings)")
+    ap.add_argument("--families", action="store_true", help="SigLIP-style and EVA-02-style rows only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = default_device()
-    res = run(args.quick, dev, cases=CHECK, repeats=3, onnx=False) if args.check else run(args.quick, dev)
+    if args.check:
+        res = run(args.quick, dev, cases=CHECK, repeats=3, onnx=False)
+    elif args.families:
+        res = run(args.quick, dev, cases=FAMILIES, onnx=False)
+    else:
+        res = run(args.quick, dev)
     print(f"pruned-model speed on {device_name(dev)} ({res['dtype']})")
     bs = [f"bs{b}" for b in res["batches"]]
     print(f"{'model':<58}{'params':>12}{'GFLOPs':>8}" + "".join(f"{b + ' ms':>11}" for b in bs) + "  notes")
@@ -172,7 +185,7 @@ def main() -> None:
             notes.append(f"ORT CPU bs1 {1e3 * r['onnxruntime_cpu_bs1_seconds']:.1f} ms")
         print(f"{r['model'][:57]:<58}{r['params']:>12,}{r['flops'] / 1e9:>8.2f}"
               + "".join(f"{1e3 * r[b]['seconds']:>11.1f}" for b in bs) + "  " + "; ".join(notes))
-    print("wrote", write_json("pruned_speed", dev, res, quick=args.quick))
+    print("wrote", write_json("pruned_speed_families" if args.families else "pruned_speed", dev, res, quick=args.quick))
 
 
 if __name__ == "__main__":
