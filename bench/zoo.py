@@ -7,13 +7,14 @@ scores keeping half of every group (whole heads where the attention needs them) 
 in another, and the logits on one image at the model's input size are compared: exact when the relative error is
 below 1e-9. Models whose two-block copy has more than ``--max-params`` parameters are listed as not run (memory).
 
-    python bench/zoo.py [--describe-only] [--max-params 1.2e8] [--limit N]
+    python bench/zoo.py [--describe-only] [--max-params 1.2e8] [--limit N] [--only NAME ... --max-params 1e9]
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import copy
+import json
 import sys
 import time
 import warnings
@@ -62,7 +63,11 @@ def _randomize_(model: torch.nn.Module) -> None:
 
 def _exact(name: str, max_params: float) -> dict:
     kwargs = {**_two_blocks(_meta(name)), "num_classes": 10}  # a classifier: feature-only models end in Identity
-    meta = _meta(name, **kwargs)
+    try:
+        meta = _meta(name, **kwargs)
+    except Exception:  # noqa: BLE001 -- e.g. per-block settings sized for the full depth: build it whole
+        kwargs = {"num_classes": 10}
+        meta = _meta(name, **kwargs)
     n_params = sum(p.numel() for p in meta.parameters())
     if n_params > max_params:
         return {"status": "not_run", "why": f"{n_params / 1e6:.0f} M parameters at two blocks per stage"}
@@ -80,13 +85,14 @@ def _exact(name: str, max_params: float) -> dict:
         pruned = vpf.prune_(copy.deepcopy(model), plan)
         got = pruned(x)
     err = float((got - want).abs().max() / want.abs().max())
-    return {"status": "exact" if err < 1e-9 else "wrong", "rel_err": err, "params_two_blocks": n_params,
+    return {"status": "exact" if err < 1e-9 else "wrong", "rel_err": err, "params_built": n_params,
+            "built_with": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
             "kept_params": sum(p.numel() for p in pruned.parameters())}
 
 
-def run(describe_only: bool, max_params: float, limit: int | None) -> dict:
+def run(describe_only: bool, max_params: float, limit: int | None, only: list[str] | None = None) -> dict:
     rows = []
-    names = [(m, n) for m in MODULES for n in timm.list_models(module=m)][:limit]
+    names = [(m, n) for m in MODULES for n in timm.list_models(module=m) if not only or n in only][:limit]
     for module, name in names:
         t0 = time.perf_counter()
         row = {"module": module, "name": name}
@@ -116,14 +122,28 @@ def main() -> None:
     ap.add_argument("--describe-only", action="store_true", help="meta-device describe only (seconds, no numerics)")
     ap.add_argument("--max-params", type=float, default=1.2e8)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--only", nargs="+", help="rerun these names and replace their rows in the saved census")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    res = run(args.describe_only, args.max_params, args.limit)
+    res = run(args.describe_only, args.max_params, args.limit, args.only)
+    if args.only:  # merge into the full census
+        path = Path(__file__).resolve().parent / "results" / "zoo-amd-epyc.json"
+        saved = json.loads(path.read_text()) if path.exists() else None
+        if saved is not None:
+            new = {r["name"]: r for r in res["rows"]}
+            rows = [new.get(r["name"], r) for r in saved["rows"]]
+            res = {**{k: saved[k] for k in ("timm", "names", "describe_only", "max_params")}, "rows": rows,
+                   "counts": dict(collections.Counter(r["status"] for r in rows)),
+                   "by_module": {m: dict(collections.Counter(r["status"] for r in rows if r["module"] == m))
+                                 for m in MODULES},
+                   "reruns": {"names": args.only, "max_params": args.max_params}}
     c = res["counts"]
     ok = c.get("exact", 0) + (c.get("described", 0) if args.describe_only else 0)
     print(f"{res['names']} names: {c}; supported {ok} = {100 * ok / res['names']:.1f} %")
     print("wrote", write_json("zoo" + ("_describe" if args.describe_only else ""), torch.device("cpu"), res,
                               quick=args.limit is not None))
+    c = res["counts"]
+    print(f"census now: {c}")
 
 
 if __name__ == "__main__":

@@ -320,3 +320,29 @@ def test_fidelity_study_summary_comes_from_its_runs(tmp_path):
     fidelity.update_readme(doc, readme)
     assert readme.read_text() == f"a\n{text}\nb\n"
     assert fidelity.plot(summary, tmp_path / "f.png") is None or (tmp_path / "f.png").is_file()
+
+
+def test_zoo_census_rows():
+    """The census builds, prunes and compares what it describes; what it refuses carries the reason."""
+    import zoo
+
+    res = zoo.run(False, 1e8, None, only=["deit_tiny_patch16_224", "xcit_nano_12_p16_224", "test_vit3"])
+    by = {r["name"]: r for r in res["rows"]}
+    assert by["deit_tiny_patch16_224"]["status"] == "exact" and by["deit_tiny_patch16_224"]["rel_err"] < 1e-9
+    assert by["test_vit3"]["status"] == "exact"  # attention-pool head
+    assert by["xcit_nano_12_p16_224"]["status"] == "refused" and "Xcit" in by["xcit_nano_12_p16_224"]["why"]
+    assert res["counts"] == {"exact": 2, "refused": 1}
+    assert by["deit_tiny_patch16_224"]["kept_params"] < by["deit_tiny_patch16_224"]["params_built"]
+
+
+def test_pruned_speed_family_rows():
+    """The SigLIP-style and EVA-02-style rows: pruned to fewer FLOPs and parameters, timed against dense."""
+    tiny = dict(img_size=32, depth=2, num_classes=10)
+    cases = [("vit_base_patch16_siglip_224", dict(tiny, patch_size=16, embed_dim=64, num_heads=4), [(None, 0.7, None)]),
+             ("eva02_base_patch14_224.mim_in22k", dict(tiny, img_size=28, patch_size=14, embed_dim=128, num_heads=2),
+              [(None, 0.7, None)])]
+    res = pruned_speed.run(True, CPU, cases=cases, batches=(1,), repeats=1, onnx=False)
+    pruned = [r for r in res["rows"] if r["kind"] == "pruned"]
+    assert len(pruned) == 2
+    for r in pruned:
+        assert r["flops_ratio_vs_dense"] > 1.2 and r["speedup_vs_dense"]["bs1"] > 0

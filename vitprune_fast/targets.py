@@ -194,6 +194,8 @@ def shape_targets(model: nn.Module, target: str) -> tuple[dict[str, float], dict
             raise PlanError(f"target {target} has no counterpart of group {name} (different number of stages)")
         if t.size > g.size:
             raise PlanError(f"cannot prune to {target}: {name} would grow from {g.size} to {t.size} channels")
+        if g.tied_to is not None:  # follows its residual's count (make_plan plans it with that group)
+            continue
         keep[name] = t.size / g.size
         if g.kind == "attn":
             if g.num_heads % t.num_heads:
