@@ -206,6 +206,21 @@ def _finetune_scale(d: dict) -> list[str]:
     return out
 
 
+def _zoo(d: dict) -> list[str]:
+    out = ["| timm module | names | pruned exactly | described, not run (size) | refused | crashed |",
+           "|---|---|---|---|---|---|"]
+    for m, c in d["by_module"].items():
+        out.append(f"| {m} | {sum(c.values())} | {c.get('exact', 0)} | {c.get('not_run', 0)} | {c.get('refused', 0)} "
+                   f"| {c.get('crashed', 0) + c.get('wrong', 0)} |")
+    c = d["counts"]
+    run = d["names"] - c.get("not_run", 0)
+    out += ["", f"{d['names']} names (timm {d['timm']}): {c.get('exact', 0)} pruned exactly = "
+                f"{100 * c.get('exact', 0) / d['names']:.1f} % of all, {100 * c.get('exact', 0) / max(run, 1):.1f} % "
+                f"of the {run} built and run; {c.get('wrong', 0)} wrong, {c.get('crashed', 0)} crashed, "
+                f"{c.get('refused', 0)} refused with the reason."]
+    return out
+
+
 def _generic(d: dict) -> list[str]:
     return ["```json", json.dumps({k: v for k, v in d.items() if k not in ("results",)}, indent=1)[:1500], "```"]
 
@@ -217,6 +232,8 @@ SECTIONS = [("GPU check (bench/gpu_check.sh)", "gpu_check", _gpu_check),
             ("Screened UP-ViTs selection vs the exact fast engine (stock architectures)", "kl_engine_screened",
              _kl_screened),
             ("Pruned-model speed", "pruned_speed", _pruned),
+            ("Pruned-model speed: SigLIP-style and EVA-02-style ViT-B", "pruned_speed_families", _pruned),
+            ("Zoo census (bench/zoo.py)", "zoo", _zoo),
             ("DIMAP scoring + thresholds", "dimap", _dimap),
             ("DAP training step", "dap", _dap),
             ("Triton kernels", "kernels", _kernels),

@@ -30,6 +30,7 @@ import kl_engine  # noqa: E402
 import pruned_speed  # noqa: E402
 import report  # noqa: E402
 import slicing  # noqa: E402
+import zoo  # noqa: E402
 
 import bench.kernels as bench_kernels  # noqa: E402  (a top-level `kernels` would be the Triton package dir)
 
@@ -69,6 +70,8 @@ def docs(tmp_path_factory):
         }
         # --screened writes the same layout (stock models there); the tiny run above has its screened rows
         payloads["kl_engine_screened"] = payloads["kl_engine"]
+        payloads["pruned_speed_families"] = payloads["pruned_speed"]  # --families: the same layout, other models
+        payloads["zoo"] = zoo.run(False, 1e8, None, only=["deit_tiny_patch16_224", "xcit_nano_12_p16_224"])
         for name, payload in payloads.items():
             common.write_json(name, CPU, payload)
     finally:
@@ -324,8 +327,6 @@ def test_fidelity_study_summary_comes_from_its_runs(tmp_path):
 
 def test_zoo_census_rows():
     """The census builds, prunes and compares what it describes; what it refuses carries the reason."""
-    import zoo
-
     res = zoo.run(False, 1e8, None, only=["deit_tiny_patch16_224", "xcit_nano_12_p16_224", "test_vit3"])
     by = {r["name"]: r for r in res["rows"]}
     assert by["deit_tiny_patch16_224"]["status"] == "exact" and by["deit_tiny_patch16_224"]["rel_err"] < 1e-9
