@@ -136,7 +136,9 @@ def main() -> None:
                    "counts": dict(collections.Counter(r["status"] for r in rows)),
                    "by_module": {m: dict(collections.Counter(r["status"] for r in rows if r["module"] == m))
                                  for m in MODULES},
-                   "reruns": {"names": args.only, "max_params": args.max_params}}
+                   "reruns": {"names": args.only, "max_params": args.max_params},
+                   "note": f"{len(args.only)} rows rerun with --only ... --max-params {args.max_params:g} (the largest "
+                           "models, and any timm cannot build with two blocks per stage, built at full depth)"}
     c = res["counts"]
     ok = c.get("exact", 0) + (c.get("described", 0) if args.describe_only else 0)
     print(f"{res['names']} names: {c}; supported {ok} = {100 * ok / res['names']:.1f} %")
