@@ -40,6 +40,7 @@ class _Block:
     offset: int  # into the flat gate vector
     num_heads: int = 1
     head_dim: int = 1
+    frozen: bool = False  # never pruned (an attention tied to the residual): gate fixed at 1, no parameters
 
     @property
     def sl(self) -> slice:
@@ -185,12 +186,12 @@ class DAP:
     # ------------------------------------------------------------------------------------------ setup
     def _add_blocks(self, adapter, ref: BlockRef) -> None:
         attn, mlp = self.space.groups[ref.attn], self.space.groups[ref.mlp]
-        if attn.tied_to is not None or ref.taps is not None or ref.qkv_functional or ref.post_norm:
-            why = (f"its width is tied to {attn.tied_to}" if attn.tied_to is not None
-                   else "its norms are on the branch outputs (post-norm)" if ref.post_norm
-                   else "it has no fused qkv Linear to gate")
-            raise ConfigError(f"DAP cannot gate {ref.attn}: {why}; DAP supports pre-norm blocks whose attention "
-                              "has its own width and a called fused qkv Linear")
+        if ref.post_norm:
+            raise ConfigError(f"DAP cannot gate {ref.path}: its norms are on the branch outputs (post-norm), so the "
+                              "probes' branch inputs are not at norm1 / norm2; DAP supports pre-norm blocks")
+        # an attention tied to the residual (its count follows the residual's) or without a called fused qkv
+        # Linear to gate is left whole: its gate is frozen at 1 and its parameters count as non-block ones
+        frozen = attn.tied_to is not None or ref.taps is not None or ref.qkv_functional
         h, hd = attn.num_heads, attn.head_dim
         per_channel, per_head = adapter.unit_params(attn)  # qkv rows + proj column; Swin bias-table column
         if self.attn_mode == "dims":
@@ -198,9 +199,10 @@ class DAP:
         else:
             n, ppm = h, hd * per_channel + per_head
         off = int(sum(b.n for b in self.blocks))
-        self.blocks.append(_Block(ref.attn, "attn", n, ppm, off, h, hd))
+        self.blocks.append(_Block(ref.attn, "attn", n, 0 if frozen else ppm, off, h, hd, frozen))
         self.blocks.append(_Block(ref.mlp, "mlp", mlp.size, adapter.unit_params(mlp)[0], off + n))
-        self._gate_modules += [self.model.get_submodule(ref.qkv), self.model.get_submodule(ref.fc2)]
+        self._gate_modules += [None if frozen else self.model.get_submodule(ref.qkv),
+                               self.model.get_submodule(ref.fc2)]
 
     def _install_hooks(self) -> None:
         model = self.model
@@ -214,6 +216,8 @@ class DAP:
                 self._hooks.append(model.get_submodule(ref.path).register_forward_hook(
                     _capture(feats, 2 * li + 2, output=True)))
         for b, mod in zip(self.blocks, self._gate_modules, strict=True):
+            if mod is None:  # frozen
+                continue
             if b.kind == "attn":
                 self._hooks.append(mod.register_forward_hook(self._attn_gate_hook(b)))
             else:
@@ -339,9 +343,12 @@ class DAP:
             d_cls, d_patch, kept, self.full, self.budget, self._ema, imp_scale=self.config.imp_scale,
             gamma=self.config.gamma, alpha=self.config.alpha, per_param=self.config.per_param_norm,
             max_iter=self.config.projection_iters)
+        frozen = torch.tensor([b.frozen for b in self.blocks])
+        self.goal[frozen] = 1.0
         rho = self.schedule.ramp(t)
         kappa = 1 - (1 - self.goal) * rho  # [nb] applied keep ratio
         self.units = round_to_budget(kappa * self.sizes, self.sizes, self.ppm, float((kappa * self.full).sum()))
+        self.units[frozen] = self.sizes[frozen]
         tau = self.schedule.tau(t + 1)
         taylor = (self._taylor / max(self._taylor_n, 1)).double().cpu()
         masks = [soft_mask(taylor[b.sl], int(k), tau, self.config.mask_center)
