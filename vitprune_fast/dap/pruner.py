@@ -186,9 +186,6 @@ class DAP:
     # ------------------------------------------------------------------------------------------ setup
     def _add_blocks(self, adapter, ref: BlockRef) -> None:
         attn, mlp = self.space.groups[ref.attn], self.space.groups[ref.mlp]
-        if ref.post_norm:
-            raise ConfigError(f"DAP cannot gate {ref.path}: its norms are on the branch outputs (post-norm), so the "
-                              "probes' branch inputs are not at norm1 / norm2; DAP supports pre-norm blocks")
         # an attention tied to the residual (its count follows the residual's) or without a called fused qkv
         # Linear to gate is left whole: its gate is frozen at 1 and its parameters count as non-block ones
         frozen = attn.tied_to is not None or ref.taps is not None or ref.qkv_functional
@@ -209,9 +206,12 @@ class DAP:
         for si, stage in enumerate(self.stages):
             feats = self._feats[si]
             for li, ref in enumerate(stage.blocks):
+                # the branch inputs: norm1 / norm2 read them in a pre-norm block; a post-norm block's attention
+                # reads the block input and its MLP the stream after the attention
+                first, second = (ref.path, ref.mlp) if ref.post_norm else (ref.norm1, ref.norm2)
                 if li == 0:
-                    self._hooks.append(model.get_submodule(ref.norm1).register_forward_pre_hook(_capture(feats, 0)))
-                self._hooks.append(model.get_submodule(ref.norm2).register_forward_pre_hook(
+                    self._hooks.append(model.get_submodule(first).register_forward_pre_hook(_capture(feats, 0)))
+                self._hooks.append(model.get_submodule(second).register_forward_pre_hook(
                     _capture(feats, 2 * li + 1)))
                 self._hooks.append(model.get_submodule(ref.path).register_forward_hook(
                     _capture(feats, 2 * li + 2, output=True)))
