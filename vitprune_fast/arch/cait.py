@@ -15,10 +15,17 @@ from ..errors import UnsupportedModelError
 from ..norms import is_norm
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef
-from .common import linear_slices, mlp_input_slices, mlp_slices, norm_slices, sync_generic_attributes
+from .common import (
+    SingleStageDefaults,
+    linear_slices,
+    mlp_input_slices,
+    mlp_slices,
+    norm_slices,
+    sync_generic_attributes,
+)
 
 
-class CaitAdapter(Adapter):
+class CaitAdapter(SingleStageDefaults, Adapter):
     """timm ``Cait``: ``blocks.{i}`` (talking-heads) and ``blocks_token_only.{j}`` (class attention)."""
 
     arch = "cait"
@@ -98,22 +105,6 @@ class CaitAdapter(Adapter):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         return m.forward_head(m.norm(m.forward_cls(x)))
-
-    def embed_modules(self) -> list[nn.Module]:
-        return [self.model.patch_embed]
-
-    def input_size(self) -> tuple[int, int, int]:
-        pe = self.model.patch_embed
-        h, w = pe.img_size
-        return pe.proj.in_channels, h, w
-
-    def classifier_weights(self) -> list[torch.Tensor]:
-        return [self.model.head.weight] if isinstance(self.model.head, nn.Linear) else []
-
-    def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
-        if stage != 0:
-            raise IndexError(f"a Cait model has one stage of self-attention blocks, got stage {stage}")
-        self.model.blocks = nn.Sequential(*blocks)
 
     def sync_attributes(self) -> None:
         m = self.model

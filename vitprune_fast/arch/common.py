@@ -141,3 +141,30 @@ def sync_attn_pool(pool: nn.Module) -> None:
     """An attention pool's head size and scale from its (sliced) kv projection."""
     pool.head_dim = pool.kv.out_features // 2 // pool.num_heads
     pool.scale = pool.head_dim ** -0.5
+
+
+class SingleStageDefaults:
+    """Adapter methods shared by the one-stage families (BEiT, CaiT, EVA, rel-pos ViT): a ``patch_embed`` with a
+    Conv2d ``proj`` and ``img_size``, a final ``norm`` then ``forward_head``, an optional Linear ``head`` and the
+    blocks in ``model.blocks``. Mixed in before :class:`~vitprune_fast.arch.base.Adapter`."""
+
+    def head(self, x):
+        m = self.model
+        return m.forward_head(m.norm(x))
+
+    def embed_modules(self) -> list[nn.Module]:
+        return [self.model.patch_embed]
+
+    def input_size(self) -> tuple[int, int, int]:
+        pe = self.model.patch_embed
+        h, w = pe.img_size
+        return pe.proj.in_channels, h, w
+
+    def classifier_weights(self) -> list:
+        return [self.model.head.weight] if isinstance(self.model.head, nn.Linear) else []
+
+    def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
+        if stage != 0:
+            raise IndexError(f"a {type(self.model).__name__} has one stage of blocks, got stage {stage}")
+        old = self.model.blocks
+        self.model.blocks = nn.Sequential(*blocks) if isinstance(old, nn.Sequential) else nn.ModuleList(blocks)

@@ -19,6 +19,7 @@ from ..norms import is_norm
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef
 from .common import (
+    SingleStageDefaults,
     attn_pool_groups,
     check_attn_pool,
     linear_slices,
@@ -30,7 +31,7 @@ from .common import (
 )
 
 
-class EvaAdapter(Adapter):
+class EvaAdapter(SingleStageDefaults, Adapter):
     """timm ``Eva``: one stage, one residual group, ``EvaBlock``s (or post-norm ``EvaBlockPostNorm``s) with a rotary
     embedding passed in."""
 
@@ -179,27 +180,10 @@ class EvaAdapter(Adapter):
             _, rope = m._pos_embed(m.patch_embed(torch.zeros(1, c, h, w, dtype=p.dtype, device=p.device)))
         return {"rope": rope}
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        return m.forward_head(m.norm(x))
-
     def embed_modules(self) -> list[nn.Module]:
         return [self.model.patch_embed, self.model.norm_pre]
 
-    def input_size(self) -> tuple[int, int, int]:
-        pe = self.model.patch_embed
-        h, w = pe.img_size
-        return pe.proj.in_channels, h, w
-
-    def classifier_weights(self) -> list[torch.Tensor]:
-        return [self.model.head.weight] if isinstance(self.model.head, nn.Linear) else []
-
     # ---------------------------------------------------------------------------------------- mutation
-    def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
-        if stage != 0:
-            raise IndexError(f"an Eva model has one stage, got stage {stage}")
-        self.model.blocks = nn.ModuleList(blocks)
-
     def sync_attributes(self) -> None:
         m = self.model
         sync_generic_attributes(m)

@@ -15,10 +15,17 @@ from ..errors import UnsupportedModelError
 from ..norms import is_norm
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef
-from .common import linear_slices, mlp_input_slices, mlp_slices, norm_slices, sync_generic_attributes
+from .common import (
+    SingleStageDefaults,
+    linear_slices,
+    mlp_input_slices,
+    mlp_slices,
+    norm_slices,
+    sync_generic_attributes,
+)
 
 
-class RelPosViTAdapter(Adapter):
+class RelPosViTAdapter(SingleStageDefaults, Adapter):
     """timm ``VisionTransformerRelPos`` with pre-norm ``RelPosBlock``s or post-norm ``ResPostRelPosBlock``s."""
 
     arch = "vit_relpos"
@@ -107,26 +114,6 @@ class RelPosViTAdapter(Adapter):
         m = self.model
         with torch.no_grad():
             return {"shared_rel_pos": m.shared_rel_pos.get_bias() if m.shared_rel_pos is not None else None}
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        return m.forward_head(m.norm(x))
-
-    def embed_modules(self) -> list[nn.Module]:
-        return [self.model.patch_embed]
-
-    def input_size(self) -> tuple[int, int, int]:
-        pe = self.model.patch_embed
-        h, w = pe.img_size
-        return pe.proj.in_channels, h, w
-
-    def classifier_weights(self) -> list[torch.Tensor]:
-        return [self.model.head.weight] if isinstance(self.model.head, nn.Linear) else []
-
-    def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
-        if stage != 0:
-            raise IndexError(f"a VisionTransformerRelPos has one stage, got stage {stage}")
-        self.model.blocks = nn.ModuleList(blocks)
 
     def sync_attributes(self) -> None:
         m = self.model
