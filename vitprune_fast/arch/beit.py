@@ -16,10 +16,13 @@ from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef
 from .common import (
     SingleStageDefaults,
+    check_conv_embed_and_head,
     linear_slices,
     mlp_input_slices,
     mlp_slices,
     norm_slices,
+    patch_embed_slices,
+    qkv_bias_slices,
     sync_generic_attributes,
 )
 
@@ -39,10 +42,7 @@ class BeitAdapter(SingleStageDefaults, Adapter):
         from timm.models.beit import Attention, Block
 
         m = self.model
-        if not isinstance(m.patch_embed.proj, nn.Conv2d):
-            raise UnsupportedModelError("patch_embed.proj must be a Conv2d")
-        if not isinstance(m.head, (nn.Linear, nn.Identity)):
-            raise UnsupportedModelError(f"head: {type(m.head).__name__} is not supported")
+        check_conv_embed_and_head(m)
         for i, blk in enumerate(m.blocks):
             where = f"blocks.{i}"
             if type(blk) is not Block or type(blk.attn) is not Attention:
@@ -58,10 +58,7 @@ class BeitAdapter(SingleStageDefaults, Adapter):
         """``residual``, ``blocks.{i}.attn`` (tied to the residual, dims per head), ``blocks.{i}.mlp``."""
         self._check()
         m = self.model
-        res = [TensorSlice("patch_embed.proj.weight", 0)]
-        if m.patch_embed.proj.bias is not None:
-            res.append(TensorSlice("patch_embed.proj.bias", 0))
-        res += norm_slices(m, "patch_embed.norm") + [TensorSlice("cls_token", 2)]
+        res = patch_embed_slices(m) + [TensorSlice("cls_token", 2)]
         if m.pos_embed is not None:
             res.append(TensorSlice("pos_embed", 2))
         groups: dict[str, Group] = {}
@@ -74,8 +71,7 @@ class BeitAdapter(SingleStageDefaults, Adapter):
             res += mlp_input_slices(m, f"{p}.mlp") + linear_slices(m, f"{p}.mlp.fc2", "out")
             res += [TensorSlice(f"{p}.{g}", 0) for g in ("gamma_1", "gamma_2") if getattr(blk, g) is not None]
             rows = linear_slices(m, f"{p}.attn.qkv", "out", repeats=3, stride=a)
-            rows += [TensorSlice(f"{p}.attn.{b}", 0) for b in ("q_bias", "k_bias", "v_bias")
-                     if getattr(attn, b, None) is not None]
+            rows += qkv_bias_slices(m, f"{p}.attn")
             groups[f"{p}.attn"] = Group(f"{p}.attn", "attn", a, rows + linear_slices(m, f"{p}.attn.proj", "in"),
                                         num_heads=attn.num_heads, head_dim=a // attn.num_heads, module=f"{p}.attn",
                                         tied_to="residual")
@@ -122,10 +118,3 @@ class BeitAdapter(SingleStageDefaults, Adapter):
         for info in m.feature_info:
             info["num_chs"] = c
 
-    def build_recipe(self) -> dict:
-        m = self.model
-        pe = m.patch_embed
-        heads = m.blocks[0].attn.num_heads if len(m.blocks) else 1
-        return dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
-                    num_classes=m.num_classes, global_pool=m.global_pool, depth=len(m.blocks),
-                    embed_dim=pe.proj.weight.shape[0], num_heads=heads)

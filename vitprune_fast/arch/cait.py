@@ -17,10 +17,12 @@ from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef
 from .common import (
     SingleStageDefaults,
+    check_conv_embed_and_head,
     linear_slices,
     mlp_input_slices,
     mlp_slices,
     norm_slices,
+    patch_embed_slices,
     sync_generic_attributes,
 )
 
@@ -40,10 +42,7 @@ class CaitAdapter(SingleStageDefaults, Adapter):
         from timm.models.cait import ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn
 
         m = self.model
-        if not isinstance(m.patch_embed.proj, nn.Conv2d):
-            raise UnsupportedModelError("patch_embed.proj must be a Conv2d")
-        if not isinstance(m.head, (nn.Linear, nn.Identity)):
-            raise UnsupportedModelError(f"head: {type(m.head).__name__} is not supported")
+        check_conv_embed_and_head(m)
         kinds = [("blocks", LayerScaleBlock, TalkingHeadAttn),
                  ("blocks_token_only", LayerScaleBlockClassAttn, ClassAttn)]
         for attr, block_cls, attn_cls in kinds:
@@ -60,10 +59,7 @@ class CaitAdapter(SingleStageDefaults, Adapter):
         """``residual``; ``blocks.{i}.attn`` / ``blocks_token_only.{j}.attn`` (tied to it) and their ``.mlp``."""
         self._check()
         m = self.model
-        res = [TensorSlice("patch_embed.proj.weight", 0)]
-        if m.patch_embed.proj.bias is not None:
-            res.append(TensorSlice("patch_embed.proj.bias", 0))
-        res += norm_slices(m, "patch_embed.norm") + [TensorSlice("pos_embed", 2), TensorSlice("cls_token", 2)]
+        res = patch_embed_slices(m) + [TensorSlice("pos_embed", 2), TensorSlice("cls_token", 2)]
         groups: dict[str, Group] = {}
         for attr, projs in (("blocks", ("qkv",)), ("blocks_token_only", ("q", "k", "v"))):
             for i, blk in enumerate(getattr(m, attr)):
@@ -117,9 +113,4 @@ class CaitAdapter(SingleStageDefaults, Adapter):
             info["num_chs"] = c
 
     def build_recipe(self) -> dict:
-        m = self.model
-        pe = m.patch_embed
-        heads = m.blocks[0].attn.num_heads if len(m.blocks) else 1
-        return dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
-                    num_classes=m.num_classes, global_pool=m.global_pool, depth=len(m.blocks),
-                    depth_token_only=len(m.blocks_token_only), embed_dim=pe.proj.weight.shape[0], num_heads=heads)
+        return super().build_recipe() | {"depth_token_only": len(self.model.blocks_token_only)}

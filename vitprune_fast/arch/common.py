@@ -40,6 +40,29 @@ def linear_slices(model: nn.Module, path: str, side: str, repeats: int = 1, stri
     return out
 
 
+def check_conv_embed_and_head(model: nn.Module) -> None:
+    """A Conv2d patch embedding (``patch_embed.proj``) and a Linear or Identity ``head``, or a clear error."""
+    if not isinstance(model.patch_embed.proj, nn.Conv2d):
+        raise UnsupportedModelError("patch_embed.proj must be a Conv2d")
+    if not isinstance(model.head, (nn.Linear, nn.Identity)):
+        raise UnsupportedModelError(f"head: {type(model.head).__name__} is not supported")
+
+
+def patch_embed_slices(model: nn.Module) -> list[TensorSlice]:
+    """What a residual channel removes from a conv patch embedding: its output channel (and bias), its norm's."""
+    out = [TensorSlice("patch_embed.proj.weight", 0)]
+    if model.patch_embed.proj.bias is not None:
+        out.append(TensorSlice("patch_embed.proj.bias", 0))
+    return out + norm_slices(model, "patch_embed.norm")
+
+
+def qkv_bias_slices(model: nn.Module, attn: str) -> list[TensorSlice]:
+    """The separate q / k / v biases (k: a zero buffer) an attention at ``attn`` adds to its fused qkv (EVA, BEiT,
+    Swin V2): one entry per attention dim each."""
+    m = model.get_submodule(attn)
+    return [TensorSlice(f"{attn}.{b}", 0) for b in ("q_bias", "k_bias", "v_bias") if getattr(m, b, None) is not None]
+
+
 def sync_generic_attributes(model: nn.Module) -> None:
     """Make stock torch layers' size attributes agree with their (possibly sliced) tensors."""
     for m in model.modules():
@@ -162,6 +185,15 @@ class SingleStageDefaults:
 
     def classifier_weights(self) -> list:
         return [self.model.head.weight] if isinstance(self.model.head, nn.Linear) else []
+
+    def build_recipe(self) -> dict:
+        """Input, classes, depth, width and head count; the registered name's defaults give the rest (the module
+        layout is checked against the model at save time)."""
+        m = self.model
+        pe = m.patch_embed
+        return dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
+                    num_classes=m.num_classes, global_pool=m.global_pool, depth=len(m.blocks),
+                    embed_dim=pe.proj.weight.shape[0], num_heads=m.blocks[0].attn.num_heads if len(m.blocks) else 1)
 
     def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
         if stage != 0:

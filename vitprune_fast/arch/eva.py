@@ -22,10 +22,13 @@ from .common import (
     SingleStageDefaults,
     attn_pool_groups,
     check_attn_pool,
+    check_conv_embed_and_head,
     linear_slices,
     mlp_input_slices,
     mlp_slices,
     norm_slices,
+    patch_embed_slices,
+    qkv_bias_slices,
     sync_attn_pool,
     sync_generic_attributes,
 )
@@ -52,10 +55,7 @@ class EvaAdapter(SingleStageDefaults, Adapter):
         if getattr(m, "rope_mixed", False):
             raise UnsupportedModelError("rope_type='mixed': learned rotary frequencies per block and per head are "
                                         "not supported (removing a head would have to slice them)")
-        if not isinstance(m.patch_embed.proj, nn.Conv2d):
-            raise UnsupportedModelError("patch_embed.proj must be a Conv2d")
-        if not isinstance(m.head, (nn.Linear, nn.Identity)):
-            raise UnsupportedModelError(f"head: {type(m.head).__name__} is not supported")
+        check_conv_embed_and_head(m)
         if getattr(m, "attn_pool", None) is not None:
             check_attn_pool(m.attn_pool)
         for i, blk in enumerate(m.blocks):
@@ -93,8 +93,7 @@ class EvaAdapter(SingleStageDefaults, Adapter):
         if side == "in":
             return linear_slices(self.model, f"{p}.qkv", "in")
         out = linear_slices(self.model, f"{p}.qkv", "out", repeats=3, stride=a)
-        return out + [TensorSlice(f"{p}.{b}", 0) for b in ("q_bias", "k_bias", "v_bias")
-                      if getattr(attn, b, None) is not None]
+        return out + qkv_bias_slices(self.model, p)
 
     # ------------------------------------------------------------------------------------------ structure
     def describe(self) -> PruningSpace:
@@ -102,10 +101,7 @@ class EvaAdapter(SingleStageDefaults, Adapter):
         self._check()
         m = self.model
         rope = m.rope is not None
-        res = [TensorSlice("patch_embed.proj.weight", 0)]
-        if m.patch_embed.proj.bias is not None:
-            res.append(TensorSlice("patch_embed.proj.bias", 0))
-        res += norm_slices(m, "patch_embed.norm")
+        res = patch_embed_slices(m)
         for tok in ("cls_token", "reg_token", "pos_embed"):
             if getattr(m, tok, None) is not None:
                 res.append(TensorSlice(tok, 2))
@@ -206,17 +202,10 @@ class EvaAdapter(SingleStageDefaults, Adapter):
 
     # ------------------------------------------------------------------------------------- persistence
     def build_recipe(self) -> dict:
-        """Depth, widths and head count; the registered name's defaults give the rest (checked at save time).
-
-        With rope, ``num_heads`` is ``embed_dim / head_dim``: the rotary module is built from that ratio (the
-        saved per-block head counts are restored apart).
-        """
-        m = self.model
-        pe = m.patch_embed
-        c = m.patch_embed.proj.weight.shape[0]
-        blocks = m.blocks
-        hd = blocks[0].attn.head_dim if len(blocks) else c
-        heads = c // hd if m.rope is not None else (blocks[0].attn.num_heads if len(blocks) else 1)
-        return dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
-                    num_classes=m.num_classes, global_pool=m.global_pool, depth=len(blocks), embed_dim=c,
-                    num_heads=heads)
+        """The one-stage recipe; with rope, ``num_heads`` is ``embed_dim / head_dim``: the rotary module is built
+        from that ratio (the saved per-block head counts are restored apart)."""
+        kw = super().build_recipe()
+        blocks = self.model.blocks
+        if self.model.rope is not None and len(blocks):
+            kw["num_heads"] = kw["embed_dim"] // blocks[0].attn.head_dim
+        return kw

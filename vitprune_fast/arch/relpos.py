@@ -17,10 +17,12 @@ from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef
 from .common import (
     SingleStageDefaults,
+    check_conv_embed_and_head,
     linear_slices,
     mlp_input_slices,
     mlp_slices,
     norm_slices,
+    patch_embed_slices,
     sync_generic_attributes,
 )
 
@@ -40,10 +42,7 @@ class RelPosViTAdapter(SingleStageDefaults, Adapter):
         from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, ResPostRelPosBlock
 
         m = self.model
-        if not isinstance(m.patch_embed.proj, nn.Conv2d):
-            raise UnsupportedModelError("patch_embed.proj must be a Conv2d")
-        if not isinstance(m.head, (nn.Linear, nn.Identity)):
-            raise UnsupportedModelError(f"head: {type(m.head).__name__} is not supported")
+        check_conv_embed_and_head(m)
         for i, blk in enumerate(m.blocks):
             where = f"blocks.{i}"
             if type(blk) not in (RelPosBlock, ResPostRelPosBlock):
@@ -66,10 +65,7 @@ class RelPosViTAdapter(SingleStageDefaults, Adapter):
         """``residual``, ``blocks.{i}.attn`` (tied to the residual, dims per head), ``blocks.{i}.mlp``."""
         self._check()
         m = self.model
-        res = [TensorSlice("patch_embed.proj.weight", 0)]
-        if m.patch_embed.proj.bias is not None:
-            res.append(TensorSlice("patch_embed.proj.bias", 0))
-        res += norm_slices(m, "patch_embed.norm")
+        res = patch_embed_slices(m)
         if m.cls_token is not None:
             res.append(TensorSlice("cls_token", 2))
         groups: dict[str, Group] = {}
@@ -126,10 +122,3 @@ class RelPosViTAdapter(SingleStageDefaults, Adapter):
         for info in m.feature_info:
             info["num_chs"] = c
 
-    def build_recipe(self) -> dict:
-        m = self.model
-        pe = m.patch_embed
-        heads = m.blocks[0].attn.num_heads if len(m.blocks) else 1
-        return dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
-                    num_classes=m.num_classes, global_pool=m.global_pool, depth=len(m.blocks),
-                    embed_dim=pe.proj.weight.shape[0], num_heads=heads)

@@ -7,7 +7,15 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
-from .common import is_layernorm, linear_slices, mlp_input_slices, mlp_slices, norm_slices, sync_generic_attributes
+from .common import (
+    is_layernorm,
+    linear_slices,
+    mlp_input_slices,
+    mlp_slices,
+    norm_slices,
+    patch_embed_slices,
+    sync_generic_attributes,
+)
 
 
 class SwinAdapter(Adapter):
@@ -59,10 +67,7 @@ class SwinAdapter(Adapter):
             self._check_stage(s)
             p = f"{self.stages_attr}.{s}"
             if s == 0:
-                res = [TensorSlice("patch_embed.proj.weight", 0)]
-                if model.patch_embed.proj.bias is not None:
-                    res.append(TensorSlice("patch_embed.proj.bias", 0))
-                res += norm_slices(model, "patch_embed.norm")
+                res = patch_embed_slices(model)
             else:  # PatchMerging at the start of the stage produces this stage's width
                 res = linear_slices(model, f"{p}.downsample.reduction", "out")
                 if self.merge_norm_after:
@@ -157,20 +162,10 @@ class SwinAdapter(Adapter):
         model = self.model
         sync_generic_attributes(model)
         dims = []
-        for s, stage in enumerate(model.layers):
-            if s == 0:
-                c = model.patch_embed.proj.weight.shape[0]
-            else:
-                c = stage.downsample.reduction.weight.shape[0]
-                stage.downsample.dim = stage.downsample.reduction.weight.shape[1] // 4
-                stage.downsample.out_dim = c
+        for s, stage in enumerate(self._stages):
+            c = (model.patch_embed.proj.weight if s == 0 else stage.downsample.reduction.weight).shape[0]
+            self._sync_stage(s, stage, c, dims[-1] if dims else c)
             dims.append(c)
-            stage.dim = c
-            for blk in stage.blocks:
-                blk.dim = c
-                blk.attn.dim = c
-                hd = blk.attn.qkv.weight.shape[0] // 3 // blk.attn.num_heads
-                blk.attn.scale = hd ** -0.5
             if s < len(model.feature_info):
                 model.feature_info[s]["num_chs"] = c
         model.num_features = model.head_hidden_size = dims[-1]
@@ -178,6 +173,18 @@ class SwinAdapter(Adapter):
         head = model.head
         head.in_features = dims[-1]
         head.num_features = dims[-1] * head.global_pool.feat_mult() if hasattr(head, "global_pool") else dims[-1]
+
+    def _sync_stage(self, s: int, stage: nn.Module, c: int, prev: int) -> None:
+        """A stage's size attributes at width ``c`` (``prev``: the previous stage's width)."""
+        if s > 0:
+            stage.downsample.dim = stage.downsample.reduction.weight.shape[1] // 4
+            stage.downsample.out_dim = c
+        stage.dim = c
+        for blk in stage.blocks:
+            blk.dim = c
+            blk.attn.dim = c
+            hd = blk.attn.qkv.weight.shape[0] // 3 // blk.attn.num_heads
+            blk.attn.scale = hd ** -0.5
 
     def build_recipe(self) -> dict:
         model = self.model

@@ -13,9 +13,9 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..norms import is_norm
-from ..space import Group, TensorSlice
+from ..space import Group
 from .base import Adapter, BlockRef, StageRef
-from .common import linear_slices, sync_generic_attributes
+from .common import linear_slices, qkv_bias_slices
 from .swin import SwinAdapter
 
 
@@ -51,8 +51,7 @@ class SwinV2Adapter(SwinAdapter):
         """Tied to the stage's residual; q / k / v rows include the separate q / v biases (and the zero k bias)."""
         a = attn.qkv.out_features // 3
         rows = linear_slices(self.model, f"{q}.attn.qkv", "out", repeats=3, stride=a)
-        rows += [TensorSlice(f"{q}.attn.{n}", 0) for n in ("q_bias", "k_bias", "v_bias")
-                 if getattr(attn, n, None) is not None]  # (Swin V2 only; V2-CR's qkv has an ordinary bias)
+        rows += qkv_bias_slices(self.model, f"{q}.attn")  # (Swin V2 only; V2-CR's qkv has an ordinary bias)
         return Group(f"{q}.attn", "attn", a, rows + linear_slices(self.model, f"{q}.attn.proj", "in"),
                      num_heads=attn.num_heads, head_dim=a // attn.num_heads, module=f"{q}.attn", tied_to=residual)
 
@@ -71,26 +70,13 @@ class SwinV2Adapter(SwinAdapter):
         raise UnsupportedModelError("Swin V2's cosine attention has no additive bias to report (its attention is "
                                     "tied to the residual and scored exactly)")
 
-    def sync_attributes(self) -> None:
-        model = self.model
-        sync_generic_attributes(model)
-        dims = []
-        for s, stage in enumerate(model.layers):
-            c = (model.patch_embed.proj.weight if s == 0 else stage.downsample.reduction.weight).shape[0]
-            if s > 0:
-                stage.downsample.dim = stage.downsample.reduction.weight.shape[1] // 4
-                stage.downsample.out_dim = c
-            stage.dim = dims[-1] if dims else c
-            dims.append(c)
-            for blk in stage.blocks:
-                blk.dim = blk.attn.dim = c
-            if s < len(model.feature_info):
-                model.feature_info[s]["num_chs"] = c
-        model.num_features = model.head_hidden_size = dims[-1]
-        model.embed_dim = dims[0]
-        head = model.head
-        head.in_features = dims[-1]
-        head.num_features = dims[-1] * head.global_pool.feat_mult() if hasattr(head, "global_pool") else dims[-1]
+    def _sync_stage(self, s: int, stage: nn.Module, c: int, prev: int) -> None:
+        if s > 0:
+            stage.downsample.dim = stage.downsample.reduction.weight.shape[1] // 4
+            stage.downsample.out_dim = c
+        stage.dim = prev  # a V2 stage's ``dim`` is its input width
+        for blk in stage.blocks:
+            blk.dim = blk.attn.dim = c
 
     def build_recipe(self) -> dict:
         model = self.model
@@ -149,22 +135,9 @@ class SwinV2CrAdapter(SwinV2Adapter):
 
         return self.model.forward_head(bhwc_to_bchw(x))
 
-    def sync_attributes(self) -> None:
-        model = self.model
-        sync_generic_attributes(model)
-        dims = []
-        for s, stage in enumerate(self._stages):
-            c = (model.patch_embed.proj.weight if s == 0 else stage.downsample.reduction.weight).shape[0]
-            dims.append(c)
-            for blk in stage.blocks:
-                blk.dim = blk.attn.in_features = c
-            if s < len(model.feature_info):
-                model.feature_info[s]["num_chs"] = c
-        model.num_features = model.head_hidden_size = dims[-1]
-        model.embed_dim = dims[0]
-        head = model.head
-        head.in_features = dims[-1]
-        head.num_features = dims[-1] * head.global_pool.feat_mult() if hasattr(head, "global_pool") else dims[-1]
+    def _sync_stage(self, s: int, stage: nn.Module, c: int, prev: int) -> None:
+        for blk in stage.blocks:
+            blk.dim = blk.attn.in_features = c
 
     def build_recipe(self) -> dict:
         model = self.model

@@ -13,10 +13,12 @@ from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
 from .common import (
     attn_pool_groups,
     check_attn_pool,
+    check_conv_embed_and_head,
     linear_slices,
     mlp_input_slices,
     mlp_slices,
     norm_slices,
+    patch_embed_slices,
     sync_attn_pool,
     sync_generic_attributes,
 )
@@ -106,16 +108,9 @@ class ViTAdapter(Adapter):
         pool = getattr(model, "attn_pool", None)
         if pool is not None:
             check_attn_pool(pool)
-        if not isinstance(model.patch_embed.proj, nn.Conv2d):
-            raise UnsupportedModelError("patch_embed.proj must be a Conv2d")
-        if not isinstance(model.head, (nn.Linear, nn.Identity)):
-            raise UnsupportedModelError(f"head: {type(model.head).__name__} is not supported")
+        check_conv_embed_and_head(model)
         groups: dict[str, Group] = {}
-        res: list[TensorSlice] = []
-        res += [TensorSlice("patch_embed.proj.weight", 0)]
-        if model.patch_embed.proj.bias is not None:
-            res.append(TensorSlice("patch_embed.proj.bias", 0))
-        res += norm_slices(model, "patch_embed.norm")
+        res = patch_embed_slices(model)
         for tok in ("cls_token", "reg_token", "dist_token", "pos_embed"):
             if getattr(model, tok, None) is not None:
                 res.append(TensorSlice(tok, 2))

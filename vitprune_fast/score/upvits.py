@@ -34,7 +34,7 @@ from ..norms import group_norms, masked_norm
 from ..overrides import replaced_forward, replaced_input, replaced_linear_output, replaced_output
 from ..plan import Plan
 from ..prune import prune_
-from ..space import Group, PruningSpace, tensor_of
+from ..space import PruningSpace, tensor_of
 from .store import ScoreStore, fingerprint
 
 COMPONENTS = ("residual", "attn", "mlp", "blocks")
@@ -224,38 +224,38 @@ class FastEngine:
             return self._suffix_kl(xs, b, logits, k)
 
     def _attn(self, work, cands, x, inputs, logits):
-        """Removing attention dim d zeroes q_d, k_d, v_d: rerun block b with a per-candidate qkv mask."""
-        a, k = work.size, len(cands)
-        keep = _removal_masks(3 * a, cands, lambda c: torch.cat([c + r * a for r in range(3)]))  # [K, 3A]
-        keep = keep.to(inputs[0].device, non_blocking=True)
+        """Removing attention dim d zeroes q_d, k_d, v_d: rerun block b with them zeroed per candidate.
 
-        def apply(out):  # [K·n, *S, 3A]: candidate-major rows; zeroing keeps the activation's dtype
-            return out.reshape(k, -1, 3 * a).masked_fill(~keep[:, None, :], 0).reshape(out.shape)
-
+        q, k, v are zeroed where they are made: the output rows of the Linears the group slices (a fused qkv, or
+        separate q / kv Linears), tapped by weight where timm applies them with ``F.linear`` (BEiT, Swin V2), or at
+        the adapter's taps where no Linear output is q, k, v alone (EVA).
+        """
         ref = self.refs[self.trunk.block_index(work.name)]
-        qkv = self.model.get_submodule(ref.qkv)
-        if ref.taps is None and not ref.qkv_functional and qkv.out_features != 3 * a:  # separate q and kv Linears
-            return self._rerun(work, cands, inputs, logits, self._zeroed_linear_rows(work, cands, inputs[0].device))
-        if ref.qkv_functional:
-            with replaced_linear_output(self.model.get_submodule(ref.qkv).weight, apply):
-                return self._rerun(work, cands, inputs, logits)
-        if ref.taps is None:
-            return self._rerun(work, cands, inputs, logits, [(self.model.get_submodule(ref.qkv), apply)])
+        if ref.taps is not None:
+            return self._attn_taps(work, cands, inputs, logits, ref)
+        rows = self._zeroed_linear_rows(work, cands, inputs[0].device)
+        if not ref.qkv_functional:
+            return self._rerun(work, cands, inputs, logits, rows)
+        with contextlib.ExitStack() as stack:
+            for lin, fn in rows:
+                stack.enter_context(replaced_linear_output(lin.weight, fn))
+            return self._rerun(work, cands, inputs, logits)
+
+    def _attn_taps(self, work, cands, inputs, logits, ref):
+        """q and k at the inputs of the q / k norms, v through the attention output (EVA)."""
+        a, k = work.size, len(cands)
         g = self.space.groups[work.name]
         h, hd = g.num_heads, g.head_dim
-        q_keep, k_keep, v_keep = (keep[:, r * a:(r + 1) * a] for r in range(3))  # [K, A] each
+        keep = _removal_masks(a, cands, lambda c: c).to(inputs[0].device, non_blocking=True)  # [K, A]
 
-        def heads(mask):  # q / k: [K·n, H, N, hd] -> zero the candidate's (head, dim)
-            def fn(x):
-                return x.reshape(k, -1, h, x.shape[-2], hd).masked_fill(
-                    ~mask.view(k, 1, h, 1, hd), 0).reshape(x.shape)
-            return fn
+        def heads(x):  # q / k: [K·n, H, N, hd] -> zero the candidate's (head, dim)
+            return x.reshape(k, -1, h, x.shape[-2], hd).masked_fill(~keep.view(k, 1, h, 1, hd), 0).reshape(x.shape)
 
         def out(x):  # attention output [K·n, N, A]: v_d = 0 makes output d zero
-            return x.reshape(k, -1, a).masked_fill(~v_keep[:, None, :], 0).reshape(x.shape)
+            return x.reshape(k, -1, a).masked_fill(~keep[:, None, :], 0).reshape(x.shape)
 
         taps = [self.model.get_submodule(p) for p in ref.taps]
-        inputs_fns = [(taps[0], heads(q_keep)), (taps[1], heads(k_keep))]
+        inputs_fns = [(taps[0], heads), (taps[1], heads)]
         if not group_norms(self.model, g):  # a scale-norm is masked (its kept channels) by _rerun instead
             inputs_fns.append((taps[2], out))
         with replaced_input(inputs_fns):
@@ -312,7 +312,7 @@ class FastEngine:
         # read the stream only through the masked norms
         post = any(b.post_norm for b in stage.blocks)
         writers = self._zeroed_linear_rows(work, cands, inputs[0].device) if post else []
-        s = self._first_block(group)
+        s = stage.blocks[0].index  # the first block whose input carries this group's channels
         with replaced_forward(_masked_norm_forwards(lns, cands, inputs[0].device, self.backend)), \
                 replaced_output(writers):
             from_images = any(self._in_prefix(ln) for ln, _ in lns)  # e.g. patch_embed.norm: start from the images
@@ -322,11 +322,6 @@ class FastEngine:
                 start = start.reshape(k, -1, work.size).masked_fill(~keep[:, None, :], 0).reshape(start.shape)
             out = trunk.run(start, s)
         return kl_per_candidate(logits, out, k, backend=self.backend, accumulate=_KL_ACC)
-
-    def _first_block(self, group: Group) -> int:
-        """First block whose input carries this residual group's channels."""
-        stage = next(s for s in self.stages if s.residual == group.name)
-        return stage.blocks[0].index
 
     def _in_prefix(self, ln: nn.Module) -> bool:
         return any(ln is sub for m in self.embed_modules for sub in m.modules())
