@@ -139,6 +139,40 @@ def test_resume_refuses_another_job(tmp_path):
         vpf.upvits_scores(other, x, ("mlp",), checkpoint=tmp_path, progress=False)
 
 
+def test_store_writers_racing_on_one_file_both_finish(tmp_path, monkeypatch):
+    """Ranks sharing a checkpoint write job.json (and a unit) at the same moment: neither loses its temporary."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    from vitprune_fast.score import store
+
+    both_written = threading.Barrier(2)
+
+    def slow_save(tensors, path):  # both writers hold a finished temporary before either renames
+        save_file(tensors, path)
+        both_written.wait(timeout=30)
+
+    monkeypatch.setattr("safetensors.torch.save_file", slow_save)
+    errors = []
+
+    def rank(i):
+        try:
+            s = store.ScoreStore(tmp_path, "job", {"rank": 0})
+            s.save("00000.mlp", torch.arange(3.0))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.mlp.safetensors", "job.json"]
+    assert torch.equal(store.ScoreStore(tmp_path, "job", {}).load("00000.mlp"), torch.arange(3.0))
+
+
 def test_bad_arguments():
     model = small("deit")
     with pytest.raises(vpf.VitPruneError, match="components"):

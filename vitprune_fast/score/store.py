@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,9 +43,8 @@ class ScoreStore:
                     f"{self.path} holds scores of a different job (model, proxy images or settings differ: "
                     f"{old.get('describe')}); use another checkpoint directory")
         else:
-            tmp = meta.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"fingerprint": job, "describe": describe}, indent=1))
-            os.replace(tmp, meta)
+            text = json.dumps({"fingerprint": job, "describe": describe}, indent=1)
+            _atomic_write(meta, lambda tmp: Path(tmp).write_text(text))
 
     def _file(self, key: str) -> Path:
         return self.path / f"{key}.safetensors"
@@ -65,6 +66,21 @@ class ScoreStore:
     def save_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        tmp = self.path / f"{key}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self._file(key))  # atomic: an interrupted write never looks finished
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _atomic_write(self._file(key), lambda tmp: save_file(tensors, tmp))
+
+
+def _atomic_write(dest: Path, write: Callable[[str], object]) -> None:
+    """Write through a temporary file of this process's own, then rename.
+
+    An interrupted write never looks finished, and ranks writing the same file at once (each its own temporary,
+    the same content) never remove each other's temporary.
+    """
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
