@@ -117,6 +117,12 @@ def run(describe_only: bool, max_params: float, limit: int | None, only: list[st
             "describe_only": describe_only, "max_params": max_params, "rows": rows}
 
 
+def _reruns(saved: dict) -> list[dict]:
+    """The earlier ``--only`` reruns of a saved census (one dict in older files)."""
+    old = saved.get("reruns", [])
+    return [old] if isinstance(old, dict) else list(old)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--describe-only", action="store_true", help="meta-device describe only (seconds, no numerics)")
@@ -136,9 +142,10 @@ def main() -> None:
                    "counts": dict(collections.Counter(r["status"] for r in rows)),
                    "by_module": {m: dict(collections.Counter(r["status"] for r in rows if r["module"] == m))
                                  for m in MODULES},
-                   "reruns": {"names": args.only, "max_params": args.max_params},
-                   "note": f"{len(args.only)} rows rerun with --only ... --max-params {args.max_params:g} (the largest "
-                           "models, and any timm cannot build with two blocks per stage, built at full depth)"}
+                   "reruns": _reruns(saved) + [{"names": args.only, "max_params": args.max_params}],
+                   "note": "rows rerun with --only NAMES --max-params N are listed under reruns (the largest models, "
+                           "any timm cannot build with two blocks per stage, built at full depth, and families "
+                           "supported after the first census)"}
     c = res["counts"]
     ok = c.get("exact", 0) + (c.get("described", 0) if args.describe_only else 0)
     print(f"{res['names']} names: {c}; supported {ok} = {100 * ok / res['names']:.1f} %")

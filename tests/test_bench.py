@@ -71,7 +71,7 @@ def docs(tmp_path_factory):
         # --screened writes the same layout (stock models there); the tiny run above has its screened rows
         payloads["kl_engine_screened"] = payloads["kl_engine"]
         payloads["pruned_speed_families"] = payloads["pruned_speed"]  # --families: the same layout, other models
-        payloads["zoo"] = zoo.run(False, 1e8, None, only=["deit_tiny_patch16_224", "xcit_nano_12_p16_224"])
+        payloads["zoo"] = zoo.run(False, 1e8, None, only=["deit_tiny_patch16_224", "vit_small_patch16_rope_mixed_224"])
         for name, payload in payloads.items():
             common.write_json(name, CPU, payload)
     finally:
@@ -327,12 +327,14 @@ def test_fidelity_study_summary_comes_from_its_runs(tmp_path):
 
 def test_zoo_census_rows():
     """The census builds, prunes and compares what it describes; what it refuses carries the reason."""
-    res = zoo.run(False, 1e8, None, only=["deit_tiny_patch16_224", "xcit_nano_12_p16_224", "test_vit3"])
+    mixed = "vit_small_patch16_rope_mixed_224"
+    res = zoo.run(False, 1e8, None, only=["deit_tiny_patch16_224", "xcit_nano_12_p16_224", "test_vit3", mixed])
     by = {r["name"]: r for r in res["rows"]}
     assert by["deit_tiny_patch16_224"]["status"] == "exact" and by["deit_tiny_patch16_224"]["rel_err"] < 1e-9
     assert by["test_vit3"]["status"] == "exact"  # attention-pool head
-    assert by["xcit_nano_12_p16_224"]["status"] == "refused" and "Xcit" in by["xcit_nano_12_p16_224"]["why"]
-    assert res["counts"] == {"exact": 2, "refused": 1}
+    assert by["xcit_nano_12_p16_224"]["status"] == "exact"  # conv embedding, LPI BatchNorms, whole XCA heads
+    assert by[mixed]["status"] == "refused" and "rope_type='mixed'" in by[mixed]["why"]
+    assert res["counts"] == {"exact": 3, "refused": 1}
     assert by["deit_tiny_patch16_224"]["kept_params"] < by["deit_tiny_patch16_224"]["params_built"]
 
 

@@ -15,6 +15,7 @@ import vitprune_fast as vpf
 from tests.models import make_input, randomize_, rel_err
 from vitprune_fast.arch import adapter_for
 from vitprune_fast.dap import DAP, Schedule
+from vitprune_fast.depth import remove_units_
 from vitprune_fast.errors import PlanError
 from vitprune_fast.masked import masked_copy
 from vitprune_fast.score.screened import selection_differences
@@ -64,6 +65,9 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
                                            num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
                                            pretrained_cfg_overlay=PVT_32),
                       "PVTv2-li: pooled linear attention"),
+    "xcit": ("xcit_tiny_12_p16_224", dict(SMALL, patch_size=16, cls_attn_layers=1),
+             "XCiT: cross-covariance attention (whole heads), LPI depthwise convs + BatchNorm, conv patch embedding, "
+             "class-attention blocks"),
 }
 
 
@@ -270,3 +274,31 @@ def test_attention_pool_width_is_tied_to_the_residual():
         vpf.prune_(copy.deepcopy(model), vpf.Plan.from_space(space, {"attn_pool.attn": plan.keep["attn_pool.attn"]}))
     pruned = vpf.prune_(copy.deepcopy(model), plan)
     assert pruned.attn_pool.head_dim == 7 and pruned.attn_pool.kv.in_features == pruned.embed_dim == 28
+
+
+def test_xcit_keeps_whole_heads_and_whole_blocks():
+    """XCA's softmax runs over a head's channels, so its attention (and the residual it is tied to) keeps whole heads;
+    a plan keeping every head with fewer dims is refused before anything moves, as is a hybrid depth unit (block
+    i+1's LPI sits between the two halves it would re-pack)."""
+    model = _model("xcit")
+    space = vpf.describe(model)
+    g = space.groups["blocks.0.attn"]
+    assert g.whole_heads and g.tied_to == "residual" and space.groups["residual"].multiple_of == g.head_dim == 12
+    scores = {n: torch.rand(gr.size, dtype=torch.float64) for n, gr in space.groups.items()}
+    plan = vpf.make_plan(space, scores, keep={"residual": 0.6})  # 28.8 channels -> 24: two heads of 12
+    assert len(plan.keep["residual"]) == 24
+    for name in ("blocks.0.attn", "blocks.1.attn", "cls_attn_blocks.0.attn"):
+        assert torch.bincount(plan.keep[name] // 12, minlength=4).tolist().count(12) == 2, name
+    before = copy.deepcopy(model.state_dict())
+    per_head = torch.cat([torch.arange(6) + 12 * h for h in range(4)])  # every head, 6 dims each
+    split = vpf.Plan.from_space(space, {"residual": plan.keep["residual"]}
+                                | {n: per_head for n in space.groups if n.endswith(".attn")})
+    with pytest.raises(PlanError, match="whole heads"):
+        vpf.prune_(model, split)
+    with pytest.raises(PlanError, match="LPI"):
+        remove_units_(model, [("hybrid", 0)])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert len(model.blocks) == 2
+    pruned = vpf.prune_(copy.deepcopy(model), plan)
+    assert [b.attn.num_heads for b in pruned.blocks] == [2, 2] and pruned.blocks[0].attn.temperature.shape[0] == 2
+    assert pruned.blocks[0].local_mp.conv1.groups == pruned.embed_dim == 24

@@ -24,6 +24,13 @@ SUPPORTED = {
     "AIMv2 (RMSNorm, SwiGLU)": lambda n: n.startswith("aimv2"),
     "BEiT-3 (scale-norms)": lambda n: n.startswith("beit3"),
     "DINOv2 (incl. SwiGLU giant)": lambda n: n.startswith("vit_") and "dinov2" in n,
+    "EVA-02": lambda n: n.startswith("eva02"),
+    "relative-position ViT": lambda n: n.startswith("vit_relpos") or n.startswith("vit_srelpos"),
+    "BEiT / BEiT v2": lambda n: n.startswith("beit_") or n.startswith("beitv2"),
+    "CaiT": lambda n: n.startswith("cait"),
+    "Swin V2 / V2-CR": lambda n: n.startswith("swinv2"),
+    "PVTv2": lambda n: n.startswith("pvt_v2"),
+    "XCiT": lambda n: n.startswith("xcit"),
 }
 
 

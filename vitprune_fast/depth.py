@@ -60,6 +60,10 @@ def remove_units_(model: nn.Module, units: Sequence[tuple[str, int]]) -> nn.Modu
             raise PlanError(f"unit ({kind!r}, {i}) does not exist in a model with {n} blocks")
         if kind == "hybrid" and trunk.stage_of[i] != trunk.stage_of[i + 1]:
             raise PlanError(f"hybrid unit {i} crosses a stage boundary (Swin: a PatchMerging)")
+        if kind == "hybrid" and hasattr(trunk.blocks[i + 1], "local_mp"):
+            raise PlanError(f"hybrid unit {i}: block {i + 1} has a local patch interaction branch (XCiT LPI) "
+                            "between its attention and its MLP, which the re-packed block would lose; remove whole "
+                            "blocks there")
         if kind == "hybrid" and not isinstance(getattr(trunk.blocks[i], "norm3", nn.Identity()), nn.Identity):
             raise PlanError(f"hybrid unit {i}: block {i} ends in a main-branch norm (Swin V2-CR norm3) between its "
                             "MLP and the next attention; remove whole blocks there")

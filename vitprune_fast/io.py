@@ -258,7 +258,8 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
     extra = sorted(set(state) - set(model.state_dict()))
     if missing or extra:
         raise CheckpointError(f"{w_path} does not match {arch_path}: missing {missing[:5]}, unexpected {extra[:5]}")
-    dtype = next(iter(state.values())).dtype if state else torch.float32
+    # the floating dtype of the weights (integer buffers such as BatchNorm's num_batches_tracked keep theirs)
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     if next(iter(model.state_dict().values())).is_meta:
         model = model.to_empty(device=device)
     model = model.to(device=device, dtype=dtype)

@@ -53,9 +53,9 @@ def masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
                 t = tensor_of(out, sl.name)
                 if sl.per_head:
                     if merging:  # merged heads: the same mean-of-columns rule as prune_
-                        cols = head_columns(t, ch.keep, g.head_dim, ch.heads)
+                        cols = head_columns(t, ch.keep, g.head_dim, ch.heads, sl.dim)
                         if isinstance(cols, list):
-                            cols = t[:, cols]
+                            cols = t.index_select(sl.dim, torch.tensor(cols, device=t.device))
                         t.set_(cols.contiguous())
                     continue
                 if removed.numel():

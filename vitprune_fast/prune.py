@@ -129,24 +129,27 @@ def _companions(p: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> lis
     return out
 
 
-def head_columns(table: torch.Tensor, keep: torch.Tensor, old_hd: int, heads: int) -> torch.Tensor | list[int]:
-    """A per-head table (Swin relative-position bias, ``[rows, heads]``) for a new head layout.
+def head_columns(table: torch.Tensor, keep: torch.Tensor, old_hd: int, heads: int,
+                 dim: int = 1) -> torch.Tensor | list[int]:
+    """A per-head tensor (Swin relative-position bias ``[rows, heads]``, XCiT temperature ``[heads, 1, 1]``) for a
+    new head layout.
 
     Args:
-        table: ``[rows, old heads]``.
+        table: the tensor, indexed by old head along ``dim``.
         keep: sorted kept attention channels, in ``heads`` equal consecutive chunks (chunk g = new head g).
         old_hd: head_dim before the change.
         heads: new head count.
+        dim: the head dimension of ``table``.
 
     Returns:
-        The kept columns (list of old head indices) when every new head comes from one old head, else the new
-        ``[rows, heads]`` table: the mean of the merged heads' columns (documented choice; no exact one exists).
+        The kept old head indices (a list) when every new head comes from one old head, else the new tensor with
+        ``heads`` entries along ``dim``: the mean of the merged heads' entries (documented choice; no exact one exists).
     """
     spans = [torch.unique(chunk // old_hd) for chunk in keep.view(heads, -1)]
     if all(s.numel() == 1 for s in spans):
         return [int(s) for s in spans]
-    # Merged heads have no exact bias: use the mean of the merged heads' columns (documented choice).
-    return torch.stack([table[:, s].mean(1) for s in spans], 1)
+    # Merged heads have no exact bias: use the mean of the merged heads' entries (documented choice).
+    return torch.stack([table.index_select(dim, s.to(table.device)).mean(dim) for s in spans], dim)
 
 
 def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
@@ -176,11 +179,11 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
 
     # 1. Everything each tensor must lose, checked before anything moves.
     ops: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-    head_tables: list[tuple[str, torch.Tensor, int, int]] = []
+    head_tables: list[tuple[str, int, torch.Tensor, int, int]] = []
     for ch in changes:
         for sl in ch.group.slices:
             if sl.per_head:
-                head_tables.append((sl.name, ch.keep, ch.group.head_dim, ch.heads))
+                head_tables.append((sl.name, sl.dim, ch.keep, ch.group.head_dim, ch.heads))
             elif ch.keep.numel() < ch.group.size:
                 ops[sl.name].append((sl.dim, sl.indices(ch.keep)))
     items = []
@@ -192,18 +195,18 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
                 raise PlanError(f"{name}: index {int(idx.max())} out of range for dim {dim} of {tuple(t.shape)}")
             items += [(x, dim, idx) for x in targets]
     new_tables = []
-    for name, keep, old_hd, heads in head_tables:
+    for name, dim, keep, old_hd, heads in head_tables:
         table = tensor_of(model, name)
         companions = [v for _, v in _companions(table, optimizer)]  # validated before anything moves
-        new_tables.append((table, companions, head_columns(table.detach(), keep, old_hd, heads)))
+        new_tables.append((table, companions, dim, head_columns(table.detach(), keep, old_hd, heads, dim)))
 
     # 2. Move data (in place; C++ extension when available).
     compact_many_(items)
     with torch.no_grad():
-        for table, companions, cols in new_tables:
+        for table, companions, dim, cols in new_tables:
             if isinstance(cols, list):
-                if len(cols) < table.shape[1] or cols != sorted(cols):
-                    compact_many_([(x, 1, torch.tensor(cols)) for x in [table] + companions])
+                if len(cols) < table.shape[dim] or cols != sorted(cols):
+                    compact_many_([(x, dim, torch.tensor(cols)) for x in [table] + companions])
             else:  # merged heads: new values; gradient/state of the table restart from zero
                 table.set_(cols.to(table.dtype).contiguous())
                 if table.grad is not None:

@@ -18,10 +18,11 @@ from .relpos import RelPosViTAdapter
 from .swin import SwinAdapter
 from .swin_v2 import SwinV2Adapter, SwinV2CrAdapter
 from .vit import ViTAdapter
+from .xcit import XcitAdapter
 
 # checked in order: most specific first
 _ADAPTERS: list[type[Adapter]] = [BeitAdapter, CaitAdapter, EvaAdapter, PvtV2Adapter, RelPosViTAdapter,
-                                  SwinV2CrAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter]
+                                  SwinV2CrAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter, XcitAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -57,7 +58,8 @@ def adapter_for(model: nn.Module) -> Adapter:
             return cls(model)
     raise UnsupportedModelError(
         f"{type(model).__module__}.{type(model).__name__} is not supported: vitprune_fast prunes timm "
-        "VisionTransformer (ViT/DeiT/SigLIP/AIMv2/...), Eva (EVA/EVA-02/...) and SwinTransformer models"
+        "VisionTransformer (ViT/DeiT/SigLIP/AIMv2/...), Eva (EVA/EVA-02/...), Swin (V1/V2/V2-CR), BEiT, CaiT, "
+        "PVTv2 and XCiT models"
     )
 
 
@@ -80,4 +82,4 @@ def describe(model: nn.Module) -> PruningSpace:
 __all__ = ["Adapter", "BeitAdapter", "BlockRef", "CaitAdapter", "EvaAdapter", "PvtV2Adapter", "RelPosViTAdapter",
            "StageRef",
            "SwinAdapter", "SwinV2Adapter", "SwinV2CrAdapter", "Trunk", "ViTAdapter", "adapter_for", "adapters",
-           "describe", "register_adapter", "unregister_adapter"]
+           "XcitAdapter", "describe", "register_adapter", "unregister_adapter"]

@@ -233,12 +233,15 @@ class FastEngine:
         ref = self.refs[self.trunk.block_index(work.name)]
         if ref.taps is not None:
             return self._attn_taps(work, cands, inputs, logits, ref)
-        rows = self._zeroed_linear_rows(work, cands, inputs[0].device)
+        rows = self._zeroed_linear(work, cands, inputs[0].device)
+        cols = self._zeroed_linear(work, cands, inputs[0].device, dim=1)  # proj's input d (XCA mixes v's dims)
         if not ref.qkv_functional:
-            return self._rerun(work, cands, inputs, logits, rows)
+            with replaced_input(cols):
+                return self._rerun(work, cands, inputs, logits, rows)
         with contextlib.ExitStack() as stack:
             for lin, fn in rows:
                 stack.enter_context(replaced_linear_output(lin.weight, fn))
+            stack.enter_context(replaced_input(cols))
             return self._rerun(work, cands, inputs, logits)
 
     def _attn_taps(self, work, cands, inputs, logits, ref):
@@ -284,19 +287,22 @@ class FastEngine:
         trunk, k = self.trunk, len(cands)
         last = len(trunk.blocks) - 1
         y = trunk.run(inputs[last], last, last + 1)  # output of the last block
-        with replaced_output(self._zeroed_linear_rows(work, cands, y.device)):
+        with replaced_output(self._zeroed_linear(work, cands, y.device)), \
+                replaced_input(self._zeroed_linear(work, cands, y.device, dim=1)):
             out = trunk.head(_repeat(y, k))
         return kl_per_candidate(logits, out, k, backend=self.backend, accumulate=_KL_ACC)
 
-    def _zeroed_linear_rows(self, work, cands, device) -> list:
-        """(Linear, fn) pairs zeroing each candidate's output rows of every Linear the group's rows slice (rows of
-        the K candidates stacked along the batch)."""
+    def _zeroed_linear(self, work, cands, device, dim: int = 0) -> list:
+        """(Linear, fn) pairs zeroing each candidate's entries of every Linear the group slices along ``dim`` (0:
+        its output rows, for :func:`replaced_output`; 1: its input columns, for :func:`replaced_input`); the K
+        candidates are stacked along the batch."""
         k, out = len(cands), []
         for sl in self.space.groups[work.name].slices:
             path, _, pname = sl.name.rpartition(".")
             lin = self.model.get_submodule(path)
-            if pname == "weight" and sl.dim == 0 and isinstance(lin, nn.Linear):
-                keep = _removal_masks(lin.out_features, cands, sl.indices).to(device, non_blocking=True)
+            if pname == "weight" and sl.dim == dim and isinstance(lin, nn.Linear):
+                width = lin.out_features if dim == 0 else lin.in_features
+                keep = _removal_masks(width, cands, sl.indices).to(device, non_blocking=True)
                 out.append((lin, lambda y, keep=keep: y.reshape(k, -1, keep.shape[1]).masked_fill(
                     ~keep[:, None, :], 0).reshape(y.shape)))
         return out
@@ -311,7 +317,7 @@ class FastEngine:
         # the stream entering the stage and from every writer (a stage entry's Linear, proj, fc2); pre-norm blocks
         # read the stream only through the masked norms
         post = any(b.post_norm for b in stage.blocks)
-        writers = self._zeroed_linear_rows(work, cands, inputs[0].device) if post else []
+        writers = self._zeroed_linear(work, cands, inputs[0].device) if post else []
         s = stage.blocks[0].index  # the first block whose input carries this group's channels
         with replaced_forward(_masked_norm_forwards(lns, cands, inputs[0].device, self.backend)), \
                 replaced_output(writers):
