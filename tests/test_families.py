@@ -65,6 +65,12 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
                                            num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
                                            pretrained_cfg_overlay=PVT_32),
                       "PVTv2-li: pooled linear attention"),
+    "parallel_xp": ("vit_base_patch16_xp_224", SMALL,
+                    "ParallelScalingBlock (ViT-22B): in_proj rows [MLP | q | k | v], qk-norm (whole heads), RMSNorm"),
+    "parallel_pwee": ("vit_pwee_patch16_reg1_gap_256", SMALL,
+                      "ParallelScalingBlock without qk-norm: tied dims, the scale folded into in_proj's q rows"),
+    "diff_attn": ("vit_dwee_patch16_reg1_gap_256", SMALL,
+                  "differential attention: two q/k sub-heads per head, per-head RMS sub-norm, tied, whole heads"),
     "xcit": ("xcit_tiny_12_p16_224", dict(SMALL, patch_size=16, cls_attn_layers=1),
              "XCiT: cross-covariance attention (whole heads), LPI depthwise convs + BatchNorm, conv patch embedding, "
              "class-attention blocks"),
@@ -302,3 +308,40 @@ def test_xcit_keeps_whole_heads_and_whole_blocks():
     pruned = vpf.prune_(copy.deepcopy(model), plan)
     assert [b.attn.num_heads for b in pruned.blocks] == [2, 2] and pruned.blocks[0].attn.temperature.shape[0] == 2
     assert pruned.blocks[0].local_mp.conv1.groups == pruned.embed_dim == 24
+
+
+def test_parallel_block_groups_share_in_proj():
+    """in_proj rows [MLP | q | k | v] belong to two groups: each removes only its own rows, together or alone; DIMAP's
+    FLOPs prediction splits the shared Linear by rows; what cannot be split is refused before anything moves."""
+    from vitprune_fast.flops import flop_profile
+    from vitprune_fast.score.dimap import structured_plan_flops
+
+    model = _model("parallel_pwee")
+    space = vpf.describe(model)
+    hidden, a = model.blocks[0].in_split[:2]
+    attn_rows = {sl.offset for sl in space.groups["blocks.0.attn"].slices if sl.name.endswith("in_proj.weight")}
+    assert attn_rows == {hidden}
+    scores = {n: torch.rand(gr.size, dtype=torch.float64) for n, gr in space.groups.items()}
+    x = make_input(model, 2)
+    for keep in ({"mlp": 0.5}, {"residual": 0.5}, 0.5):
+        plan = vpf.make_plan(space, scores, keep=keep)
+        pruned = vpf.prune_(copy.deepcopy(model), plan)
+        kept_hidden = len(plan.keep.get("blocks.0.mlp", torch.arange(hidden)))
+        kept_a = len(plan.keep.get("blocks.0.attn", torch.arange(a)))
+        assert pruned.blocks[0].in_split == [kept_hidden, kept_a, kept_a, kept_a]
+        rows = torch.cat([plan.keep.get("blocks.0.mlp", torch.arange(hidden))]
+                         + [hidden + r * a + plan.keep.get("blocks.0.attn", torch.arange(a)) for r in range(3)])
+        cols = plan.keep.get("residual", torch.arange(model.embed_dim))
+        want = model.blocks[0].in_proj.weight[rows][:, cols].detach().clone()
+        want[kept_hidden:kept_hidden + kept_a] *= (kept_a / a) ** 0.5  # q rows carry the attention-scale fold
+        assert torch.allclose(pruned.blocks[0].in_proj.weight, want, rtol=1e-15, atol=0)
+    plan = vpf.dimap_structured_plan(model, ratio=0.3)
+    assert structured_plan_flops(model, plan) == flop_profile(vpf.prune_(copy.deepcopy(model), plan)).total
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(vpf.UnsupportedModelError, match="in_proj"):
+        vpf.dimap_scores(model)  # per-weight (unstructured) DIMAP: in_proj would sit in two weight pools
+    with pytest.raises(PlanError, match="in_norm and in_proj"):
+        remove_units_(model, [("hybrid", 0)])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    units = vpf.upvits_scores(model, x, components=("blocks",), progress=False)  # every unit kind scores
+    assert set(units) == {"units.block", "units.attn", "units.mlp", "units.hybrid"}

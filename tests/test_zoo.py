@@ -31,6 +31,8 @@ SUPPORTED = {
     "Swin V2 / V2-CR": lambda n: n.startswith("swinv2"),
     "PVTv2": lambda n: n.startswith("pvt_v2"),
     "XCiT": lambda n: n.startswith("xcit"),
+    "parallel ViT-22B blocks": lambda n: n.endswith("_xp_224") or n.startswith("vit_pwee"),
+    "differential attention": lambda n: n.startswith(("vit_dwee", "vit_dlittle")),
 }
 
 

@@ -60,10 +60,8 @@ def remove_units_(model: nn.Module, units: Sequence[tuple[str, int]]) -> nn.Modu
             raise PlanError(f"unit ({kind!r}, {i}) does not exist in a model with {n} blocks")
         if kind == "hybrid" and trunk.stage_of[i] != trunk.stage_of[i + 1]:
             raise PlanError(f"hybrid unit {i} crosses a stage boundary (Swin: a PatchMerging)")
-        if kind == "hybrid" and hasattr(trunk.blocks[i + 1], "local_mp"):
-            raise PlanError(f"hybrid unit {i}: block {i + 1} has a local patch interaction branch (XCiT LPI) "
-                            "between its attention and its MLP, which the re-packed block would lose; remove whole "
-                            "blocks there")
+        if kind == "hybrid" and adapter.hybrid_refusal():
+            raise PlanError(f"hybrid unit {i}: {adapter.hybrid_refusal()}; remove whole blocks")
         if kind == "hybrid" and not isinstance(getattr(trunk.blocks[i], "norm3", nn.Identity()), nn.Identity):
             raise PlanError(f"hybrid unit {i}: block {i} ends in a main-branch norm (Swin V2-CR norm3) between its "
                             "MLP and the next attention; remove whole blocks there")
@@ -90,15 +88,21 @@ def remove_units_(model: nn.Module, units: Sequence[tuple[str, int]]) -> nn.Modu
     return model
 
 
-def prune_depth_(model: nn.Module, images, n_units: int, kinds: Sequence[str] = DEPTH_KINDS,
+def prune_depth_(model: nn.Module, images, n_units: int, kinds: Sequence[str] | None = None,
                  progressive: bool = True, **score_kwargs) -> list[tuple[str, int]]:
     """Remove ``n_units`` lowest-KL units; ``progressive`` re-scores after each removal (UP-ViTs).
+
+    Args:
+        kinds: unit kinds to consider; default both, or whole blocks only where the model's hybrid units cannot be
+            removed (XCiT, parallel ViT blocks).
 
     Returns:
         The removed units, each indexed in the model as it was when that unit was removed.
     """
     from .score.upvits import upvits_scores
 
+    if kinds is None:
+        kinds = ("block",) if adapter_for(model).hybrid_refusal() else DEPTH_KINDS
     removed = []
     steps = [1] * n_units if progressive else [n_units]
     for k in steps:

@@ -177,23 +177,29 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise PlanError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
-    # 1. Everything each tensor must lose, checked before anything moves.
-    ops: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    # 1. Everything each tensor must lose, checked before anything moves. A tensor keeps every entry no group
+    # removes (two groups may share one tensor along one dim: a parallel block's in_proj rows).
+    removed: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
     head_tables: list[tuple[str, int, torch.Tensor, int, int]] = []
     for ch in changes:
+        gone = torch.ones(ch.group.size, dtype=torch.bool)
+        gone[ch.keep] = False
+        gone = gone.nonzero().flatten()
         for sl in ch.group.slices:
             if sl.per_head:
                 head_tables.append((sl.name, sl.dim, ch.keep, ch.group.head_dim, ch.heads))
-            elif ch.keep.numel() < ch.group.size:
-                ops[sl.name].append((sl.dim, sl.indices(ch.keep)))
+            elif gone.numel():
+                removed[(sl.name, sl.dim)].append(sl.indices(gone))
     items = []
-    for name, dim_idx in ops.items():
+    for (name, dim), parts in removed.items():
         t = tensor_of(model, name)
+        idx = torch.cat(parts)
+        if idx.max() >= t.shape[dim]:
+            raise PlanError(f"{name}: index {int(idx.max())} out of range for dim {dim} of {tuple(t.shape)}")
+        keep = torch.ones(t.shape[dim], dtype=torch.bool)
+        keep[idx] = False
         targets = [t] + [v for _, v in _companions(t, optimizer)]
-        for dim, idx in dim_idx:
-            if idx.max() >= t.shape[dim]:
-                raise PlanError(f"{name}: index {int(idx.max())} out of range for dim {dim} of {tuple(t.shape)}")
-            items += [(x, dim, idx) for x in targets]
+        items += [(x, dim, keep.nonzero().flatten()) for x in targets]
     new_tables = []
     for name, dim, keep, old_hd, heads in head_tables:
         table = tensor_of(model, name)
@@ -229,17 +235,21 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
     return model
 
 
-def _q_tensors(attn: nn.Module, q_rows: int) -> list[tuple[torch.Tensor, int]]:
-    """``(tensor, rows)``: the leading rows of each tensor that make q (fused q|k|v Linear and EVA's separate
-    q_bias; a q_proj Linear; an attention pool's q Linear)."""
+def _q_tensors(attn: nn.Module, q_rows: int) -> list[tuple[torch.Tensor, slice]]:
+    """``(tensor, rows)``: the rows of each tensor that make q (fused q|k|v Linear and EVA's separate q_bias; a
+    q_proj Linear; an attention pool's q Linear; a parallel block's in_proj, whose q rows follow the MLP's)."""
     fused = getattr(attn, "qkv", None)
+    start = 0
     if isinstance(fused, nn.Linear):
         q = [fused.weight, fused.bias]
+    elif isinstance(getattr(attn, "in_proj", None), nn.Linear):  # ParallelScalingBlock: rows [mlp | q | k | v]
+        start = attn.in_split[0]
+        q = [attn.in_proj.weight, attn.in_proj.bias]
     else:
         lin = getattr(attn, "q_proj", None) or attn.q
         q = [lin.weight, lin.bias]
     q.append(getattr(attn, "q_bias", None))
-    return [(t, q_rows) for t in q if t is not None]
+    return [(t, slice(start, start + q_rows)) for t in q if t is not None]
 
 
 def _fold_scale(tensors: list[tuple[torch.Tensor, int]], factor: float, optimizer) -> None:
@@ -247,11 +257,11 @@ def _fold_scale(tensors: list[tuple[torch.Tensor, int]], factor: float, optimize
     if factor == 1.0:
         return
     with torch.no_grad():
-        for p, q_rows in tensors:
-            p[:q_rows].mul_(factor)
+        for p, rows in tensors:
+            p[rows].mul_(factor)
             if p.grad is not None:
-                p.grad[:q_rows].div_(factor)
+                p.grad[rows].div_(factor)
             state = optimizer.state.get(p, {}) if optimizer is not None else {}
             for key, v in state.items():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                    v[:q_rows].div_(factor ** 2 if key in _SQUARED_STATE else factor)
+                    v[rows].div_(factor ** 2 if key in _SQUARED_STATE else factor)

@@ -13,10 +13,12 @@ KINDS = ("residual", "attn", "mlp")
 class TensorSlice:
     """One tensor touched by a group: channel ``c`` of the group maps to indices along ``dim``.
 
-    Index map: ``{r * stride + c for r in range(repeats)}`` (``repeats=1`` is the identity). qkv rows use
-    ``repeats=3, stride=attn_dim``; Swin PatchMerging inputs use ``repeats=4, stride=C``. ``per_head`` marks
-    a tensor indexed by head (Swin ``relative_position_bias_table`` columns): it is sliced by kept heads.
-    ``q_rows`` marks the qkv weight/bias rows that carry the attention scale fold.
+    Index map: ``{offset + r * stride + c for r in range(repeats)}`` (``repeats=1, offset=0`` is the identity).
+    qkv rows use ``repeats=3, stride=attn_dim``; Swin PatchMerging inputs use ``repeats=4, stride=C``; a Linear
+    shared by two groups maps each to its own rows (a parallel block's ``in_proj``: MLP rows from 0, q/k/v rows from
+    ``offset=hidden``). Entries of a tensor no slice of a group covers are never removed by that group.
+    ``per_head`` marks a tensor indexed by head (Swin ``relative_position_bias_table`` columns, XCiT's temperature):
+    it is sliced by kept heads.
     """
 
     name: str  # parameter or buffer name in model.named_parameters()/named_buffers()
@@ -24,12 +26,13 @@ class TensorSlice:
     repeats: int = 1
     stride: int = 0
     per_head: bool = False
+    offset: int = 0
 
     def indices(self, keep: torch.Tensor) -> torch.Tensor:
-        """Indices to keep along ``dim`` for kept channels ``keep`` (sorted); per-head maps take kept heads."""
+        """Indices along ``dim`` of channels ``keep`` (sorted in, sorted out); per-head maps take kept heads."""
         if self.repeats == 1:
-            return keep
-        return torch.cat([keep + r * self.stride for r in range(self.repeats)])
+            return keep + self.offset if self.offset else keep
+        return torch.cat([keep + (self.offset + r * self.stride) for r in range(self.repeats)])
 
 
 @dataclass

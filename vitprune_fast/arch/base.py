@@ -50,6 +50,9 @@ class BlockRef:
             output is tapped by weight instead of by a module hook.
         post_norm: ``x = x + norm1(attn(x))``, ``x = x + norm2(mlp(x))`` (Swin V2): the norms sit on the branch
             outputs, so an MLP unit's change is not rank-1 at the block output and removing a branch zeroes its norm.
+        branch_outputs: module paths whose outputs are the attention's and the MLP's contributions (zeroed to
+            remove a branch), when not ``attn`` / ``mlp`` (post-norm: ``norm1`` / ``norm2``; a parallel block, whose
+            ``attn`` / ``mlp`` name groups and no module: its two output projections).
     """
 
     index: int
@@ -69,6 +72,15 @@ class BlockRef:
     taps: tuple[str, str, str] | None = None
     qkv_functional: bool = False
     post_norm: bool = False
+    branch_outputs: tuple[str, str] | None = None
+
+    def branch_output(self, part: str) -> str:
+        """The module whose output is branch ``part``'s (``"attn"`` / ``"mlp"``) contribution to the stream."""
+        if self.branch_outputs is not None:
+            return self.branch_outputs[part == "mlp"]
+        if self.post_norm:
+            return self.norm1 if part == "attn" else self.norm2
+        return self.attn if part == "attn" else self.mlp
 
     @classmethod
     def pre_norm(cls, model: nn.Module, index: int, stage: int, path: str) -> BlockRef:
@@ -255,6 +267,11 @@ class Adapter(ABC):
     def block_kwargs(self) -> dict:
         """Keyword arguments the model's forward gives every block besides its input (EVA: ``rope``)."""
         return {}
+
+    def hybrid_refusal(self) -> str | None:
+        """Why this model's hybrid depth units (FFN_i + MSA_{i+1}, re-packed into one block) cannot be removed, or
+        None when they can (whole blocks always can)."""
+        return None
 
     def unit_params(self, group: Group) -> tuple[int, int]:
         """Parameters one unit of ``group`` removes: ``(per channel, per head)``.

@@ -24,10 +24,29 @@ from .common import (
 )
 
 _BLOCK_REASONS = {  # why timm's other ViT blocks are refused
-    "ParallelScalingBlock": "fused parallel attention + MLP projections (one in_proj / out_proj for both branches)",
-    "ParallelThingsBlock": "several attention / MLP branches run in parallel on one input",
-    "DiffParallelScalingBlock": "differential attention with fused parallel projections",
+    "ParallelThingsBlock": "several attention / MLP branches per block, where every engine sees one attention and "
+                           "one MLP per block",
+    "DiffParallelScalingBlock": "one out_proj over [attention | MLP] columns, as with ParallelScalingBlock("
+                                "fuse_out_proj=True)",
 }
+
+
+def _is_diff(attn: nn.Module) -> bool:
+    """timm's ``DiffAttention`` (differential attention): per head, ``(softmax(q1 k1) - lambda softmax(q2 k2)) v``
+    over two half-size q/k sub-heads, a per-head RMS sub-norm, output reshaped to the input width."""
+    try:
+        from timm.layers.diff_attention import DiffAttention
+    except ImportError:  # older timm
+        return False
+    return type(attn) is DiffAttention
+
+
+def _is_parallel(blk: nn.Module) -> bool:
+    """timm's ``ParallelScalingBlock`` (ViT-22B): ``x + ls(attn_out_proj(attn) + mlp_out_proj(act(mlp)))`` with one
+    ``in_norm`` and one ``in_proj`` whose rows are ``[mlp hidden | q | k | v]``."""
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    return type(blk) is ParallelScalingBlock
 
 
 class ViTAdapter(Adapter):
@@ -59,16 +78,19 @@ class ViTAdapter(Adapter):
 
         blk = self._blocks[i]
         where = f"{self.blocks_attr}.{i}"
+        if _is_parallel(blk):
+            return self._check_parallel_block(blk, where)
         if type(blk) not in (Block, ResPostBlock):
             raise UnsupportedModelError(f"{where}: block type {type(blk).__name__} is not supported (only timm's "
                                         f"pre-norm Block; {_BLOCK_REASONS.get(type(blk).__name__, 'another layout')})")
         attn = blk.attn
-        if type(attn) is not Attention:
+        if type(attn) is not Attention and not _is_diff(attn):
             raise UnsupportedModelError(f"{where}.attn: attention class {type(attn).__module__}.{type(attn).__name__} "
-                                        "is not supported (only timm's ViT Attention with a fused qkv Linear)")
+                                        "is not supported (timm's ViT Attention with a fused qkv Linear and "
+                                        "DiffAttention are)")
         if not isinstance(attn.qkv, nn.Linear):
             raise UnsupportedModelError(f"{where}.attn.qkv: {type(attn.qkv).__name__} is not an nn.Linear")
-        if not hasattr(attn, "attn_dim"):  # the attention width attribute came with timm 1.0.23's Attention (the floor)
+        if not _is_diff(attn) and not hasattr(attn, "attn_dim"):  # came with timm 1.0.23's Attention (the floor)
             raise UnsupportedModelError(f"{where}.attn: timm's ViT Attention has no attn_dim in timm "
                                         f"{_timm_version()}; vitprune_fast needs timm>=1.0.23")
         for part in ("q_norm", "k_norm"):
@@ -88,6 +110,45 @@ class ViTAdapter(Adapter):
             if not is_norm(getattr(blk, nm)):
                 raise UnsupportedModelError(f"{where}.{nm}: {type(getattr(blk, nm)).__name__} is not supported (only "
                                             "LayerNorm / RMSNorm in front of a branch)")
+
+    def _check_parallel_block(self, blk: nn.Module, where: str) -> None:
+        if blk.out_proj is not None:
+            raise UnsupportedModelError(f"{where}: ParallelScalingBlock(fuse_out_proj=True) is not supported (one "
+                                        "out_proj over [attention | MLP] columns)")
+        for part in ("in_norm", "q_norm", "k_norm"):
+            m = getattr(blk, part)
+            if not (is_norm(m) or (part != "in_norm" and isinstance(m, nn.Identity))):
+                raise UnsupportedModelError(f"{where}.{part}: {type(m).__name__} is not a LayerNorm / RMSNorm")
+        if not isinstance(blk.ls, nn.Identity) and not hasattr(blk.ls, "gamma"):
+            raise UnsupportedModelError(f"{where}.ls: {type(blk.ls).__name__} is not supported")
+        if len(blk.in_split) != 4 or len(set(blk.in_split[1:])) != 1 or sum(blk.in_split) != blk.in_proj.out_features:
+            raise UnsupportedModelError(f"{where}.in_split {blk.in_split} is not [hidden, dim, dim, dim]")
+
+    def _parallel_groups(self, i: int, groups: dict[str, Group]) -> list[TensorSlice]:
+        """A ParallelScalingBlock's attention and MLP groups (added to ``groups``); returns its residual slices.
+
+        ``in_proj`` rows ``[0, H)`` are MLP units, rows ``H + r * A + d`` (r = q, k, v) attention dim d. The
+        attention reshapes its output to the input width, so it is tied to the residual (whole heads with qk-norm).
+        """
+        model, p = self.model, f"{self.blocks_attr}.{i}"
+        blk = self._blocks[i]
+        hidden, a = blk.in_split[0], blk.in_split[1]
+        res = norm_slices(model, f"{p}.in_norm") + linear_slices(model, f"{p}.in_proj", "in")
+        res += linear_slices(model, f"{p}.attn_out_proj", "out") + linear_slices(model, f"{p}.mlp_out_proj", "out")
+        if hasattr(blk.ls, "gamma"):
+            res.append(TensorSlice(f"{p}.ls.gamma", 0))
+        rows = [TensorSlice(f"{p}.in_proj.{t}", 0, 3, a, offset=hidden) for t in ("weight", "bias")
+                if getattr(blk.in_proj, t) is not None]
+        groups[f"{p}.attn"] = Group(
+            f"{p}.attn", "attn", a, rows + linear_slices(model, f"{p}.attn_out_proj", "in"),
+            num_heads=blk.num_heads, head_dim=blk.head_dim, module=p, tied_to="residual",
+            whole_heads=not isinstance(blk.q_norm, nn.Identity) or not isinstance(blk.k_norm, nn.Identity))
+        units = [TensorSlice(f"{p}.in_proj.{t}", 0) for t in ("weight", "bias") if getattr(blk.in_proj, t) is not None]
+        if blk.mlp_bias is not None:
+            units.append(TensorSlice(f"{p}.mlp_bias", 0))
+        groups[f"{p}.mlp"] = Group(f"{p}.mlp", "mlp", hidden,
+                                   units + linear_slices(model, f"{p}.mlp_out_proj", "in"), module=p)
+        return res
 
     def describe(self) -> PruningSpace:
         """Residual / attn / mlp groups of a timm VisionTransformer.
@@ -115,9 +176,15 @@ class ViTAdapter(Adapter):
             if getattr(model, tok, None) is not None:
                 res.append(TensorSlice(tok, 2))
         res += norm_slices(model, "norm_pre")
+        multiple = set()
         for i, blk in enumerate(blocks):
             self._check_block(i)
             p = f"{self.blocks_attr}.{i}"
+            if _is_parallel(blk):
+                res += self._parallel_groups(i, groups)
+                if groups[f"{p}.attn"].whole_heads:  # tied whole heads: the residual keeps whole head sizes
+                    multiple.add(blk.head_dim)
+                continue
             res += norm_slices(model, f"{p}.norm1") + norm_slices(model, f"{p}.norm2")
             res += linear_slices(model, f"{p}.attn.qkv", "in") + linear_slices(model, f"{p}.attn.proj", "out")
             res += mlp_input_slices(model, f"{p}.mlp") + linear_slices(model, f"{p}.mlp.fc2", "out")
@@ -125,13 +192,19 @@ class ViTAdapter(Adapter):
                 if hasattr(getattr(blk, ls, None), "gamma"):
                     res.append(TensorSlice(f"{p}.{ls}.gamma", 0))
             attn = blk.attn
-            a = attn.attn_dim
+            a = _attn_width(blk)
+            # differential attention: a head is two q/k sub-heads (2 * head_dim channels) sharing one v head, its
+            # output reshaped to the input width (tied) and RMS-normed per head (whole heads)
+            diff = _is_diff(attn)
+            head_dim = 2 * attn.head_dim if diff else attn.head_dim
+            if diff:
+                multiple.add(head_dim)
             groups[f"{p}.attn"] = Group(
                 f"{p}.attn", "attn", a,
                 linear_slices(model, f"{p}.attn.qkv", "out", repeats=3, stride=a)
                 + norm_slices(model, f"{p}.attn.norm") + linear_slices(model, f"{p}.attn.proj", "in"),
-                num_heads=attn.num_heads, head_dim=attn.head_dim, module=f"{p}.attn",
-                whole_heads=not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity),
+                num_heads=attn.num_heads, head_dim=head_dim, module=f"{p}.attn", tied_to="residual" if diff else None,
+                whole_heads=diff or not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)),
             )
             groups[f"{p}.mlp"] = Group(f"{p}.mlp", "mlp", blk.mlp.fc2.in_features, mlp_slices(model, f"{p}.mlp"),
                                        module=f"{p}.mlp")
@@ -143,17 +216,36 @@ class ViTAdapter(Adapter):
             for head in ("head", "head_dist"):
                 if isinstance(getattr(model, head, None), nn.Linear):
                     res += linear_slices(model, head, "in")
-        groups = {"residual": Group("residual", "residual", model.embed_dim, res, module="")} | groups
-        return PruningSpace(self.arch, groups)
+        if len(multiple) > 1:
+            raise UnsupportedModelError(f"attentions tied to the residual by whole heads have different head sizes "
+                                        f"{sorted(multiple)}: the residual cannot keep whole heads of each")
+        residual = Group("residual", "residual", model.embed_dim, res, module="",
+                         multiple_of=multiple.pop() if multiple else 1)
+        return PruningSpace(self.arch, {"residual": residual} | groups)
 
     def stages(self) -> list[StageRef]:
         model = self.model
         from timm.models.vision_transformer import ResPostBlock
 
-        blocks = tuple(dataclasses.replace(BlockRef.pre_norm(model, i, 0, f"{self.blocks_attr}.{i}"),
+        blocks = tuple(self._parallel_ref(i) if _is_parallel(blk) else
+                       dataclasses.replace(BlockRef.pre_norm(model, i, 0, f"{self.blocks_attr}.{i}"),
                                            post_norm=type(blk) is ResPostBlock) for i, blk in enumerate(self._blocks))
         return [StageRef(0, blocks, "residual", None, model.patch_embed.proj.weight.shape[0],
                          tuple(model.patch_embed.grid_size), model.num_prefix_tokens, model.cls_token is not None)]
+
+    def _parallel_ref(self, i: int) -> BlockRef:
+        """A ParallelScalingBlock as a BlockRef: both branches read ``in_norm``; ``attn`` / ``mlp`` name its groups
+        (no submodule holds either branch alone); q, k, v and the MLP's input are rows of ``in_proj``."""
+        p = f"{self.blocks_attr}.{i}"
+        ls = f"{p}.ls.gamma" if hasattr(self._blocks[i].ls, "gamma") else None
+        return BlockRef(i, 0, p, f"{p}.attn", f"{p}.mlp", f"{p}.in_norm", f"{p}.in_norm", f"{p}.in_proj",
+                        f"{p}.attn_out_proj", f"{p}.in_proj", f"{p}.mlp_act", f"{p}.mlp_out_proj", ls, ls,
+                        branch_outputs=(f"{p}.attn_out_proj", f"{p}.mlp_out_proj"))
+
+    def hybrid_refusal(self) -> str | None:
+        if any(_is_parallel(b) for b in self._blocks):
+            return "a parallel block's attention and MLP share in_norm and in_proj: neither half can move alone"
+        return None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -192,7 +284,18 @@ class ViTAdapter(Adapter):
             sync_attn_pool(pool)
         model.head_hidden_size = pool.out_features if pool is not None else c
         for blk in self._blocks:
+            if _is_parallel(blk):
+                hidden = blk.mlp_out_proj.in_features
+                a = (blk.in_proj.out_features - hidden) // 3
+                blk.in_split = [hidden, a, a, a]
+                blk.head_dim = a // blk.num_heads
+                blk.scale = blk.head_dim ** -0.5
+                continue
             attn = blk.attn
+            if _is_diff(attn):  # q/k sub-heads of half a head
+                attn.head_dim = attn.qkv.weight.shape[0] // 3 // attn.num_heads // 2
+                attn.scale = attn.head_dim ** -0.5
+                continue
             attn.attn_dim = attn.qkv.weight.shape[0] // 3
             attn.head_dim = attn.attn_dim // attn.num_heads
             attn.scale = attn.head_dim ** -0.5
@@ -202,7 +305,7 @@ class ViTAdapter(Adapter):
         pe = model.patch_embed
         c = model.embed_dim
         blocks = self._blocks
-        heads = blocks[0].attn.num_heads if len(blocks) else 1
+        heads = _attn_of(blocks[0]).num_heads if len(blocks) else 1
         kw = dict(
             img_size=list(pe.img_size) if pe.img_size is not None else None,
             patch_size=list(pe.patch_size),
@@ -216,14 +319,14 @@ class ViTAdapter(Adapter):
             reg_tokens=model.reg_token.shape[1] if getattr(model, "reg_token", None) is not None else 0,
             no_embed_class=model.no_embed_class,
             pos_embed="learn" if model.pos_embed is not None else "none",
-            qkv_bias=blocks[0].attn.qkv.bias is not None if len(blocks) else True,
-            init_values=1e-5 if len(blocks) and hasattr(getattr(blocks[0], "ls1", None), "gamma") else None,
+            qkv_bias=_qkv_of(blocks[0]).bias is not None if len(blocks) else True,
+            init_values=1e-5 if len(blocks) and _has_layer_scale(blocks[0]) else None,
             pre_norm=not isinstance(model.norm_pre, nn.Identity),
             fc_norm=not isinstance(model.fc_norm, nn.Identity),
             dynamic_img_size=getattr(model, "dynamic_img_size", False),
         )
         if len(blocks):  # optional norms, passed only when present (older timm lacks the scale-norm kwargs)
-            attn, mlp = blocks[0].attn, blocks[0].mlp
+            attn, mlp = _attn_of(blocks[0]), getattr(blocks[0], "mlp", None)
             flags = {"qk_norm": not isinstance(attn.q_norm, nn.Identity),
                      "scale_attn_norm": not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity),
                      "scale_mlp_norm": not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)}
@@ -237,7 +340,7 @@ class ViTAdapter(Adapter):
         """Uniform blocks with the attention width equal to embed_dim: timm's VisionTransformer with other widths."""
         kw = self.build_recipe()
         c = kw["embed_dim"]
-        shapes = {(b.attn.num_heads, b.attn.qkv.out_features // 3, _mlp_hidden_arg(b.mlp)) for b in self._blocks}
+        shapes = {(_attn_of(b).num_heads, _attn_width(b), _hidden_of(b)) for b in self._blocks}
         if len(shapes) > 1:
             raise UnsupportedModelError(f"blocks differ in (heads, attention width, MLP width): {sorted(shapes)}; "
                                         "a stock VisionTransformer has the same widths in every block")
@@ -250,11 +353,32 @@ class ViTAdapter(Adapter):
         return kw
 
 
-def _mlp_hidden_arg(mlp: nn.Module) -> int:
-    """The ``hidden_features`` timm gave the MLP (``int(dim * mlp_ratio)``): fc1's rows (a GLU's two halves), or
-    the hidden width of a SwiGLU (separate gate and value Linears)."""
-    fc1 = getattr(mlp, "fc1", None)
-    return fc1.out_features if fc1 is not None else mlp.fc2.in_features
+def _attn_of(blk: nn.Module) -> nn.Module:
+    """The module holding a block's attention attributes (num_heads, q_norm...): the block itself when parallel."""
+    return blk if _is_parallel(blk) else blk.attn
+
+
+def _qkv_of(blk: nn.Module) -> nn.Linear:
+    """The Linear making a block's q, k, v (a parallel block's in_proj makes the MLP's input too)."""
+    return blk.in_proj if _is_parallel(blk) else blk.attn.qkv
+
+
+def _has_layer_scale(blk: nn.Module) -> bool:
+    return any(hasattr(getattr(blk, n, None), "gamma") for n in ("ls1", "ls"))  # ls: a parallel block's one
+
+
+def _attn_width(blk: nn.Module) -> int:
+    """A block's attention width (q rows)."""
+    return blk.in_split[1] if _is_parallel(blk) else blk.attn.qkv.out_features // 3
+
+
+def _hidden_of(blk: nn.Module) -> int:
+    """The ``hidden_features`` timm gave the block's MLP (``int(dim * mlp_ratio)``): fc1's rows (a GLU's two
+    halves), the hidden width of a SwiGLU (separate gate and value Linears), a parallel block's MLP rows."""
+    if _is_parallel(blk):
+        return blk.in_split[0]
+    fc1 = getattr(blk.mlp, "fc1", None)
+    return fc1.out_features if fc1 is not None else blk.mlp.fc2.in_features
 
 
 def _timm_version() -> str:

@@ -157,6 +157,10 @@ class XcitAdapter(Adapter):
         return [StageRef(0, tuple(blocks), "residual", None, m.get_submodule(self._last_embed_conv())[0].out_channels,
                          self._grid(), 0, False)]
 
+    def hybrid_refusal(self) -> str | None:
+        return ("block i+1's local patch interaction (LPI) runs between its attention and its MLP; a re-packed "
+                "block would lose it")
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         m = self.model
         x, (hp, wp) = m.patch_embed(images)

@@ -97,8 +97,7 @@ def _unit_branches(model: nn.Module, blocks: Sequence[BlockRef], kind: str, i: i
     else:
         parts = [(blocks[i], kind)]
     # a post-norm branch ends in its norm: the branch is gone when the norm's output is zero
-    post = {"attn": "norm1", "mlp": "norm2"}
-    return [model.get_submodule(getattr(ref, post[part] if ref.post_norm else part)) for ref, part in parts]
+    return [model.get_submodule(ref.branch_output(part)) for ref, part in parts]
 
 
 def _removal_masks(width: int, cands: torch.Tensor, index_map) -> torch.Tensor:

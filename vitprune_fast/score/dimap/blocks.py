@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...arch import adapter_for
+from ...errors import UnsupportedModelError
 from ...space import Group
 
 MODULES = ("qkv", "proj", "mlp")  # QKV-M, PRJ-M, MLP-M
@@ -25,9 +26,10 @@ class DimapBlock:
         head_dim: channels per head (attention channel ``d`` belongs to head ``d // head_dim``).
         hidden: MLP hidden units.
         qkv, proj, fc1, fc2: module paths of the block's main Linears (see :class:`vitprune_fast.arch.BlockRef`).
-        attn_linears / mlp_linears: ``(weight name, dim, repeats, stride)`` of every Linear weight slice of the
-            group (qkv rows ``repeats=3``, proj columns; fc1 rows -- both halves of a GLU, both SwiGLU inputs --
-            and fc2 columns): a unit's weights, whatever the MLP's form.
+        attn_linears / mlp_linears: ``(weight name, dim, repeats, stride, offset, extent)`` of every Linear weight
+            slice of the group (qkv rows ``repeats=3``, proj columns; fc1 rows -- both halves of a GLU, both SwiGLU
+            inputs -- and fc2 columns; a parallel block's in_proj rows from ``offset``), ``extent`` the weight's
+            size along ``dim``: a unit's weights, whatever the MLP's form.
         attn_tied: the attention's width is tied to the residual (EVA): structured plans leave it whole.
     """
 
@@ -40,8 +42,8 @@ class DimapBlock:
     proj: str
     fc1: str
     fc2: str
-    attn_linears: tuple[tuple[str, int, int, int], ...] = ()
-    mlp_linears: tuple[tuple[str, int, int, int], ...] = ()
+    attn_linears: tuple[tuple[str, int, int, int, int, int], ...] = ()
+    mlp_linears: tuple[tuple[str, int, int, int, int, int], ...] = ()
     attn_tied: bool = False
 
     @property
@@ -65,12 +67,13 @@ def find_blocks(model: nn.Module) -> list[DimapBlock]:
     return out
 
 
-def _linear_weights(model: nn.Module, group: Group) -> tuple[tuple[str, int, int, int], ...]:
+def _linear_weights(model: nn.Module, group: Group) -> tuple[tuple[str, int, int, int, int, int], ...]:
     out = []
     for sl in group.slices:
         path, _, pname = sl.name.rpartition(".")
-        if pname == "weight" and isinstance(model.get_submodule(path), nn.Linear):
-            out.append((sl.name, sl.dim, sl.repeats, sl.stride))
+        lin = model.get_submodule(path)
+        if pname == "weight" and isinstance(lin, nn.Linear):
+            out.append((sl.name, sl.dim, sl.repeats, sl.stride, sl.offset, lin.weight.shape[sl.dim]))
     return tuple(out)
 
 
@@ -79,7 +82,13 @@ def prunable_weights(model: nn.Module) -> dict[str, list[str]]:
     the MLP's Linears -- fc1 (SwiGLU: fc1_g, fc1_x) and fc2 -- of every block, in block order)."""
     out: dict[str, list[str]] = {m: [] for m in MODULES}
     for b in find_blocks(model):
-        out["qkv"] += [name for name, dim, _, _ in b.attn_linears if dim == 0]
-        out["proj"] += [name for name, dim, _, _ in b.attn_linears if dim == 1]
-        out["mlp"] += [name for name, _, _, _ in b.mlp_linears]
+        out["qkv"] += [name for name, dim, *_ in b.attn_linears if dim == 0]
+        out["proj"] += [name for name, dim, *_ in b.attn_linears if dim == 1]
+        out["mlp"] += [name for name, *_ in b.mlp_linears]
+    names = [n for module in out.values() for n in module]
+    shared = sorted({n for n in names if names.count(n) > 1})
+    if shared:  # one weight in two modules would get two thresholds
+        raise UnsupportedModelError(f"{shared[0]} holds rows of both the attention and the MLP (a parallel block's "
+                                    "fused in_proj): DIMAP's per-module weight pools cannot split it; use the "
+                                    "structured DIMAP plan (dimap_structured_plan)")
     return out

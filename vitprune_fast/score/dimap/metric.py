@@ -82,11 +82,12 @@ def _faithful_scores(model: nn.Module, mode: str, dtype, backend: str) -> dict[s
 def _unit_norms2(model: nn.Module, linears, size: int, acc) -> torch.Tensor:
     """``[size]``: per unit, the squared norm of every Linear weight row / column it owns (see ``DimapBlock``)."""
     out = None
-    for name, dim, repeats, stride in linears:
+    for name, dim, repeats, stride, offset, _ in linears:
         w = model.get_parameter(name).detach()
         per_index = w.to(acc).square().sum(1 - dim)  # [w.shape[dim]]: a row's (dim 0) or a column's (dim 1) norm²
         for r in range(repeats):
-            part = per_index[r * stride:r * stride + size]
+            start = offset + r * stride
+            part = per_index[start:start + size]
             out = part if out is None else out + part
     return out
 

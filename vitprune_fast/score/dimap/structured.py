@@ -93,12 +93,16 @@ def _structured_flops(profile: FlopProfile, blocks: list[DimapBlock], keep: Mapp
     """FLOPs of the physically pruned model: every Linear and attention matmul scales with its kept width."""
     saved = 0
     for b in blocks:
-        mlp = sum(profile.linear[_module(n)] for n, *_ in b.mlp_linears)
-        # integers: each term is a multiple of its width (every FLOP count is linear in it)
-        saved += mlp * (b.hidden - len(keep[b.mlp])) // b.hidden
+        # integers: each Linear's FLOPs are linear in its width; a unit owns ``repeats`` of its ``extent`` entries (a
+        # Linear shared by the attention and the MLP -- a parallel block's in_proj -- is split by rows)
+        removed = b.hidden - len(keep[b.mlp])
+        saved += sum(profile.linear[_module(n)] * repeats * removed // extent
+                     for n, _, repeats, _, _, extent in b.mlp_linears)
         if b.attn in keep:  # (a tied attention is left whole)
-            attn = sum(profile.linear[_module(n)] for n, *_ in b.attn_linears) + profile.attn_matmul[b.attn]
-            saved += attn * (b.attn_dim - len(keep[b.attn])) // b.attn_dim
+            removed = b.attn_dim - len(keep[b.attn])
+            saved += sum(profile.linear[_module(n)] * repeats * removed // extent
+                         for n, _, repeats, _, _, extent in b.attn_linears)
+            saved += profile.attn_matmul[b.attn] * removed // b.attn_dim
     return profile.total - saved
 
 
