@@ -69,9 +69,11 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
                     "ParallelScalingBlock (ViT-22B): in_proj rows [MLP | q | k | v], qk-norm (whole heads), RMSNorm"),
     "parallel_pwee": ("vit_pwee_patch16_reg1_gap_256", SMALL,
                       "ParallelScalingBlock without qk-norm: tied dims, the scale folded into in_proj's q rows"),
+    "parallel_things": ("vit_small_patch16_18x2_224", SMALL,
+                        "ParallelThingsBlock: two attentions, then two MLPs, side by side on one input"),
     "diff_attn": ("vit_dwee_patch16_reg1_gap_256", SMALL,
                   "differential attention: two q/k sub-heads per head, per-head RMS sub-norm, tied, whole heads"),
-    "xcit": ("xcit_tiny_12_p16_224", dict(SMALL, patch_size=16, cls_attn_layers=1),
+    "xcit": ("xcit_tiny_12_p16_224", dict(SMALL, patch_size=16, cls_attn_layers=1, mlp_ratio=2.0),
              "XCiT: cross-covariance attention (whole heads), LPI depthwise convs + BatchNorm, conv patch embedding, "
              "class-attention blocks"),
 }
@@ -172,7 +174,7 @@ def test_dimap_structured_plan(key):
         assert rel_err(vpf.prune_(copy.deepcopy(model), plan)(x), want) < 1e-9
     scores = vpf.dimap_scores(model, structured=True, attn_mode=mode)
     groups = vpf.describe(model).groups  # DIMAP's modules are the blocks' (a pool's, CaiT's class attention stay whole)
-    assert set(scores) == {n for b in adapter_for(model).blocks() for n in (b.attn, b.mlp)}
+    assert set(scores) == {n for b in adapter_for(model).blocks() for br in b.branches() for n in (br.attn, br.mlp)}
     for name, s in scores.items():
         assert s.shape == (groups[name].size,)
 
@@ -345,3 +347,38 @@ def test_parallel_block_groups_share_in_proj():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     units = vpf.upvits_scores(model, x, components=("blocks",), progress=False)  # every unit kind scores
     assert set(units) == {"units.block", "units.attn", "units.mlp", "units.hybrid"}
+
+
+def test_parallel_things_units_remove_every_branch_of_their_kind():
+    """A block running two attentions and two MLPs side by side: a hybrid unit (MLPs of block 0 + attentions of block
+    1) removed physically computes what scoring it computes -- those four branch outputs zeroed."""
+    from vitprune_fast.overrides import replaced_output
+
+    model = _model("parallel_things")
+    x = make_input(model, 2)
+    refs = adapter_for(model).blocks()
+    assert [br.mlp for br in refs[0].branches()] == ["blocks.0.ffns.0.mlp", "blocks.0.ffns.1.mlp"]
+    zeroed = [model.get_submodule(br.branch_output(part)) for ref, part in ((refs[0], "mlp"), (refs[1], "attn"))
+              for br in ref.branches()]
+    with torch.no_grad(), replaced_output([(m, torch.zeros_like) for m in zeroed]):
+        want = model(x)
+    pruned = remove_units_(copy.deepcopy(model), [("hybrid", 0)])
+    assert len(pruned.blocks) == 1
+    with torch.no_grad():
+        assert rel_err(pruned(x), want) < 1e-12
+        assert rel_err(model(x), want) > 1e-4
+
+
+def test_parallel_things_dap_gates_every_branch():
+    """DAP gates both attentions and both MLPs of a ParallelThingsBlock; each takes the ΔΨ of its kind in its block
+    (the probes see the block's input, its stream after the attentions and its output)."""
+    model = _model("parallel_things", torch.float32).train()
+    dap = DAP(model, target=0.4, schedule=Schedule(0, 2, 3, update_every=1), block_params_only=True)
+    assert [b.name for b in dap.blocks][:4] == ["blocks.0.attns.0.attn", "blocks.0.ffns.0.mlp",
+                                                "blocks.0.attns.1.attn", "blocks.0.ffns.1.mlp"]
+    assert not any(b.frozen for b in dap.blocks)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (4,), generator=g)
+    (torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32, generator=g)), y) + dap.loss(y)).backward()
+    d = dap._dcls  # [DAP blocks] ΔΨ of the class-token probes
+    assert d[0] == d[2] and d[1] == d[3] and d[4] == d[6] and d[0] != d[1]

@@ -32,6 +32,7 @@ SUPPORTED = {
     "PVTv2": lambda n: n.startswith("pvt_v2"),
     "XCiT": lambda n: n.startswith("xcit"),
     "parallel ViT-22B blocks": lambda n: n.endswith("_xp_224") or n.startswith("vit_pwee"),
+    "parallel attention / MLP branches": lambda n: "18x2" in n,
     "differential attention": lambda n: n.startswith(("vit_dwee", "vit_dlittle")),
 }
 

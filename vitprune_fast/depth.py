@@ -74,8 +74,9 @@ def remove_units_(model: nn.Module, units: Sequence[tuple[str, int]]) -> nn.Modu
     for kind, i in units:  # re-pack hybrids first: block i keeps its attention, takes block i+1's MLP half
         if kind == "hybrid":
             a, b = trunk.blocks[i], trunk.blocks[i + 1]
-            # gamma_2: EVA's layer scale; norm3: Swin V2-CR's main-branch norm after the MLP
-            for part in ("norm2", "mlp", "ls2", "gamma_2", "drop_path2", "norm3"):
+            # gamma_2: EVA's layer scale; norm3: Swin V2-CR's main-branch norm after the MLP; ffns: the MLPs of a
+            # ParallelThingsBlock
+            for part in ("norm2", "mlp", "ls2", "gamma_2", "drop_path2", "norm3", "ffns"):
                 if hasattr(b, part):
                     setattr(a, part, getattr(b, part))
     kept: dict[int, list[nn.Module]] = {}  # stage -> kept block modules, in order

@@ -128,7 +128,7 @@ def flop_profile(model: nn.Module, img_size: int | tuple[int, int] | None = None
     per_module = {_strip_root(k): sum(v.values()) for k, v in counter.get_flop_counts().items()}
     linear = {p: per_module.get(p, 0) for p in tokens}
     attn_mm = {b.attn: per_module.get(b.attn, 0) - sum(f for p, f in linear.items() if p.startswith(f"{b.attn}."))
-               for b in adapter.blocks()}
+               for blk in adapter.blocks() for b in blk.branches()}
     return FlopProfile(counter.get_total_flops(), tokens, linear, attn_mm, size)
 
 

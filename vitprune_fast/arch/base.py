@@ -53,6 +53,9 @@ class BlockRef:
         branch_outputs: module paths whose outputs are the attention's and the MLP's contributions (zeroed to
             remove a branch), when not ``attn`` / ``mlp`` (post-norm: ``norm1`` / ``norm2``; a parallel block, whose
             ``attn`` / ``mlp`` name groups and no module: its two output projections).
+        parallel: the block's other attention / MLP pairs when several run side by side on one input
+            (``ParallelThingsBlock``: ``x + sum_j attn_j(x)``, then ``+ sum_j mlp_j(.)``), each a BlockRef with this
+            block's index and path; this one is the first pair. :meth:`branches` lists them all.
     """
 
     index: int
@@ -73,6 +76,15 @@ class BlockRef:
     qkv_functional: bool = False
     post_norm: bool = False
     branch_outputs: tuple[str, str] | None = None
+    parallel: tuple[BlockRef, ...] = ()
+
+    def branches(self) -> tuple[BlockRef, ...]:
+        """Every attention / MLP pair of the block (one, unless it runs several in parallel)."""
+        return (self, *self.parallel)
+
+    def branch_of(self, group: str) -> BlockRef:
+        """The pair whose attention or MLP group is ``group``."""
+        return next(b for b in self.branches() if group in (b.attn, b.mlp))
 
     def branch_output(self, part: str) -> str:
         """The module whose output is branch ``part``'s (``"attn"`` / ``"mlp"``) contribution to the stream."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,11 +25,31 @@ from .common import (
 )
 
 _BLOCK_REASONS = {  # why timm's other ViT blocks are refused
-    "ParallelThingsBlock": "several attention / MLP branches per block, where every engine sees one attention and "
-                           "one MLP per block",
     "DiffParallelScalingBlock": "one out_proj over [attention | MLP] columns, as with ParallelScalingBlock("
                                 "fuse_out_proj=True)",
 }
+
+
+class _Pair(NamedTuple):
+    """Paths (relative to the block) of one attention / MLP pair: its norms, branches and layer scales."""
+
+    norm1: str
+    attn: str
+    ls1: str
+    norm2: str
+    mlp: str
+    ls2: str
+
+
+def _pairs(blk: nn.Module) -> list[_Pair]:
+    """The attention / MLP pairs of a Block / ResPostBlock (one) or a ParallelThingsBlock (``num_parallel``: each
+    ``attns.j`` / ``ffns.j`` a ``Sequential(norm, attn | mlp, ls, drop_path)`` reading the same input)."""
+    from timm.models.vision_transformer import ParallelThingsBlock
+
+    if type(blk) is ParallelThingsBlock:
+        return [_Pair(f"attns.{j}.norm", f"attns.{j}.attn", f"attns.{j}.ls", f"ffns.{j}.norm", f"ffns.{j}.mlp",
+                      f"ffns.{j}.ls") for j in range(len(blk.attns))]
+    return [_Pair("norm1", "attn", "ls1", "norm2", "mlp", "ls2")]
 
 
 def _is_diff(attn: nn.Module) -> bool:
@@ -74,42 +95,80 @@ class ViTAdapter(Adapter):
         return blocks
 
     def _check_block(self, i: int) -> None:
-        from timm.models.vision_transformer import Attention, Block, ResPostBlock
+        from timm.models.vision_transformer import Block, ParallelThingsBlock, ResPostBlock
 
         blk = self._blocks[i]
         where = f"{self.blocks_attr}.{i}"
         if _is_parallel(blk):
             return self._check_parallel_block(blk, where)
-        if type(blk) not in (Block, ResPostBlock):
-            raise UnsupportedModelError(f"{where}: block type {type(blk).__name__} is not supported (only timm's "
-                                        f"pre-norm Block; {_BLOCK_REASONS.get(type(blk).__name__, 'another layout')})")
-        attn = blk.attn
+        if type(blk) not in (Block, ResPostBlock, ParallelThingsBlock):
+            raise UnsupportedModelError(f"{where}: block type {type(blk).__name__} is not supported (timm's Block, "
+                                        "ResPostBlock, ParallelScalingBlock and ParallelThingsBlock are; "
+                                        f"{_BLOCK_REASONS.get(type(blk).__name__, 'another layout')})")
+        for pair in _pairs(blk):
+            self._check_pair(blk, pair, where)
+
+    def _check_pair(self, blk: nn.Module, pair: _Pair, where: str) -> None:
+        from timm.models.vision_transformer import Attention
+
+        attn = blk.get_submodule(pair.attn)
+        where_attn = f"{where}.{pair.attn}"
         if type(attn) is not Attention and not _is_diff(attn):
-            raise UnsupportedModelError(f"{where}.attn: attention class {type(attn).__module__}.{type(attn).__name__} "
-                                        "is not supported (timm's ViT Attention with a fused qkv Linear and "
-                                        "DiffAttention are)")
+            raise UnsupportedModelError(f"{where_attn}: attention class {type(attn).__module__}."
+                                        f"{type(attn).__name__} is not supported (timm's ViT Attention with a fused "
+                                        "qkv Linear and DiffAttention are)")
         if not isinstance(attn.qkv, nn.Linear):
-            raise UnsupportedModelError(f"{where}.attn.qkv: {type(attn.qkv).__name__} is not an nn.Linear")
+            raise UnsupportedModelError(f"{where_attn}.qkv: {type(attn.qkv).__name__} is not an nn.Linear")
         if not _is_diff(attn) and not hasattr(attn, "attn_dim"):  # came with timm 1.0.23's Attention (the floor)
-            raise UnsupportedModelError(f"{where}.attn: timm's ViT Attention has no attn_dim in timm "
+            raise UnsupportedModelError(f"{where_attn}: timm's ViT Attention has no attn_dim in timm "
                                         f"{_timm_version()}; vitprune_fast needs timm>=1.0.23")
         for part in ("q_norm", "k_norm"):
             m = getattr(attn, part, nn.Identity())
             if not isinstance(m, nn.Identity) and not is_norm(m):
-                raise UnsupportedModelError(f"{where}.attn.{part}: {type(m).__name__} is not a LayerNorm / RMSNorm")
+                raise UnsupportedModelError(f"{where_attn}.{part}: {type(m).__name__} is not a LayerNorm / RMSNorm")
         if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-            norm_slices(self.model, f"{where}.attn.norm")  # a scale-norm over the attention width: must be prunable
+            norm_slices(self.model, f"{where_attn}.norm")  # a scale-norm over the attention width: must be prunable
         if getattr(attn, "gate", None) is not None:
-            raise UnsupportedModelError(f"{where}.attn.gate: gated attention is not supported")
-        mlp_slices(self.model, f"{where}.mlp")  # raises for an MLP form it cannot prune
-        for ls in ("ls1", "ls2"):
-            m = getattr(blk, ls, nn.Identity())  # (a post-norm ResPostBlock has none)
+            raise UnsupportedModelError(f"{where_attn}.gate: gated attention is not supported")
+        mlp_slices(self.model, f"{where}.{pair.mlp}")  # raises for an MLP form it cannot prune
+        for ls in (pair.ls1, pair.ls2):
+            m = blk.get_submodule(ls) if hasattr(blk, ls.split(".")[0]) else nn.Identity()  # (ResPostBlock: none)
             if not isinstance(m, nn.Identity) and not hasattr(m, "gamma"):
                 raise UnsupportedModelError(f"{where}.{ls}: {type(m).__name__} is not supported")
-        for nm in ("norm1", "norm2"):
-            if not is_norm(getattr(blk, nm)):
-                raise UnsupportedModelError(f"{where}.{nm}: {type(getattr(blk, nm)).__name__} is not supported (only "
-                                            "LayerNorm / RMSNorm in front of a branch)")
+        for nm in (pair.norm1, pair.norm2):
+            if not is_norm(blk.get_submodule(nm)):
+                raise UnsupportedModelError(f"{where}.{nm}: {type(blk.get_submodule(nm)).__name__} is not supported "
+                                            "(only LayerNorm / RMSNorm in front of a branch)")
+
+    def _pair_groups(self, p: str, pair: _Pair, groups: dict[str, Group], multiple: set[int]) -> list[TensorSlice]:
+        """One attention / MLP pair of block ``p``: its groups (added to ``groups``) and its residual slices; the
+        head size of an attention tied to the residual by whole heads is added to ``multiple``."""
+        model = self.model
+        at, ml = f"{p}.{pair.attn}", f"{p}.{pair.mlp}"
+        res = norm_slices(model, f"{p}.{pair.norm1}") + norm_slices(model, f"{p}.{pair.norm2}")
+        res += linear_slices(model, f"{at}.qkv", "in") + linear_slices(model, f"{at}.proj", "out")
+        res += mlp_input_slices(model, ml) + linear_slices(model, f"{ml}.fc2", "out")
+        blk = model.get_submodule(p)
+        for ls in (pair.ls1, pair.ls2):
+            if hasattr(blk, ls.split(".")[0]) and hasattr(blk.get_submodule(ls), "gamma"):
+                res.append(TensorSlice(f"{p}.{ls}.gamma", 0))
+        attn = model.get_submodule(at)
+        a = attn.qkv.out_features // 3
+        # differential attention: a head is two q/k sub-heads (2 * head_dim channels) sharing one v head, its
+        # output reshaped to the input width (tied) and RMS-normed per head (whole heads)
+        diff = _is_diff(attn)
+        head_dim = 2 * attn.head_dim if diff else attn.head_dim
+        if diff:
+            multiple.add(head_dim)
+        groups[at] = Group(
+            at, "attn", a,
+            linear_slices(model, f"{at}.qkv", "out", repeats=3, stride=a) + norm_slices(model, f"{at}.norm")
+            + linear_slices(model, f"{at}.proj", "in"),
+            num_heads=attn.num_heads, head_dim=head_dim, module=at, tied_to="residual" if diff else None,
+            whole_heads=diff or not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)))
+        mlp = model.get_submodule(ml)
+        groups[ml] = Group(ml, "mlp", mlp.fc2.in_features, mlp_slices(model, ml), module=ml)
+        return res
 
     def _check_parallel_block(self, blk: nn.Module, where: str) -> None:
         if blk.out_proj is not None:
@@ -185,29 +244,8 @@ class ViTAdapter(Adapter):
                 if groups[f"{p}.attn"].whole_heads:  # tied whole heads: the residual keeps whole head sizes
                     multiple.add(blk.head_dim)
                 continue
-            res += norm_slices(model, f"{p}.norm1") + norm_slices(model, f"{p}.norm2")
-            res += linear_slices(model, f"{p}.attn.qkv", "in") + linear_slices(model, f"{p}.attn.proj", "out")
-            res += mlp_input_slices(model, f"{p}.mlp") + linear_slices(model, f"{p}.mlp.fc2", "out")
-            for ls in ("ls1", "ls2"):
-                if hasattr(getattr(blk, ls, None), "gamma"):
-                    res.append(TensorSlice(f"{p}.{ls}.gamma", 0))
-            attn = blk.attn
-            a = _attn_width(blk)
-            # differential attention: a head is two q/k sub-heads (2 * head_dim channels) sharing one v head, its
-            # output reshaped to the input width (tied) and RMS-normed per head (whole heads)
-            diff = _is_diff(attn)
-            head_dim = 2 * attn.head_dim if diff else attn.head_dim
-            if diff:
-                multiple.add(head_dim)
-            groups[f"{p}.attn"] = Group(
-                f"{p}.attn", "attn", a,
-                linear_slices(model, f"{p}.attn.qkv", "out", repeats=3, stride=a)
-                + norm_slices(model, f"{p}.attn.norm") + linear_slices(model, f"{p}.attn.proj", "in"),
-                num_heads=attn.num_heads, head_dim=head_dim, module=f"{p}.attn", tied_to="residual" if diff else None,
-                whole_heads=diff or not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)),
-            )
-            groups[f"{p}.mlp"] = Group(f"{p}.mlp", "mlp", blk.mlp.fc2.in_features, mlp_slices(model, f"{p}.mlp"),
-                                       module=f"{p}.mlp")
+            for pair in _pairs(blk):
+                res += self._pair_groups(p, pair, groups, multiple)
         res += norm_slices(model, "norm")
         if pool is not None:  # the pool's output is its own width (proj -> MLP -> fc_norm -> head): left whole
             res += attn_pool_groups(model, "attn_pool", groups)
@@ -227,11 +265,29 @@ class ViTAdapter(Adapter):
         model = self.model
         from timm.models.vision_transformer import ResPostBlock
 
-        blocks = tuple(self._parallel_ref(i) if _is_parallel(blk) else
-                       dataclasses.replace(BlockRef.pre_norm(model, i, 0, f"{self.blocks_attr}.{i}"),
-                                           post_norm=type(blk) is ResPostBlock) for i, blk in enumerate(self._blocks))
+        blocks = tuple(self._parallel_ref(i) if _is_parallel(blk) else self._pairs_ref(i, type(blk) is ResPostBlock)
+                       for i, blk in enumerate(self._blocks))
         return [StageRef(0, blocks, "residual", None, model.patch_embed.proj.weight.shape[0],
                          tuple(model.patch_embed.grid_size), model.num_prefix_tokens, model.cls_token is not None)]
+
+    def _pairs_ref(self, i: int, post_norm: bool) -> BlockRef:
+        """A Block / ResPostBlock, or a ParallelThingsBlock as its first attention / MLP pair with the others in
+        ``BlockRef.parallel`` (each pair's branch output is its Sequential: the layer scale included)."""
+        p = f"{self.blocks_attr}.{i}"
+        blk = self._blocks[i]
+        refs = []
+        for pair in _pairs(blk):
+            ls = [f"{p}.{n}.gamma" if hasattr(blk, n.split(".")[0]) and hasattr(blk.get_submodule(n), "gamma")
+                  else None for n in (pair.ls1, pair.ls2)]
+            mlp = blk.get_submodule(pair.mlp)
+            fc1 = "fc1_x" if hasattr(mlp, "fc1_x") else "fc1"  # SwiGLU: the value projection (fc1_g gates it)
+            outs = (f"{p}.{pair.attn.rpartition('.')[0]}", f"{p}.{pair.mlp.rpartition('.')[0]}") if len(
+                _pairs(blk)) > 1 else None
+            refs.append(BlockRef(i, 0, p, f"{p}.{pair.attn}", f"{p}.{pair.mlp}", f"{p}.{pair.norm1}",
+                                 f"{p}.{pair.norm2}", f"{p}.{pair.attn}.qkv", f"{p}.{pair.attn}.proj",
+                                 f"{p}.{pair.mlp}.{fc1}", f"{p}.{pair.mlp}.act", f"{p}.{pair.mlp}.fc2", *ls,
+                                 post_norm=post_norm, branch_outputs=outs))
+        return dataclasses.replace(refs[0], parallel=tuple(refs[1:]))
 
     def _parallel_ref(self, i: int) -> BlockRef:
         """A ParallelScalingBlock as a BlockRef: both branches read ``in_norm``; ``attn`` / ``mlp`` name its groups
@@ -291,14 +347,15 @@ class ViTAdapter(Adapter):
                 blk.head_dim = a // blk.num_heads
                 blk.scale = blk.head_dim ** -0.5
                 continue
-            attn = blk.attn
-            if _is_diff(attn):  # q/k sub-heads of half a head
-                attn.head_dim = attn.qkv.weight.shape[0] // 3 // attn.num_heads // 2
+            for pair in _pairs(blk):
+                attn = blk.get_submodule(pair.attn)
+                if _is_diff(attn):  # q/k sub-heads of half a head
+                    attn.head_dim = attn.qkv.weight.shape[0] // 3 // attn.num_heads // 2
+                    attn.scale = attn.head_dim ** -0.5
+                    continue
+                attn.attn_dim = attn.qkv.weight.shape[0] // 3
+                attn.head_dim = attn.attn_dim // attn.num_heads
                 attn.scale = attn.head_dim ** -0.5
-                continue
-            attn.attn_dim = attn.qkv.weight.shape[0] // 3
-            attn.head_dim = attn.attn_dim // attn.num_heads
-            attn.scale = attn.head_dim ** -0.5
 
     def build_recipe(self) -> dict:
         model = self.model
@@ -326,7 +383,8 @@ class ViTAdapter(Adapter):
             dynamic_img_size=getattr(model, "dynamic_img_size", False),
         )
         if len(blocks):  # optional norms, passed only when present (older timm lacks the scale-norm kwargs)
-            attn, mlp = _attn_of(blocks[0]), getattr(blocks[0], "mlp", None)
+            attn = _attn_of(blocks[0])
+            mlp = None if _is_parallel(blocks[0]) else blocks[0].get_submodule(_pairs(blocks[0])[0].mlp)
             flags = {"qk_norm": not isinstance(attn.q_norm, nn.Identity),
                      "scale_attn_norm": not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity),
                      "scale_mlp_norm": not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)}
@@ -340,7 +398,7 @@ class ViTAdapter(Adapter):
         """Uniform blocks with the attention width equal to embed_dim: timm's VisionTransformer with other widths."""
         kw = self.build_recipe()
         c = kw["embed_dim"]
-        shapes = {(_attn_of(b).num_heads, _attn_width(b), _hidden_of(b)) for b in self._blocks}
+        shapes = {shape for b in self._blocks for shape in _pair_shapes(b)}
         if len(shapes) > 1:
             raise UnsupportedModelError(f"blocks differ in (heads, attention width, MLP width): {sorted(shapes)}; "
                                         "a stock VisionTransformer has the same widths in every block")
@@ -353,32 +411,35 @@ class ViTAdapter(Adapter):
         return kw
 
 
+def _pair_shapes(blk: nn.Module) -> list[tuple[int, int, int]]:
+    """(heads, attention width, MLP hidden_features) of every attention / MLP pair of a block."""
+    if _is_parallel(blk):
+        return [(blk.num_heads, blk.in_split[1], blk.in_split[0])]
+    out = []
+    for pair in _pairs(blk):
+        attn, mlp = blk.get_submodule(pair.attn), blk.get_submodule(pair.mlp)
+        fc1 = getattr(mlp, "fc1", None)
+        out.append((attn.num_heads, attn.qkv.out_features // 3,
+                    fc1.out_features if fc1 is not None else mlp.fc2.in_features))
+    return out
+
+
 def _attn_of(blk: nn.Module) -> nn.Module:
-    """The module holding a block's attention attributes (num_heads, q_norm...): the block itself when parallel."""
-    return blk if _is_parallel(blk) else blk.attn
+    """The module holding a block's (first) attention's attributes (num_heads, q_norm...): the block itself for a
+    ParallelScalingBlock."""
+    return blk if _is_parallel(blk) else blk.get_submodule(_pairs(blk)[0].attn)
 
 
 def _qkv_of(blk: nn.Module) -> nn.Linear:
     """The Linear making a block's q, k, v (a parallel block's in_proj makes the MLP's input too)."""
-    return blk.in_proj if _is_parallel(blk) else blk.attn.qkv
+    return blk.in_proj if _is_parallel(blk) else _attn_of(blk).qkv
 
 
 def _has_layer_scale(blk: nn.Module) -> bool:
-    return any(hasattr(getattr(blk, n, None), "gamma") for n in ("ls1", "ls"))  # ls: a parallel block's one
-
-
-def _attn_width(blk: nn.Module) -> int:
-    """A block's attention width (q rows)."""
-    return blk.in_split[1] if _is_parallel(blk) else blk.attn.qkv.out_features // 3
-
-
-def _hidden_of(blk: nn.Module) -> int:
-    """The ``hidden_features`` timm gave the block's MLP (``int(dim * mlp_ratio)``): fc1's rows (a GLU's two
-    halves), the hidden width of a SwiGLU (separate gate and value Linears), a parallel block's MLP rows."""
     if _is_parallel(blk):
-        return blk.in_split[0]
-    fc1 = getattr(blk.mlp, "fc1", None)
-    return fc1.out_features if fc1 is not None else blk.mlp.fc2.in_features
+        return hasattr(blk.ls, "gamma")
+    ls = _pairs(blk)[0].ls1
+    return hasattr(blk, ls.split(".")[0]) and hasattr(blk.get_submodule(ls), "gamma")
 
 
 def _timm_version() -> str:

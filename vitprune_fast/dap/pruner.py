@@ -57,6 +57,9 @@ class _Stage:
     has_cls: bool
     grid: tuple[int, int]
     dim: int
+    # probe pair of each of its DAP blocks, in order: block li's attentions read pair 2 li, its MLPs 2 li + 1 (a block
+    # running several attentions / MLPs side by side gives each the ΔΨ of its kind)
+    slots: torch.Tensor | None = None
 
 
 class DAP:
@@ -102,8 +105,12 @@ class DAP:
             if not st.blocks:
                 continue
             stage = _Stage(list(st.blocks), len(self.blocks), st.prefix_tokens, st.has_cls, st.grid, st.width)
-            for ref in st.blocks:
-                self._add_blocks(adapter, ref)
+            slots = []
+            for li, ref in enumerate(st.blocks):
+                for br in ref.branches():
+                    self._add_blocks(adapter, br)
+                    slots += [2 * li, 2 * li + 1]
+            stage.slots = torch.tensor(slots, device=p0.device)
             self.stages.append(stage)
         nb = len(self.blocks)
         self.sizes = torch.tensor([b.n for b in self.blocks])  # [nb] gate elements
@@ -291,10 +298,10 @@ class DAP:
             lp = probe_ce(patch, target, self.config.label_smoothing).mean(1)
             total = total + lc.sum() + lp.sum()
             if scoring:  # ΔΨ = L(Ψ(x_in)) − L(Ψ(x_out)); over several ranks: averaged first, in step()
-                sl = slice(stage.first, stage.first + probes.nb)
+                sl = slice(stage.first, stage.first + len(stage.slots))
                 acc = self._step_dpsi if self._group is not None else (self._dcls, self._dpatch)
-                acc[0][sl] += (lc[0] - lc[1]).detach()
-                acc[1][sl] += (lp[0] - lp[1]).detach()
+                acc[0][sl] += (lc[0] - lc[1]).detach()[stage.slots]
+                acc[1][sl] += (lp[0] - lp[1]).detach()[stage.slots]
         self._bpi_n += int(scoring)
         self._probe_pending = True
         return total

@@ -96,8 +96,9 @@ def _unit_branches(model: nn.Module, blocks: Sequence[BlockRef], kind: str, i: i
         parts = [(blocks[i], "mlp"), (blocks[i + 1], "attn")]
     else:
         parts = [(blocks[i], kind)]
-    # a post-norm branch ends in its norm: the branch is gone when the norm's output is zero
-    return [model.get_submodule(ref.branch_output(part)) for ref, part in parts]
+    # a post-norm branch ends in its norm: the branch is gone when the norm's output is zero (and a block running
+    # several attentions / MLPs side by side loses all of that kind)
+    return [model.get_submodule(br.branch_output(part)) for ref, part in parts for br in ref.branches()]
 
 
 def _removal_masks(width: int, cands: torch.Tensor, index_map) -> torch.Tensor:
@@ -182,7 +183,7 @@ class FastEngine:
     def _mlp(self, work, cands, x, inputs, logits):
         """Removing hidden unit j changes block b's output by −h_j ⊗ (γ ⊙ W2[:, j]) (exact; h = fc2's input)."""
         trunk, model, b = self.trunk, self.model, self.trunk.block_index(work.name)
-        ref = self.refs[b]
+        ref = self.refs[b].branch_of(work.name)
         if group_norms(model, self.space.groups[work.name]):  # a sub-norm over the hidden width: not rank-1
             return self._rerun(work, cands, inputs, logits)
         if ref.post_norm:  # the change passes norm2 before the residual: not rank-1 either
@@ -229,7 +230,7 @@ class FastEngine:
         separate q / kv Linears), tapped by weight where timm applies them with ``F.linear`` (BEiT, Swin V2), or at
         the adapter's taps where no Linear output is q, k, v alone (EVA).
         """
-        ref = self.refs[self.trunk.block_index(work.name)]
+        ref = self.refs[self.trunk.block_index(work.name)].branch_of(work.name)
         if ref.taps is not None:
             return self._attn_taps(work, cands, inputs, logits, ref)
         rows = self._zeroed_linear(work, cands, inputs[0].device)

@@ -60,7 +60,7 @@ def find_blocks(model: nn.Module) -> list[DimapBlock]:
     adapter = adapter_for(model)
     groups = adapter.describe().groups
     out = []
-    for b in adapter.blocks():
+    for b in (br for blk in adapter.blocks() for br in blk.branches()):  # every pair of a parallel block
         attn, mlp = groups[b.attn], groups[b.mlp]
         out.append(DimapBlock(b.attn, b.mlp, attn.num_heads, attn.head_dim, mlp.size, b.qkv, b.proj, b.fc1, b.fc2,
                               _linear_weights(model, attn), _linear_weights(model, mlp), attn.tied_to is not None))
