@@ -1,7 +1,8 @@
-"""The ViT variants beyond plain ViT / DeiT / Swin: attention-pooling heads (SigLIP), RMSNorm (AIMv2), SwiGLU / GLU
-MLPs (AIMv2, DINOv2-g), scale-norms inside attention and MLP (BEiT-3), per-head qk-norm (whole heads only).
+"""The ViT families beyond plain ViT / DeiT / Swin V1 (issue 13): attention-pooling heads (SigLIP), RMSNorm and
+SwiGLU / GLU MLPs (AIMv2, DINOv2-g), scale-norms (BEiT-3), qk-norm, EVA / EVA-02 / DINOv3 / PE / RoPE-ViT, rel-pos
+ViT, BEiT, Swin V2 / V2-CR, CaiT, post-norm blocks, PVTv2, parallel blocks, differential attention and XCiT.
 
-One small representative of each, every weight, bias and norm randomised, float64.
+One small representative of each (``FAMILIES``), every weight, bias and norm randomised, float64.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
     "swin_v2_cr": ("swinv2_cr_tiny_ns_224", dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2),
                                                  num_heads=(2, 4), num_classes=10),
                    "Swin V2-CR: post-norm, main-branch norm3, PatchMerging norm before the reduction"),
-    "cait": ("cait_xxs24_224", dict(SMALL, depth=2, depth_token_only=2),
+    "cait": ("cait_xxs24_224", dict(SMALL, embed_dim=32, depth=2, depth_token_only=2),
              "CaiT: talking-heads attention, class-attention blocks in the head, layer scale"),
     "relpos_post": ("vit_relpos_small_patch16_rpn_224", dict(SMALL, embed_dim=32),
                     "post-norm relative-position ViT (ResPostRelPosBlock)"),
@@ -69,7 +70,7 @@ FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
                     "ParallelScalingBlock (ViT-22B): in_proj rows [MLP | q | k | v], qk-norm (whole heads), RMSNorm"),
     "parallel_pwee": ("vit_pwee_patch16_reg1_gap_256", SMALL,
                       "ParallelScalingBlock without qk-norm: tied dims, the scale folded into in_proj's q rows"),
-    "parallel_things": ("vit_small_patch16_18x2_224", SMALL,
+    "parallel_things": ("vit_small_patch16_18x2_224", dict(SMALL, embed_dim=32, mlp_ratio=2.0),
                         "ParallelThingsBlock: two attentions, then two MLPs, side by side on one input"),
     "diff_attn": ("vit_dwee_patch16_reg1_gap_256", SMALL,
                   "differential attention: two q/k sub-heads per head, per-head RMS sub-norm, tied, whole heads"),

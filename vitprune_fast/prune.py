@@ -252,7 +252,7 @@ def _q_tensors(attn: nn.Module, q_rows: int) -> list[tuple[torch.Tensor, slice]]
     return [(t, slice(start, start + q_rows)) for t in q if t is not None]
 
 
-def _fold_scale(tensors: list[tuple[torch.Tensor, int]], factor: float, optimizer) -> None:
+def _fold_scale(tensors: list[tuple[torch.Tensor, slice]], factor: float, optimizer) -> None:
     """q' = factor * q so that q'·k / sqrt(new_hd) == q·k / sqrt(old_hd); gradients/state follow the reparam."""
     if factor == 1.0:
         return

@@ -11,7 +11,11 @@ The blocks an adapter reports are pre-norm transformer blocks with two residual 
     x = x + ls2(mlp(norm2(x)))         mlp: fc1 Linear(s) -> act [x gate] -> [sub-norm] -> fc2 Linear
 
 (norm1 / norm2: LayerNorm or RMSNorm), which is what the UP-ViTs deltas (rank-1 MLP units at fc2's input, masked
-qkv rows), DAP's gates and DIMAP's module pools rely on. A family whose blocks differ must say so with a clear
+qkv rows), DAP's gates and DIMAP's module pools rely on. Variations a BlockRef can say: post-norm branches
+(``post_norm``), q/k/v made without a called fused Linear (``taps``, ``qkv_functional``), several pairs side by
+side on one input (``parallel``), one pair fused into shared Linears (a group's slices carry its rows; its branch
+outputs are named in ``branch_outputs``), and residual branches no group lives in before the MLP (XCiT's local
+patch interaction: the engines rerun whole blocks). A family whose blocks differ otherwise must say so with a clear
 ``UnsupportedModelError`` in :meth:`Adapter.describe`.
 """
 from __future__ import annotations
@@ -95,14 +99,29 @@ class BlockRef:
         return self.attn if part == "attn" else self.mlp
 
     @classmethod
-    def pre_norm(cls, model: nn.Module, index: int, stage: int, path: str) -> BlockRef:
-        """The reference for timm's pre-norm blocks (``norm1 attn ls1 norm2 mlp ls2`` children)."""
+    def pre_norm(cls, model: nn.Module, index: int, stage: int, path: str,
+                 gammas: tuple[str, str] = ("ls1.gamma", "ls2.gamma"), **fields) -> BlockRef:
+        """The reference for timm's pre-norm blocks (``norm1 attn norm2 mlp`` children).
+
+        Args:
+            gammas: the layer-scale tensors of the two branches, relative to the block (timm ``LayerScale`` modules
+                by default; ``gamma_1`` / ``gamma_2`` parameters in BEiT / CaiT); an absent one means none.
+            **fields: any other :class:`BlockRef` field (``qkv_functional``...).
+        """
         blk = model.get_submodule(path)
-        ls = {n: f"{path}.{n}.gamma" if hasattr(getattr(blk, n, None), "gamma") else None for n in ("ls1", "ls2")}
         fc1 = "fc1_x" if hasattr(blk.mlp, "fc1_x") else "fc1"  # SwiGLU: the value projection (fc1_g gates it)
+        ls1, ls2 = (f"{path}.{g}" if _has_parameter(blk, g) else None for g in gammas)
         return cls(index, stage, path, f"{path}.attn", f"{path}.mlp", f"{path}.norm1", f"{path}.norm2",
                    f"{path}.attn.qkv", f"{path}.attn.proj", f"{path}.mlp.{fc1}", f"{path}.mlp.act",
-                   f"{path}.mlp.fc2", ls["ls1"], ls["ls2"])
+                   f"{path}.mlp.fc2", ls1, ls2, **fields)
+
+
+def _has_parameter(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_parameter(name)
+    except AttributeError:  # no such module or attribute, or one that is None / not a Parameter
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -84,14 +84,8 @@ class BeitAdapter(SingleStageDefaults, Adapter):
 
     def stages(self) -> list[StageRef]:
         m = self.model
-        blocks = []
-        for i, blk in enumerate(m.blocks):
-            p = f"blocks.{i}"
-            fc1 = "fc1_x" if hasattr(blk.mlp, "fc1_x") else "fc1"
-            ls = {g: f"{p}.{g}" if getattr(blk, g) is not None else None for g in ("gamma_1", "gamma_2")}
-            blocks.append(BlockRef(i, 0, p, f"{p}.attn", f"{p}.mlp", f"{p}.norm1", f"{p}.norm2", f"{p}.attn.qkv",
-                                   f"{p}.attn.proj", f"{p}.mlp.{fc1}", f"{p}.mlp.act", f"{p}.mlp.fc2",
-                                   ls["gamma_1"], ls["gamma_2"], qkv_functional=blk.attn.q_bias is not None))
+        blocks = [BlockRef.pre_norm(m, i, 0, f"blocks.{i}", ("gamma_1", "gamma_2"),
+                                    qkv_functional=blk.attn.q_bias is not None) for i, blk in enumerate(m.blocks)]
         return [StageRef(0, tuple(blocks), "residual", None, m.patch_embed.proj.weight.shape[0],
                          tuple(m.patch_embed.grid_size), 1, True)]
 

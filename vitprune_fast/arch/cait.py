@@ -84,12 +84,7 @@ class CaitAdapter(SingleStageDefaults, Adapter):
 
     def stages(self) -> list[StageRef]:
         m = self.model
-        blocks = []
-        for i in range(len(m.blocks)):
-            p = f"blocks.{i}"
-            blocks.append(BlockRef(i, 0, p, f"{p}.attn", f"{p}.mlp", f"{p}.norm1", f"{p}.norm2", f"{p}.attn.qkv",
-                                   f"{p}.attn.proj", f"{p}.mlp.fc1", f"{p}.mlp.act", f"{p}.mlp.fc2",
-                                   f"{p}.gamma_1", f"{p}.gamma_2"))
+        blocks = [BlockRef.pre_norm(m, i, 0, f"blocks.{i}", ("gamma_1", "gamma_2")) for i in range(len(m.blocks))]
         # the class token joins in the head (class-attention blocks): the self-attention blocks see patch tokens only
         return [StageRef(0, tuple(blocks), "residual", None, m.patch_embed.proj.weight.shape[0],
                          tuple(m.patch_embed.grid_size), 0, False)]

@@ -52,6 +52,11 @@ def _pairs(blk: nn.Module) -> list[_Pair]:
     return [_Pair("norm1", "attn", "ls1", "norm2", "mlp", "ls2")]
 
 
+def _has_gamma(blk: nn.Module, ls: str) -> bool:
+    """Whether the block has a LayerScale (``gamma``) at relative path ``ls`` (a ResPostBlock has none)."""
+    return hasattr(blk, ls.split(".")[0]) and hasattr(blk.get_submodule(ls), "gamma")
+
+
 def _is_diff(attn: nn.Module) -> bool:
     """timm's ``DiffAttention`` (differential attention): per head, ``(softmax(q1 k1) - lambda softmax(q2 k2)) v``
     over two half-size q/k sub-heads, a per-head RMS sub-norm, output reshaped to the input width."""
@@ -62,7 +67,7 @@ def _is_diff(attn: nn.Module) -> bool:
     return type(attn) is DiffAttention
 
 
-def _is_parallel(blk: nn.Module) -> bool:
+def _is_parallel_scaling(blk: nn.Module) -> bool:
     """timm's ``ParallelScalingBlock`` (ViT-22B): ``x + ls(attn_out_proj(attn) + mlp_out_proj(act(mlp)))`` with one
     ``in_norm`` and one ``in_proj`` whose rows are ``[mlp hidden | q | k | v]``."""
     from timm.models.vision_transformer import ParallelScalingBlock
@@ -99,7 +104,7 @@ class ViTAdapter(Adapter):
 
         blk = self._blocks[i]
         where = f"{self.blocks_attr}.{i}"
-        if _is_parallel(blk):
+        if _is_parallel_scaling(blk):
             return self._check_parallel_block(blk, where)
         if type(blk) not in (Block, ResPostBlock, ParallelThingsBlock):
             raise UnsupportedModelError(f"{where}: block type {type(blk).__name__} is not supported (timm's Block, "
@@ -149,9 +154,7 @@ class ViTAdapter(Adapter):
         res += linear_slices(model, f"{at}.qkv", "in") + linear_slices(model, f"{at}.proj", "out")
         res += mlp_input_slices(model, ml) + linear_slices(model, f"{ml}.fc2", "out")
         blk = model.get_submodule(p)
-        for ls in (pair.ls1, pair.ls2):
-            if hasattr(blk, ls.split(".")[0]) and hasattr(blk.get_submodule(ls), "gamma"):
-                res.append(TensorSlice(f"{p}.{ls}.gamma", 0))
+        res += [TensorSlice(f"{p}.{ls}.gamma", 0) for ls in (pair.ls1, pair.ls2) if _has_gamma(blk, ls)]
         attn = model.get_submodule(at)
         a = attn.qkv.out_features // 3
         # differential attention: a head is two q/k sub-heads (2 * head_dim channels) sharing one v head, its
@@ -239,7 +242,7 @@ class ViTAdapter(Adapter):
         for i, blk in enumerate(blocks):
             self._check_block(i)
             p = f"{self.blocks_attr}.{i}"
-            if _is_parallel(blk):
+            if _is_parallel_scaling(blk):
                 res += self._parallel_groups(i, groups)
                 if groups[f"{p}.attn"].whole_heads:  # tied whole heads: the residual keeps whole head sizes
                     multiple.add(blk.head_dim)
@@ -265,8 +268,8 @@ class ViTAdapter(Adapter):
         model = self.model
         from timm.models.vision_transformer import ResPostBlock
 
-        blocks = tuple(self._parallel_ref(i) if _is_parallel(blk) else self._pairs_ref(i, type(blk) is ResPostBlock)
-                       for i, blk in enumerate(self._blocks))
+        blocks = tuple(self._parallel_ref(i) if _is_parallel_scaling(blk)
+                       else self._pairs_ref(i, type(blk) is ResPostBlock) for i, blk in enumerate(self._blocks))
         return [StageRef(0, blocks, "residual", None, model.patch_embed.proj.weight.shape[0],
                          tuple(model.patch_embed.grid_size), model.num_prefix_tokens, model.cls_token is not None)]
 
@@ -275,14 +278,14 @@ class ViTAdapter(Adapter):
         ``BlockRef.parallel`` (each pair's branch output is its Sequential: the layer scale included)."""
         p = f"{self.blocks_attr}.{i}"
         blk = self._blocks[i]
-        refs = []
-        for pair in _pairs(blk):
-            ls = [f"{p}.{n}.gamma" if hasattr(blk, n.split(".")[0]) and hasattr(blk.get_submodule(n), "gamma")
-                  else None for n in (pair.ls1, pair.ls2)]
+        refs, pairs = [], _pairs(blk)
+        for pair in pairs:
+            ls = [f"{p}.{n}.gamma" if _has_gamma(blk, n) else None for n in (pair.ls1, pair.ls2)]
             mlp = blk.get_submodule(pair.mlp)
             fc1 = "fc1_x" if hasattr(mlp, "fc1_x") else "fc1"  # SwiGLU: the value projection (fc1_g gates it)
+            # side by side: a branch's contribution is its Sequential's output (attns.j / ffns.j)
             outs = (f"{p}.{pair.attn.rpartition('.')[0]}", f"{p}.{pair.mlp.rpartition('.')[0]}") if len(
-                _pairs(blk)) > 1 else None
+                pairs) > 1 else None
             refs.append(BlockRef(i, 0, p, f"{p}.{pair.attn}", f"{p}.{pair.mlp}", f"{p}.{pair.norm1}",
                                  f"{p}.{pair.norm2}", f"{p}.{pair.attn}.qkv", f"{p}.{pair.attn}.proj",
                                  f"{p}.{pair.mlp}.{fc1}", f"{p}.{pair.mlp}.act", f"{p}.{pair.mlp}.fc2", *ls,
@@ -299,8 +302,8 @@ class ViTAdapter(Adapter):
                         branch_outputs=(f"{p}.attn_out_proj", f"{p}.mlp_out_proj"))
 
     def hybrid_refusal(self) -> str | None:
-        if any(_is_parallel(b) for b in self._blocks):
-            return "a parallel block's attention and MLP share in_norm and in_proj: neither half can move alone"
+        if any(_is_parallel_scaling(b) for b in self._blocks):
+            return "a ParallelScalingBlock's attention and MLP share in_norm and in_proj: neither half can move alone"
         return None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -340,7 +343,7 @@ class ViTAdapter(Adapter):
             sync_attn_pool(pool)
         model.head_hidden_size = pool.out_features if pool is not None else c
         for blk in self._blocks:
-            if _is_parallel(blk):
+            if _is_parallel_scaling(blk):
                 hidden = blk.mlp_out_proj.in_features
                 a = (blk.in_proj.out_features - hidden) // 3
                 blk.in_split = [hidden, a, a, a]
@@ -384,7 +387,7 @@ class ViTAdapter(Adapter):
         )
         if len(blocks):  # optional norms, passed only when present (older timm lacks the scale-norm kwargs)
             attn = _attn_of(blocks[0])
-            mlp = None if _is_parallel(blocks[0]) else blocks[0].get_submodule(_pairs(blocks[0])[0].mlp)
+            mlp = None if _is_parallel_scaling(blocks[0]) else blocks[0].get_submodule(_pairs(blocks[0])[0].mlp)
             flags = {"qk_norm": not isinstance(attn.q_norm, nn.Identity),
                      "scale_attn_norm": not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity),
                      "scale_mlp_norm": not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)}
@@ -413,7 +416,7 @@ class ViTAdapter(Adapter):
 
 def _pair_shapes(blk: nn.Module) -> list[tuple[int, int, int]]:
     """(heads, attention width, MLP hidden_features) of every attention / MLP pair of a block."""
-    if _is_parallel(blk):
+    if _is_parallel_scaling(blk):
         return [(blk.num_heads, blk.in_split[1], blk.in_split[0])]
     out = []
     for pair in _pairs(blk):
@@ -427,19 +430,16 @@ def _pair_shapes(blk: nn.Module) -> list[tuple[int, int, int]]:
 def _attn_of(blk: nn.Module) -> nn.Module:
     """The module holding a block's (first) attention's attributes (num_heads, q_norm...): the block itself for a
     ParallelScalingBlock."""
-    return blk if _is_parallel(blk) else blk.get_submodule(_pairs(blk)[0].attn)
+    return blk if _is_parallel_scaling(blk) else blk.get_submodule(_pairs(blk)[0].attn)
 
 
 def _qkv_of(blk: nn.Module) -> nn.Linear:
     """The Linear making a block's q, k, v (a parallel block's in_proj makes the MLP's input too)."""
-    return blk.in_proj if _is_parallel(blk) else _attn_of(blk).qkv
+    return blk.in_proj if _is_parallel_scaling(blk) else _attn_of(blk).qkv
 
 
 def _has_layer_scale(blk: nn.Module) -> bool:
-    if _is_parallel(blk):
-        return hasattr(blk.ls, "gamma")
-    ls = _pairs(blk)[0].ls1
-    return hasattr(blk, ls.split(".")[0]) and hasattr(blk.get_submodule(ls), "gamma")
+    return _has_gamma(blk, "ls" if _is_parallel_scaling(blk) else _pairs(blk)[0].ls1)
 
 
 def _timm_version() -> str:

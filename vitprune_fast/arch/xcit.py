@@ -147,12 +147,7 @@ class XcitAdapter(Adapter):
 
     def stages(self) -> list[StageRef]:
         m = self.model
-        blocks = []
-        for i in range(len(m.blocks)):
-            p = f"blocks.{i}"
-            blocks.append(BlockRef(i, 0, p, f"{p}.attn", f"{p}.mlp", f"{p}.norm1", f"{p}.norm2", f"{p}.attn.qkv",
-                                   f"{p}.attn.proj", f"{p}.mlp.fc1", f"{p}.mlp.act", f"{p}.mlp.fc2",
-                                   f"{p}.gamma1", f"{p}.gamma2"))
+        blocks = [BlockRef.pre_norm(m, i, 0, f"blocks.{i}", ("gamma1", "gamma2")) for i in range(len(m.blocks))]
         # the class token joins in the head (class-attention blocks): the XCA blocks see patch tokens only
         return [StageRef(0, tuple(blocks), "residual", None, m.get_submodule(self._last_embed_conv())[0].out_channels,
                          self._grid(), 0, False)]
