@@ -71,8 +71,12 @@ def sync_generic_attributes(model: nn.Module) -> None:
         elif (isinstance(m, nn.LayerNorm) or is_rms_norm(m)) and m.weight is not None:
             m.normalized_shape = tuple(m.weight.shape)
         elif isinstance(m, nn.Conv2d):
+            if m.groups > 1 and m.groups == m.in_channels == m.out_channels:  # depthwise: one group per channel
+                m.groups = m.weight.shape[0]
             m.out_channels = m.weight.shape[0]
             m.in_channels = m.weight.shape[1] * m.groups
+        elif isinstance(m, nn.BatchNorm2d):
+            m.num_features = m.weight.shape[0]
 
 
 
@@ -166,10 +170,10 @@ def sync_attn_pool(pool: nn.Module) -> None:
     pool.scale = pool.head_dim ** -0.5
 
 
-class SingleStageDefaults:
-    """Adapter methods shared by the one-stage families (BEiT, CaiT, EVA, rel-pos ViT): a ``patch_embed`` with a
-    Conv2d ``proj`` and ``img_size``, a final ``norm`` then ``forward_head``, an optional Linear ``head`` and the
-    blocks in ``model.blocks``. Mixed in before :class:`~vitprune_fast.arch.base.Adapter`."""
+class PatchEmbedNormHead:
+    """Adapter methods for a model whose ``patch_embed`` has a Conv2d ``proj`` and an ``img_size`` and whose head is
+    its final ``norm`` then ``forward_head`` (ViT, Swin V1 / V2, the one-stage families). Mixed in before
+    :class:`~vitprune_fast.arch.base.Adapter`."""
 
     def head(self, x):
         m = self.model
@@ -182,6 +186,12 @@ class SingleStageDefaults:
         pe = self.model.patch_embed
         h, w = pe.img_size
         return pe.proj.in_channels, h, w
+
+
+class SingleStageDefaults(PatchEmbedNormHead):
+    """Adapter methods shared by the one-stage families (BEiT, CaiT, EVA, rel-pos ViT): :class:`PatchEmbedNormHead`,
+    an optional Linear ``head`` and the blocks in ``model.blocks``. Mixed in before
+    :class:`~vitprune_fast.arch.base.Adapter`."""
 
     def classifier_weights(self) -> list:
         return [self.model.head.weight] if isinstance(self.model.head, nn.Linear) else []

@@ -186,8 +186,6 @@ class PvtV2Adapter(Adapter):
                 attn.dim = c
                 attn.head_dim = attn.q.out_features // attn.num_heads
                 attn.scale = attn.head_dim ** -0.5
-                dw = blk.mlp.dwconv  # depthwise: one group per hidden unit
-                dw.groups = dw.in_channels = dw.out_channels = dw.weight.shape[0]
             if s < len(m.feature_info):
                 m.feature_info[s]["num_chs"] = c
         m.num_features = m.head_hidden_size = dims[-1]

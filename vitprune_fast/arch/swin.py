@@ -8,6 +8,7 @@ from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
 from .common import (
+    PatchEmbedNormHead,
     is_layernorm,
     linear_slices,
     mlp_input_slices,
@@ -18,7 +19,7 @@ from .common import (
 )
 
 
-class SwinAdapter(Adapter):
+class SwinAdapter(PatchEmbedNormHead, Adapter):
     """timm ``SwinTransformer``: stage s is ``layers.s`` (its PatchMerging, then its blocks)."""
 
     arch = "swin"
@@ -122,18 +123,6 @@ class SwinAdapter(Adapter):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.patch_embed(images)
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        return m.forward_head(m.norm(x))
-
-    def embed_modules(self) -> list[nn.Module]:
-        return [self.model.patch_embed]
-
-    def input_size(self) -> tuple[int, int, int]:
-        pe = self.model.patch_embed
-        h, w = pe.img_size
-        return pe.proj.in_channels, h, w
 
     def attention_bias(self, block: BlockRef, windows: int) -> torch.Tensor:
         """Relative position bias ``[1, H, T, T]`` plus, for shifted blocks, the window mask of each window."""

@@ -12,6 +12,7 @@ from ..norms import is_norm
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
 from .common import (
+    PatchEmbedNormHead,
     attn_pool_groups,
     check_attn_pool,
     check_conv_embed_and_head,
@@ -75,7 +76,7 @@ def _is_parallel_scaling(blk: nn.Module) -> bool:
     return type(blk) is ParallelScalingBlock
 
 
-class ViTAdapter(Adapter):
+class ViTAdapter(PatchEmbedNormHead, Adapter):
     """timm ``VisionTransformer``: one stage, one residual group, blocks in ``model.<blocks_attr>``.
 
     Subclasses of the model class that only rename the block list set ``blocks_attr``.
@@ -313,17 +314,8 @@ class ViTAdapter(Adapter):
         x = m.patch_drop(x)
         return m.norm_pre(x)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        return m.forward_head(m.norm(x))
-
     def embed_modules(self) -> list[nn.Module]:
         return [self.model.patch_embed, self.model.norm_pre]
-
-    def input_size(self) -> tuple[int, int, int]:
-        pe = self.model.patch_embed
-        h, w = pe.img_size
-        return pe.proj.in_channels, h, w
 
     def classifier_weights(self) -> list[torch.Tensor]:
         return [h.weight for h in (self.model.head, getattr(self.model, "head_dist", None)) if isinstance(h, nn.Linear)]

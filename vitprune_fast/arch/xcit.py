@@ -141,6 +141,10 @@ class XcitAdapter(Adapter):
         residual = Group("residual", "residual", m.embed_dim, res, module="", multiple_of=multiple)
         return PruningSpace(self.arch, {"residual": residual} | groups)
 
+    def _width(self) -> int:
+        """The residual width: the output channels of the patch embedding's last conv."""
+        return self.model.get_submodule(self._last_embed_conv())[0].out_channels
+
     def _grid(self) -> tuple[int, int]:
         pe = self.model.patch_embed
         return pe.img_size[0] // pe.patch_size, pe.img_size[1] // pe.patch_size
@@ -149,8 +153,7 @@ class XcitAdapter(Adapter):
         m = self.model
         blocks = [BlockRef.pre_norm(m, i, 0, f"blocks.{i}", ("gamma1", "gamma2")) for i in range(len(m.blocks))]
         # the class token joins in the head (class-attention blocks): the XCA blocks see patch tokens only
-        return [StageRef(0, tuple(blocks), "residual", None, m.get_submodule(self._last_embed_conv())[0].out_channels,
-                         self._grid(), 0, False)]
+        return [StageRef(0, tuple(blocks), "residual", None, self._width(), self._grid(), 0, False)]
 
     def hybrid_refusal(self) -> str | None:
         return ("block i+1's local patch interaction (LPI) runs between its attention and its MLP; a re-packed "
@@ -191,14 +194,8 @@ class XcitAdapter(Adapter):
 
     def sync_attributes(self) -> None:
         m = self.model
-        for blk in m.blocks:  # depthwise: one group per channel (before the generic in_channels = shape[1] * groups)
-            for conv in (blk.local_mp.conv1, blk.local_mp.conv2):
-                conv.groups = conv.weight.shape[0]
-        sync_generic_attributes(m)
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.num_features = mod.weight.shape[0]
-        c = m.get_submodule(self._last_embed_conv())[0].out_channels
+        sync_generic_attributes(m)  # the LPI depthwise convs and the BatchNorms too
+        c = self._width()
         m.embed_dim = m.num_features = m.head_hidden_size = c
         if m.pos_embed is not None:
             m.pos_embed.dim = c
@@ -218,6 +215,5 @@ class XcitAdapter(Adapter):
         heads = m.blocks[0].attn.num_heads if len(m.blocks) else m.cls_attn_blocks[0].attn.num_heads
         return dict(img_size=list(pe.img_size), patch_size=pe.patch_size, in_chans=pe.proj[0][0].in_channels,
                     num_classes=m.num_classes, global_pool=m.global_pool, depth=len(m.blocks),
-                    cls_attn_layers=len(m.cls_attn_blocks), embed_dim=m.get_submodule(self._last_embed_conv())[0]
-                    .out_channels, num_heads=heads, tokens_norm=m.cls_attn_blocks[0].tokens_norm
-                    if len(m.cls_attn_blocks) else False)
+                    cls_attn_layers=len(m.cls_attn_blocks), embed_dim=self._width(), num_heads=heads,
+                    tokens_norm=m.cls_attn_blocks[0].tokens_norm if len(m.cls_attn_blocks) else False)
