@@ -3,9 +3,11 @@
 For DeiT and Swin on the embedded digits (the demo's models and recipe), for every training seed: train the model
 (cached like the demo's), then at each FLOPs target (~50 % and ~30 %) prune a copy by every method and fine-tune it
 with the same budget (the demo's distillation recipe, same batches for every method); top-1 before and after.
-Methods that draw something (UP-ViTs and progressive UP-ViTs: the proxy images; random: its scores; Taylor: its
-batches) run once per draw; magnitude and DIMAP are deterministic and run once per seed. DAP prunes while it
-fine-tunes (same steps, parameters removed matched to the others' plans), so it has no "before" number.
+Every method runs through the method interface (``vitprune_fast.methods``): a label of the study is a registered
+method, or a variant (a registered method with options, e.g. progressive UP-ViTs). Methods that draw something
+(``Method.draws``: UP-ViTs' proxy images, random scores, Taylor's batches, DAP's probes) run once per draw; magnitude
+and DIMAP are deterministic and run once per seed. A method that trains while it plans (DAP) gets the parameter
+fraction of the uniform plan at the same FLOPs and the fine-tuning steps, so it has no "before" number.
 
 The summary (mean ± standard deviation over runs, and per run the win / tie / loss of each method against
 magnitude on the same trained model and target) is computed from the runs in the results file only.
@@ -36,7 +38,6 @@ from vitprune_fast.demo import DemoConfig  # noqa: E402
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
 METHODS = ("upvits", "upvits-progressive", "dimap", "magnitude", "random", "taylor", "dap")
-DRAWN = {"upvits", "upvits-progressive", "random", "taylor", "dap"}  # run once per draw (DAP: its data order)
 BASELINE = "magnitude"
 TIE = 1e-9  # accuracies are multiples of 1/450; equal means equal
 
@@ -49,47 +50,40 @@ class Study:
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of the unpruned models
     draws: tuple[int, ...] = (0, 1)  # proxy-set / random-score / Taylor-batch draws
     targets: tuple[float, ...] = (0.5, 0.3)  # FLOPs fractions kept
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = METHODS  # registered method names or variant labels
     progressive_steps: int = 3
     demo: DemoConfig = DemoConfig()  # training, proxy size, fine-tuning budget: the demo's
+
+    def variants(self) -> dict[str, tuple[str, dict]]:
+        """Study label -> (registered method, options) for the labels that are not a method's own name."""
+        return {"upvits-progressive": ("upvits", {"steps": self.progressive_steps, "engine": "exact"})}
+
+    def method(self, label: str):
+        """The method (with its options) a study label runs."""
+        from vitprune_fast.methods import get_method
+
+        name, options = self.variants().get(label, (label, {}))
+        return get_method(name, **options)
 
 
 TINY = Study(seeds=(0,), draws=(0, 1), targets=(0.5,), progressive_steps=2,
              demo=replace(DemoConfig(), train_steps=20, proxy_images=6, taylor_batches=1, finetune_steps=3))
+DRAWN = frozenset(m for m in METHODS if TINY.method(m).draws)  # the default labels that run once per draw
 
 
 # ------------------------------------------------------------------------------------------------------- runs
-def _plan(method: str, base, space, keep: dict, frac: float, proxy, loader, draw: int, study: Study, cache: dict):
-    """The method's Plan at ``keep`` (DIMAP: its own thresholds at FLOPs ``frac``); scores cached across targets."""
-    from vitprune_fast.plan import make_plan
-    from vitprune_fast.progressive import upvits_progressive
-    from vitprune_fast.score.registry import compute_scores, get_scorer
-
-    if method == "upvits-progressive":  # its first step scores the unpruned model: the one-shot scores
-        first = cache.get("upvits")
-        return upvits_progressive(base, proxy, keep, steps=study.progressive_steps, engine="exact",
-                                  batch_size=len(proxy), progress=False, scores=first)[0]
-    scorer = get_scorer(method)
-    if scorer.plan_for_flops is not None:
-        return scorer.plan_for_flops(base, frac)
-    if method not in cache:
-        cache[method] = compute_scores(method, base, loader, batches=study.demo.taylor_batches, seed=draw,
-                                       progress=False, images=proxy, chunk=len(proxy))
-    return make_plan(space, cache[method], keep=keep)
-
-
 def run_seed(key: str, seed: int, study: Study, cache_dir: Path | None) -> list[dict]:
     """Every (draw, target, method) run of one trained model."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from vitprune_fast.arch import describe
-    from vitprune_fast.dap import finetune_dap
     from vitprune_fast.data import digits
     from vitprune_fast.demo import base_model, proxy_subset
     from vitprune_fast.finetune import DEFAULT_ALPHA, evaluate, train
+    from vitprune_fast.methods import MethodData
     from vitprune_fast.metrics import count_flops, count_params
+    from vitprune_fast.plan import PlanSpec
     from vitprune_fast.prune import prune_
-    from vitprune_fast.targets import keep_for_flops
+    from vitprune_fast.targets import keep_for_flops, uniform_fraction
 
     cfg = replace(study.demo, seed=seed)
     data = digits()
@@ -97,7 +91,6 @@ def run_seed(key: str, seed: int, study: Study, cache_dir: Path | None) -> list[
     train_loader, test_loader = data.loaders(cfg.batch_size, seed=seed)
     base, _, _ = base_model(key, cfg, data.train, cache_dir, lambda *a: None)
     dense_acc, dense_flops, dense_params = 100 * evaluate(base, test_loader), count_flops(base), count_params(base)
-    space = describe(base)
     with torch.no_grad():
         t_logits = torch.cat([base(x) for x in xtr.split(256)])
     g = torch.Generator()
@@ -105,32 +98,29 @@ def run_seed(key: str, seed: int, study: Study, cache_dir: Path | None) -> list[
     runs = []
     for draw in study.draws:
         proxy = proxy_subset(xtr, ytr, cfg.proxy_images, seed=1000 * seed + draw)
-        scores: dict = {}
+        mdata = MethodData(loader=train_loader, images=proxy, chunk=len(proxy), batches=cfg.taylor_batches,
+                           seed=1000 * seed + draw, progress=False, teacher=base, steps=cfg.finetune_steps,
+                           lr=cfg.finetune_lr)  # one per draw: scores are reused across targets
         for target in study.targets:
-            ratio, _ = keep_for_flops(base, target)
-            keep = {"residual": ratio, "attn": ratio, "mlp": ratio}
-            uniform_params = None
-            for method in study.methods:
-                if method not in DRAWN and draw != study.draws[0]:
+            ratio, frac = keep_for_flops(base, target)
+            for label in study.methods:
+                method = study.method(label)
+                if not method.draws and draw != study.draws[0]:
                     continue  # deterministic given the trained model: once per seed
+                trains = "training" in method.needs  # it gets the uniform plan's parameters and the steps
+                spec = PlanSpec(params=uniform_fraction(base, ratio, "params")) if trains else PlanSpec(flops=frac)
                 t0 = time.perf_counter()
                 g.manual_seed(seed)  # every method fine-tunes on the same batches
-                if method == "dap":
-                    if uniform_params is None:
-                        uniform_params = count_params(prune_(copy.deepcopy(base), _plan(
-                            BASELINE, base, space, keep, target, proxy, train_loader, draw, study, scores)))
-                    torch.manual_seed(1000 * seed + draw)
-                    student, _, _ = finetune_dap(copy.deepcopy(base), train_loader, 1 - uniform_params / dense_params,
-                                                 steps=cfg.finetune_steps, lr=cfg.finetune_lr, teacher=base)
-                    before = None
+                result = method.plan(base, mdata, spec)
+                if result.model is not None:  # pruned while fine-tuning
+                    student, before = result.model, None
                 else:
-                    plan = _plan(method, base, space, keep, target, proxy, train_loader, draw, study, scores)
-                    student = prune_(copy.deepcopy(base), plan)
+                    student = prune_(copy.deepcopy(base), result.plan)
                     before = 100 * evaluate(student, test_loader)
                     train(student, ft_loader, cfg.finetune_steps, lr=cfg.finetune_lr, alpha=DEFAULT_ALPHA,
                           progress=False)
-                runs.append({"model": key, "seed": seed, "draw": draw if method in DRAWN else None, "target": target,
-                             "method": method, "dense_acc": dense_acc, "flops_frac": count_flops(student) / dense_flops,
+                runs.append({"model": key, "seed": seed, "draw": draw if method.draws else None, "target": target,
+                             "method": label, "dense_acc": dense_acc, "flops_frac": count_flops(student) / dense_flops,
                              "params_frac": count_params(student) / dense_params, "acc_pruned": before,
                              "acc_finetuned": 100 * evaluate(student, test_loader),
                              "seconds": time.perf_counter() - t0})

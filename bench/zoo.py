@@ -30,9 +30,9 @@ import vitprune_fast as vpf  # noqa: E402
 from vitprune_fast.arch import adapter_for  # noqa: E402
 from vitprune_fast.errors import UnsupportedModelError  # noqa: E402
 from vitprune_fast.masked import masked_copy  # noqa: E402
+from vitprune_fast.testing import census_modules, randomize_  # noqa: E402
 
-MODULES = ("vision_transformer", "deit", "swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr",
-           "vision_transformer_relpos", "eva", "beit", "cait", "pvt_v2", "xcit")
+MODULES = census_modules()  # the timm modules of every adapter in the catalogue
 
 
 def _meta(name: str, **kwargs) -> torch.nn.Module:
@@ -51,16 +51,6 @@ def _two_blocks(model: torch.nn.Module) -> dict:
     return {"depth": 2}
 
 
-def _randomize_(model: torch.nn.Module) -> None:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() < 2 or "token" in name or "pos_embed" in name or "gamma" in name:
-                p.copy_((torch.rand(p.shape, generator=g) * 1.5 + 0.25) * torch.randn(p.shape, generator=g).sign())
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-
-
 def _exact(name: str, max_params: float) -> dict:
     kwargs = {**_two_blocks(_meta(name)), "num_classes": 10}  # a classifier: feature-only models end in Identity
     try:
@@ -72,7 +62,7 @@ def _exact(name: str, max_params: float) -> dict:
     if n_params > max_params:
         return {"status": "not_run", "why": f"{n_params / 1e6:.0f} M parameters at two blocks per stage"}
     model = timm.create_model(name, pretrained=False, **kwargs).double().eval()
-    _randomize_(model)
+    randomize_(model)
     space = vpf.describe(model)
     whole = any(g.whole_heads and g.tied_to is None for g in space.of_kind("attn"))
     g = torch.Generator().manual_seed(1)

@@ -104,7 +104,7 @@ def test_prune_screened_gives_the_exact_upvits_selection(tmp_path, capsys, mode)
     exact = vpf.upvits_scores(teacher, x, progress=False)
     if mode[0] == "--target":
         assert a.heads and all(h == 3 for h in a.heads.values())  # 6 heads merged into DeiT-Ti's 3
-    assert not selection_differences(vpf.describe(teacher), exact, a, b, **report["plan"])
+    assert not selection_differences(vpf.describe(teacher), exact, a, b, vpf.PlanSpec(**report["plan"]))
 
 
 def test_prune_progressive(tmp_path, capsys):
@@ -169,13 +169,27 @@ def _cli(*args):
     (["score", "--model", MODEL, "--method", "taylor", "--out", "x"], "--data is required"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
-def test_bad_arguments_give_one_line_and_exit_2(args, needle):
-    r = _cli(*args)
+def test_bad_arguments_give_one_line_and_exit_2(args, needle, capsys):
+    """In process (``cli.main``, what the console script calls): an uncaught exception would fail the test here, as
+    a traceback would on the command line; ``test_the_console_entry_point_gives_one_line`` runs one case as a
+    process."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert e.value.code == 2, stderr
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    assert lines[0].startswith("vitprune-fast") and needle in lines[0], lines[0]
+
+
+def test_the_console_entry_point_gives_one_line():
+    r = _cli("prune", "--model", MODEL, "--method", "random", "--target", "deit_small_patch16_224", "--out", "x")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1, r.stderr
     assert "Traceback" not in r.stderr
-    assert lines[0].startswith("vitprune-fast") and needle in lines[0], lines[0]
+    assert lines[0].startswith("vitprune-fast") and "would grow from 192 to 384 channels" in lines[0], lines[0]
 
 
 def test_export_onnx_matches_torch(tmp_path, capsys):

@@ -182,7 +182,7 @@ def test_probe_every_and_probe_batch():
     assert dap._bpi_n == 2 and dap._taylor_n == 6  # ΔΨ on probe steps only, Taylor scores on every step
 
 
-# ------------------------------------------------------------------------------ contract 1: gates == slicing
+# ------------------------------------------------------------------------ removal == masking: gates == slicing
 @pytest.mark.parametrize("key", VIT_KEYS + SWIN_KEYS)
 @pytest.mark.parametrize("attn_mode", ["dims", "heads"])
 def test_hard_gates_equal_sliced_model(key, attn_mode):

@@ -2,7 +2,8 @@
 SwiGLU / GLU MLPs (AIMv2, DINOv2-g), scale-norms (BEiT-3), qk-norm, EVA / EVA-02 / DINOv3 / PE / RoPE-ViT, rel-pos
 ViT, BEiT, Swin V2 / V2-CR, CaiT, post-norm blocks, PVTv2, parallel blocks, differential attention and XCiT.
 
-One small representative of each (``FAMILIES``), every weight, bias and norm randomised, float64.
+One small representative of each (``FAMILIES``: the family representatives of the catalogue in
+:mod:`vitprune_fast.testing`), every weight, bias and norm randomised, float64.
 """
 from __future__ import annotations
 
@@ -20,64 +21,9 @@ from vitprune_fast.depth import remove_units_
 from vitprune_fast.errors import PlanError
 from vitprune_fast.masked import masked_copy
 from vitprune_fast.score.screened import selection_differences
+from vitprune_fast.testing import representatives
 
-PVT_32 = dict(input_size=(3, 32, 32))  # PVTv2 takes any size; its adapter reads the configured one (DAP's probe grid)
-SMALL = dict(img_size=32, patch_size=8, num_classes=10, depth=2, embed_dim=48, num_heads=4)
-FAMILIES = {  # key -> (timm name, kwargs, what it exercises)
-    "siglip": ("vit_base_patch16_siglip_224", SMALL, "attention-pooling (MAP) head, width tied to the residual"),
-    "aimv2": ("aimv2_large_patch14_224", SMALL, "RmsNorm everywhere, SwiGLU MLP, no class token"),
-    "dinov2_giant": ("vit_giant_patch14_dinov2", dict(SMALL, init_values=1e-5), "SwiGLUPacked (GluMlp) MLP"),
-    "beit3": ("beit3_base_patch16_224", SMALL, "scale-norm in attention and in the MLP"),
-    "qk_norm": ("vit_small_patch16_224", dict(SMALL, qk_norm=True), "per-head q/k LayerNorm"),
-    "rms_mlp": ("test_vit4", dict(SMALL, mlp_ratio=3.0), "RmsNorm blocks with a plain Mlp"),
-    "eva02": ("eva02_small_patch14_224.mim_in22k", dict(SMALL, embed_dim=32),
-              "EVA-02: rotary, EvaAttention tied to the residual, SwiGLU with sub-norm"),
-    "eva_giant": ("eva_giant_patch14_224.clip_ft_in1k", dict(SMALL, embed_dim=32),
-                  "EVA-1: no rope, fused qkv with separate q / v biases, tied width, dims"),
-    "dinov3": ("vit_small_patch16_dinov3.lvd1689m", dict(SMALL, embed_dim=32),
-               "DINOv3: DinoV3 rope, register tokens, layer scale"),
-    "rope_vit": ("vit_base_patch16_rope_224.naver_in1k", dict(SMALL, embed_dim=32),
-                 "RoPE-ViT: AttentionRope (own width, whole heads), layer scale"),
-    "pe_core": ("vit_pe_core_base_patch16_224", dict(SMALL, embed_dim=32),
-                "Perception Encoder: AttentionRope + attention pool"),
-    "relpos": ("vit_relpos_base_patch16_clsgap_224.sw_in1k", dict(SMALL, embed_dim=32),
-               "relative-position ViT: per-block RelPosMlp, width tied to the residual"),
-    "relpos_shared": ("vit_srelpos_small_patch16_224.sw_in1k", dict(SMALL, embed_dim=32),
-                      "relative-position ViT with one RelPosMlp shared by every block"),
-    "beit": ("beit_base_patch16_224.in22k_ft_in22k_in1k", dict(SMALL, embed_dim=32),
-             "BEiT: per-block relative-position tables, q / v biases via F.linear, layer scale, tied width"),
-    "beitv2": ("beitv2_base_patch16_224.in1k_ft_in22k_in1k", dict(SMALL, embed_dim=32), "BEiT v2"),
-    "swin_v2": ("swinv2_tiny_window8_256", dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2),
-                                               num_heads=(2, 4), num_classes=10),
-                "Swin V2: post-norm, cosine attention tied to the stage width, PatchMerging norm after it"),
-    "swin_v2_cr": ("swinv2_cr_tiny_ns_224", dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2),
-                                                 num_heads=(2, 4), num_classes=10),
-                   "Swin V2-CR: post-norm, main-branch norm3, PatchMerging norm before the reduction"),
-    "cait": ("cait_xxs24_224", dict(SMALL, embed_dim=32, depth=2, depth_token_only=2),
-             "CaiT: talking-heads attention, class-attention blocks in the head, layer scale"),
-    "relpos_post": ("vit_relpos_small_patch16_rpn_224", dict(SMALL, embed_dim=32),
-                    "post-norm relative-position ViT (ResPostRelPosBlock)"),
-    "vit_post": ("vit_base_patch16_rpn_224", dict(SMALL, embed_dim=32), "post-norm ViT (ResPostBlock)"),
-    "eva_post": ("eva02_enormous_patch14_clip_224", dict(SMALL, embed_dim=32), "post-norm EVA (EvaBlockPostNorm)"),
-    "pvt_v2": ("pvt_v2_b0", dict(num_classes=10, depths=(2, 1, 1, 1), embed_dims=(16, 24, 32, 40),
-                                 num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2), pretrained_cfg_overlay=PVT_32),
-               "PVTv2: spatial-reduction attention, depthwise-conv MLP, overlapping patch embeddings"),
-    "pvt_v2_linear": ("pvt_v2_b2_li", dict(num_classes=10, depths=(1, 1, 1, 1), embed_dims=(16, 24, 32, 40),
-                                           num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
-                                           pretrained_cfg_overlay=PVT_32),
-                      "PVTv2-li: pooled linear attention"),
-    "parallel_xp": ("vit_base_patch16_xp_224", SMALL,
-                    "ParallelScalingBlock (ViT-22B): in_proj rows [MLP | q | k | v], qk-norm (whole heads), RMSNorm"),
-    "parallel_pwee": ("vit_pwee_patch16_reg1_gap_256", SMALL,
-                      "ParallelScalingBlock without qk-norm: tied dims, the scale folded into in_proj's q rows"),
-    "parallel_things": ("vit_small_patch16_18x2_224", dict(SMALL, embed_dim=32, mlp_ratio=2.0),
-                        "ParallelThingsBlock: two attentions, then two MLPs, side by side on one input"),
-    "diff_attn": ("vit_dwee_patch16_reg1_gap_256", SMALL,
-                  "differential attention: two q/k sub-heads per head, per-head RMS sub-norm, tied, whole heads"),
-    "xcit": ("xcit_tiny_12_p16_224", dict(SMALL, patch_size=16, cls_attn_layers=1, mlp_ratio=2.0),
-             "XCiT: cross-covariance attention (whole heads), LPI depthwise convs + BatchNorm, conv patch embedding, "
-             "class-attention blocks"),
-}
+FAMILIES = {r.key: (r.timm_name, r.kwargs, r.what) for r in representatives(core=False)}  # key -> (name, kwargs, what)
 
 
 def _model(key: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
@@ -207,11 +153,11 @@ def test_screened_selection_equals_exact_on_rmsnorm_swiglu():
     model = _model("aimv2")
     x = make_input(model, 4)
     keep = {"residual": 0.75, "attn": 0.5, "mlp": 0.5}
-    plan, report = vpf.upvits_select(model, x, keep=keep, progress=False)
+    plan, report = vpf.upvits_select(model, x, keep, progress=False)
     space = vpf.describe(model)
     scores = vpf.upvits_scores(model, x, progress=False)
     exact = vpf.make_plan(space, scores, keep=keep)
-    assert not selection_differences(space, scores, plan, exact, keep=keep)
+    assert not selection_differences(space, scores, plan, exact, keep)
     assert report["share_scored_exactly"] < 1.0  # the screen did the attention and MLP groups
 
 

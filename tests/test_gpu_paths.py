@@ -119,7 +119,7 @@ def test_cuda_screened_selection_is_the_exact_plan(key):
         xs = x.to("cuda", dtype)
         exact = vpf.upvits_scores(gpu, xs, ("residual", "attn", "mlp"), progress=False)
         for kw in ({}, {"attn_mode": "heads"}, {"heads": 1}):
-            plan, report = vpf.upvits_select(gpu, xs, 0.5, progress=False, **kw)
+            plan, report = vpf.upvits_select(gpu, xs, vpf.PlanSpec(0.5, **kw), progress=False)
             ref = vpf.make_plan(space, exact, 0.5, **kw)
-            assert not selection_differences(space, exact, plan, ref, 0.5, **kw), (dtype, kw)
+            assert not selection_differences(space, exact, plan, ref, vpf.PlanSpec(0.5, **kw)), (dtype, kw)
             assert report["scored_exactly"] <= report["candidates"]

@@ -1,4 +1,4 @@
-"""DESIGN contract 3: in place — same Parameters, sliced .grad and optimizer state, no rebuild needed."""
+"""In place (README, 'Python API', prune_) — same Parameters, sliced .grad and optimizer state, no rebuild needed."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""DESIGN contract 5: save/load round trip (safetensors + JSON, nothing pickled), clear errors, ONNX parity."""
+"""Save/load round trip (README, 'Python API') (safetensors + JSON, nothing pickled), clear errors, ONNX parity."""
 import json
 
 import numpy as np

@@ -1,7 +1,8 @@
 """DIMAP/LAMP metric kernel (``vitprune_fast.kernels.dimap_metric``) against its plain-torch reference.
 
 On CPU the Triton kernels run in the interpreter (conftest sets ``TRITON_INTERPRET=1``), so shapes stay small;
-the ``gpu`` test repeats the check on CUDA at Swin-B layer sizes. Pass rule for float32 (DESIGN contract 4):
+the ``gpu`` test repeats the check on CUDA at Swin-B layer sizes. Pass rule for float32 (README, 'Architecture',
+kernels):
 ``|kernel - ref64| <= 2 * |torch_fp32 - ref64| + atol``; float64 must agree to rounding.
 """
 

@@ -1,6 +1,7 @@
 """Fused log-softmax + KL per candidate (``vitprune_fast.kernels.kl_div``) against float64 references.
 
-Pass rule (FlashAttention style, DESIGN contract 4): ``|kernel - ref64| <= 2 * |torch_same_dtype - ref64| + atol``.
+Pass rule (FlashAttention style; README, 'Architecture', kernels):
+``|kernel - ref64| <= 2 * |torch_same_dtype - ref64| + atol``.
 On CPU the kernel runs in the Triton interpreter (conftest sets ``TRITON_INTERPRET=1``), which handles every
 dtype used here; the ``gpu`` tests repeat the checks on CUDA at engine-sized shapes.
 """

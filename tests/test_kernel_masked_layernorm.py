@@ -1,6 +1,7 @@
 """Masked LayerNorm (``vitprune_fast.kernels.masked_layernorm``) against float64 references.
 
-Pass rule (FlashAttention style, DESIGN contract 4): ``|kernel - ref64| <= 2 * |torch_same_dtype - ref64| + atol``.
+Pass rule (FlashAttention style; README, 'Architecture', kernels):
+``|kernel - ref64| <= 2 * |torch_same_dtype - ref64| + atol``.
 Note: the Triton CPU interpreter rounds fp32 -> bf16 by truncation (the GPU rounds to nearest), so interpreter
 bf16 outputs can be one bf16 ulp off instead of half an ulp; the rule's factor 2 and bf16 atol cover it.
 """

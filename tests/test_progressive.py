@@ -9,7 +9,7 @@ from models import make_input, make_model
 import vitprune_fast as vpf
 from vitprune_fast.errors import ConfigError, PlanError
 from vitprune_fast.flops import plan_flops
-from vitprune_fast.plan import Plan, selections
+from vitprune_fast.plan import Plan, PlanSpec, selections
 from vitprune_fast.progressive import upvits_progressive
 
 RULES = {"dims": {}, "heads": {"attn_mode": "heads"}, "merge": {"heads": 1}}
@@ -35,7 +35,7 @@ def models():
 def test_one_step_is_the_one_shot_plan(models, key, rule, engine):
     model, x = models[key]
     keep = {"residual": 0.75, "attn": 0.5, "mlp": 0.5}
-    plan, report = upvits_progressive(model, x, keep, **RULES[rule], steps=1, engine=engine, progress=False)
+    plan, report = upvits_progressive(model, x, PlanSpec(keep, **RULES[rule]), steps=1, engine=engine, progress=False)
     assert _same(plan, _one_shot(model, x, keep, **RULES[rule]))
     assert len(report["per_step"]) == 1 and ("screened" in report["per_step"][0]) == (engine == "screened")
 
@@ -58,9 +58,10 @@ def test_every_step_is_the_exact_plan_of_the_model_pruned_so_far(models, key, ru
     model, x = models[key]
     before = copy.deepcopy(model.state_dict())
     keep, steps = {"residual": 0.5, "attn": 0.25, "mlp": 0.25}, 3
-    plan, report = upvits_progressive(model, x, keep, **RULES[rule], steps=steps, engine="exact", progress=False)
+    plan, report = upvits_progressive(model, x, PlanSpec(keep, **RULES[rule]), steps=steps, engine="exact",
+                                      progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model is untouched
-    final = selections(vpf.describe(model), keep, **RULES[rule])
+    final = selections(vpf.describe(model), PlanSpec(keep, **RULES[rule]))
     current = copy.deepcopy(model)
     for step, rec in enumerate(report["per_step"], 1):  # replay: score the partly pruned model with the exact engine
         ratios = _expected_ratios(current, final, step, steps)
@@ -102,7 +103,7 @@ def test_given_scores_replace_the_first_step_only(models):
     c, rep = upvits_progressive(model, x, keep, steps=2, engine="exact", progress=False, scores=wrong)
     first = Plan.from_dict(rep["per_step"][0]["plan"])
     assert _same(first, vpf.make_plan(vpf.describe(model), wrong, _expected_ratios(model, selections(
-        vpf.describe(model), keep), 1, 2)))
+        vpf.describe(model), PlanSpec(keep)), 1, 2)))
 
 
 def test_progressive_changes_the_selection(models):
@@ -117,7 +118,7 @@ def test_progressive_changes_the_selection(models):
 
 def test_round_to_rounds_the_final_widths_only(models):
     model, x = models["deit"]  # embed 48, mlp 192, head_dim 16
-    plan, report = upvits_progressive(model, x, 0.4, round_to=8, steps=2, engine="exact", progress=False)
+    plan, report = upvits_progressive(model, x, PlanSpec(0.4, round_to=8), steps=2, engine="exact", progress=False)
     one = _one_shot(model, x, 0.4, round_to=8)
     space = vpf.describe(model)
     assert plan.kept_sizes(space) == one.kept_sizes(space)
@@ -140,4 +141,5 @@ def test_bad_settings_raise_before_scoring(models, kwargs, error):
     model, x = models["deit"]
     kwargs = {"keep": 0.5, **kwargs}
     with pytest.raises(error):
-        upvits_progressive(model, x, progress=False, **kwargs)
+        spec = PlanSpec(**{k: kwargs.pop(k) for k in ("keep", "heads") if k in kwargs})
+        upvits_progressive(model, x, spec, progress=False, **kwargs)

@@ -1,4 +1,5 @@
-"""DESIGN contract 1 (removal == masking, float64) and contract 2 (still a consistent stock timm model)."""
+"""Removal == masking in float64, and the pruned model is still a consistent stock timm model (README, 'What is
+exact, and the choices we made')."""
 import copy
 
 import pytest

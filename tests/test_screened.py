@@ -5,6 +5,7 @@ demo's digits models after a short training, in float64; the second-order screen
 the exact scores and bounded; a deliberately wrong screen must still give the exact selection.
 """
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,13 +26,14 @@ TRAIN_STEPS = 300  # the demo's recipe, shortened: ~75-85 % top-1 on the digits,
 
 
 def _trained(key: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The demo's model after TRAIN_STEPS of its recipe, from ``tests/data`` (``make_digits_fixtures.py`` trains them
+    on one thread: another thread count or CPU would end at another model, and the bounds below are measured on
+    these), in float64, with 32 class-balanced proxy images."""
     from vitprune_fast.data import digits
-    from vitprune_fast.demo import DemoConfig, base_model, proxy_subset
+    from vitprune_fast.demo import proxy_subset
 
-    data = digits()
-    cfg = DemoConfig(train_steps=TRAIN_STEPS)
-    model, _, _ = base_model(key, cfg, data.train, None, lambda *a: None)
-    x, y = data.train.tensors
+    model = vpf.load_pruned(Path(__file__).parent / "data" / f"digits-{key}-{TRAIN_STEPS}")
+    x, y = digits().train.tensors
     return model.double().eval(), proxy_subset(x, y, 32, seed=1).double()
 
 
@@ -60,13 +62,13 @@ def test_screened_plan_is_the_exact_plan(case, key, keep):
     space = vpf.describe(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for rule, kw in RULES.items():
-        plan, report = vpf.upvits_select(model, x, keep, progress=False, **kw)
+        plan, report = vpf.upvits_select(model, x, vpf.PlanSpec(keep, **kw), progress=False)
         ref = vpf.make_plan(space, exact, keep, **kw)
-        diff = screened.selection_differences(space, exact, plan, ref, keep, **kw)
+        diff = screened.selection_differences(space, exact, plan, ref, vpf.PlanSpec(keep, **kw))
         assert not diff, (rule, diff)
         assert report["flips"] == 0 or report["audit_rounds"] > 1, (rule, report)  # a flip forces another round
         groups = report["groups"]
-        assert set(groups) == {s.group for s in selections(space, keep, **kw) if s.keep < len(s.items)}
+        assert set(groups) == {s.group for s in selections(space, vpf.PlanSpec(keep, **kw)) if s.keep < len(s.items)}
         for g in groups.values():
             assert 0 < g["scored_exactly"] <= g["candidates"]
             if g["kind"] in ("attn", "mlp"):
@@ -77,7 +79,7 @@ def test_screened_plan_is_the_exact_plan(case, key, keep):
 def _near_cut_errors(space, exact, estimates, keep=0.5):
     """|log(estimate / exact)| of the items within +-10 % of their ranking's cut (the dims rule at ``keep``)."""
     out = []
-    for sel in selections(space, keep):
+    for sel in selections(space, vpf.PlanSpec(keep)):
         if sel.group not in estimates:
             continue
         s, e = exact[sel.group][sel.items].sum(1), estimates[sel.group][sel.items].sum(1)
@@ -97,9 +99,10 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 # random-init models are the hard case: their LayerNorm weights are random in sign and +-0.25..1.75 in size and
 # their softmaxes nearly flat, so removing one unit moves the logits far enough for third-order terms to matter
 # (measured: Spearman >= 0.991, p99 <= 0.36, p99.9 <= 0.38, worst on Swin); the trained models are in the regime
-# the expansion is for (measured: Spearman >= 0.993, p99 <= 0.12, p99.9 <= 0.135, worst on the digits Swin).
-# Errors of this size cost band width (2x the worst error seen), never the selection: the band covers them.
-SCREEN_BOUNDS = {"random": (0.95, 0.6, 0.75), "trained": (0.98, 0.25, 0.3)}  # (min Spearman, p99, p99.9)
+# the expansion is for (measured on the fixtures in tests/data: Spearman >= 0.978, p99 <= 0.131, p99.9 <= 0.134, worst
+# on the digits Swin; the worst Spearman is its first attention's, 32 dims). Errors of this size cost band width (2x
+# the worst error seen), never the selection: the band covers them.
+SCREEN_BOUNDS = {"random": (0.95, 0.6, 0.75), "trained": (0.96, 0.25, 0.3)}  # (min Spearman, p99, p99.9)
 
 
 @pytest.mark.parametrize("key", RANDOM + TRAINED)

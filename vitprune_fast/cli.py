@@ -1,8 +1,9 @@
 """``vitprune-fast`` command line: score, prune, finetune, eval, export, bench, demo.
 
 Every bad argument (unknown model, missing data, ratio out of range, bad option values) ends with ONE line on
-stderr and exit code 2, never a traceback. Scoring methods come from :mod:`vitprune_fast.score.registry` (shared
-with the demo and the benchmarks); plans for a FLOPs or shape target from :mod:`vitprune_fast.targets`.
+stderr and exit code 2, never a traceback. Methods come from the registry of :mod:`vitprune_fast.methods` (shared
+with the demo and the benchmarks) and are driven through their interface only: ``--keep / --flops / --params /
+--target`` and the plan rules make a :class:`~vitprune_fast.PlanSpec`, the method turns it into a Plan.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import torch
 from torch import nn
 
 from .errors import VitPruneError
-from .score.registry import DATA_METHODS, METHODS, SCORERS, compute_scores, get_scorer
+from .methods import Method, MethodData, MethodResult, get_method, method_names
 from .table import table
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+FAMILIES = ("ViT/DeiT", "SigLIP", "AIMv2", "EVA/EVA-02", "BEiT", "CaiT", "Swin V1/V2", "PVTv2", "XCiT")
 
 
 class UsageError(VitPruneError):
@@ -142,9 +143,13 @@ def cmd_score(args) -> int:
     from .arch import describe
     from .plots import plot_score_distributions
 
-    model, data = _model_and_data(args, need_data=args.method in DATA_METHODS)
+    method = get_method(args.method)
+    if not method.has_scores:
+        raise UsageError(f"method {args.method!r} plans without a score table; use it with `vitprune-fast prune`")
+    model, data = _model_and_data(args, need_data=bool(method.needs))
     t0 = time.perf_counter()
-    scores = _compute(args, model, data)
+    method.check_data(mdata := _method_data(args, model, data))
+    scores = method.scores(model, mdata)
     dt = time.perf_counter() - t0
     out = save_scores(scores, args.out, {"method": args.method, "model": args.model})
     png = plot_score_distributions(describe(model), {args.method: scores}, out.with_suffix(".png"),
@@ -157,77 +162,80 @@ def cmd_score(args) -> int:
     return 0
 
 
-def _compute(args, model, data):
-    """``--method`` scores of ``model`` on the training split of ``data`` (if any)."""
+def _method_data(args, model: nn.Module, data) -> MethodData:
+    """What a method reads, from the command's data and settings: the training split's loader (proxy images are
+    taken from it), the seed, and for a method that trains, the unpruned model as its teacher."""
     loader = data.loaders(args.batch_size, seed=args.seed)[0] if data is not None else None
-    return compute_scores(args.method, model, loader, args.proxy, args.batches, args.seed, not args.quiet)
+    return MethodData(loader=loader, proxy=args.proxy, chunk=args.batch_size, batches=args.batches, seed=args.seed,
+                      progress=not args.quiet, teacher=model, steps=getattr(args, "steps", None) or 100,
+                      lr=getattr(args, "lr", 5e-4))
+
+
+# CLI flags that set a method option: (flag, option, the option's value from the arguments or None, what it is)
+_OPTION_FLAGS = (
+    ("--screened", "engine", lambda a: "screened" if a.screened else None, "--screened is the UP-ViTs selection "
+                                                                           "engine"),
+    ("--progressive", "steps", lambda a: a.progressive, "--progressive re-scores the model between steps"),
+)
+
+
+def _method(args) -> Method:
+    """The ``--method`` with the options its flags set; a flag for an option the method lacks is a usage error."""
+    options = {}
+    for _flag, option, value, what in _OPTION_FLAGS:
+        v = value(args)
+        if v is None:
+            continue
+        owners = [n for n in method_names() if option in get_method(n).option_names()]
+        if option not in get_method(args.method).option_names() or args.scores:
+            raise UsageError(f"{what}: use it with --method {' / '.join(owners)}, without --scores")
+        options[option] = v
+    return get_method(args.method, **options)
+
+
+def _spec(args):
+    """The PlanSpec of ``--keep / --flops / --params / --target`` and the plan rules."""
+    from .plan import PlanSpec
+
+    budgets = {"keep": args.keep, "flops": args.flops, "params": args.params, "target": args.target}
+    if sum(v is not None for v in budgets.values()) != 1:
+        raise UsageError("give exactly one of --keep, --flops, --params, --target")
+    return PlanSpec(**budgets, heads=args.heads, attn_mode=args.attn_mode, round_to=args.round_to)
 
 
 def cmd_prune(args) -> int:
-    """Prune by keep ratio, FLOPs fraction or target timm shape; save with save_pruned."""
+    """Prune by keep ratio, FLOPs or parameter fraction, or target timm shape; save with save_pruned."""
     from .arch import describe
     from .io import ARCH_FILE, WEIGHTS, save_pruned, stock_call
-    from .plan import make_plan
+    from .plan import plan_from_scores
     from .plots import plot_kept_widths
-    from .progressive import progressive_summary, upvits_progressive
     from .prune import prune_
-    from .score.registry import ScoringData, proxy_images
-    from .score.screened import screened_summary, upvits_select
-    from .targets import keep_for_flops, shape_plan_args
+    from .targets import resolve_spec
 
-    modes = [args.keep is not None, args.flops is not None, args.target is not None]
-    if sum(modes) != 1:
-        raise UsageError("give exactly one of --keep, --flops, --target")
-    if args.screened and (args.method != "upvits" or args.scores):
-        raise UsageError("--screened is the UP-ViTs selection engine: use it with --method upvits, without --scores")
-    if args.progressive is not None and (args.method != "upvits" or args.scores):
-        raise UsageError("--progressive re-scores the model between steps: use it with --method upvits, without "
-                         "--scores")
-    model, data = _model_and_data(args, need_data=args.method in DATA_METHODS and not args.scores)
+    spec = _spec(args)
+    method = _method(args)
+    model, data = _model_and_data(args, need_data=bool(method.needs) and not args.scores)
     space = describe(model)
     before = _model_row("unpruned", model)
-    notes = []
-    own_flops_plan = get_scorer(args.method).plan_for_flops
-    screened = progressive = None
-    if own_flops_plan is not None and args.flops is not None and not args.scores:  # e.g. DIMAP's module thresholds
-        plan = own_flops_plan(model, args.flops)
+    if args.scores:
+        resolved, notes = resolve_spec(model, spec)
+        result = MethodResult(plan_from_scores(space, load_scores(args.scores), resolved), notes=notes)
     else:
-        keep, heads, attn_mode, round_to = args.keep, args.heads, args.attn_mode, args.round_to
-        if args.target is not None:
-            keep, heads, notes = shape_plan_args(model, args.target)
-            attn_mode, round_to = "dims", 1
-        elif args.flops is not None:
-            r, achieved = keep_for_flops(model, args.flops, heads=heads, attn_mode=attn_mode, round_to=round_to)
-            keep = {"residual": r, "attn": r, "mlp": r}
-            notes.append(f"keep ratio {r:.4f} for residual/attn/mlp reaches {100 * achieved:.1f} % FLOPs")
-        if args.screened or args.progressive is not None:
-            loader = data.loaders(args.batch_size, seed=args.seed)[0]
-            images = proxy_images(model, ScoringData(loader, proxy=args.proxy))
-        if args.progressive is not None:
-            plan, progressive = upvits_progressive(
-                model, images, keep, heads, attn_mode, round_to, steps=args.progressive,
-                engine="screened" if args.screened else "exact", batch_size=args.batch_size, progress=not args.quiet)
-        elif args.screened:
-            plan, screened = upvits_select(model, images, keep, heads, attn_mode, round_to, batch_size=args.batch_size,
-                                           progress=not args.quiet)
-        else:
-            scores = load_scores(args.scores) if args.scores else _compute(args, model, data)
-            plan = make_plan(space, scores, keep=keep, heads=heads, attn_mode=attn_mode, round_to=round_to)
-    prune_(model, plan)
+        result = method.plan(model, _method_data(args, model, data), spec)
+    plan = result.plan
+    model = result.model if result.model is not None else prune_(model, plan)  # a training method pruned its own
     after = _model_row("pruned", model)
     out = save_pruned(model, args.out)
     (out / "plan.json").write_text(json.dumps(plan.to_dict()))
-    if screened is not None:
-        (out / "screened.json").write_text(json.dumps(screened, indent=1))
-        notes.append(screened_summary(screened) + f" (report: {out / 'screened.json'})")
-    if progressive is not None:
-        (out / "progressive.json").write_text(json.dumps(progressive, indent=1))
-        notes.append(progressive_summary(progressive) + f" (report: {out / 'progressive.json'})")
+    for name, rep in result.report.items():
+        (out / f"{name}.json").write_text(json.dumps(rep, indent=1))
     stock = json.loads((out / ARCH_FILE).read_text())["timm_stock"]
     kept = plan.kept_sizes(space)
     png = plot_kept_widths(space, {"kept": kept}, out / "widths.png", f"kept widths, {args.model}")
-    for n in notes:
+    for n in result.notes:
         print(f"note: {n}")
+    if result.report:
+        print("reports: " + ", ".join(str(out / f"{name}.json") for name in result.report))
     print(table([before, after], MODEL_COLUMNS[:3]))
     kinds: dict[str, list[int]] = {}  # kind -> [channels before, channels kept], summed over groups
     for n, g in space.groups.items():
@@ -358,17 +366,21 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _bench_scripts() -> list[str]:
-    """Benchmark names: the scripts in bench/ other than helpers (``common``, ``report``, ``_*``) and the GPU check."""
-    if not (BENCH_DIR / "__main__.py").is_file():
-        raise UsageError(f"no benchmark runner at {BENCH_DIR} (benchmarks run from a source checkout)")
-    return [p.stem for p in sorted(BENCH_DIR.glob("*.py")) if not p.stem.startswith("_")
-            and p.stem not in ("common", "report", "gpu_check")]
+def _bench_scripts(repo: str | os.PathLike) -> tuple[Path, list[str]]:
+    """``(bench dir, benchmark names)``: the scripts in ``repo/bench`` other than helpers (``common``, ``report``,
+    ``_*``) and the GPU check. The benchmarks come with the source repository, not with the installed package."""
+    bench = Path(repo) / "bench"
+    if not (bench / "__main__.py").is_file():
+        raise UsageError(f"no benchmark runner at {bench}: the benchmarks come with the source repository (bench/ "
+                         "of a vitprune_fast checkout); run this from the checkout's root or pass --repo DIR")
+    return bench, [p.stem for p in sorted(bench.glob("*.py")) if not p.stem.startswith("_")
+                   and p.stem not in ("common", "report", "gpu_check")]
 
 
 def cmd_bench(args) -> int:
-    """Thin dispatcher to ``python -m bench [--quick] [--only ...]`` (the runner skips what needs a GPU)."""
-    names = _bench_scripts()
+    """Thin dispatcher to ``python -m bench [--quick] [--only ...]`` in a source checkout (the runner skips what
+    needs a GPU)."""
+    bench, names = _bench_scripts(args.repo)
     if args.list:
         print("\n".join(names))
         return 0
@@ -379,7 +391,7 @@ def cmd_bench(args) -> int:
     if args.names:
         cmd += ["--only", ",".join(args.names)]
     print(f"$ {' '.join(cmd)}", flush=True)
-    return subprocess.run(cmd, cwd=BENCH_DIR.parent).returncode
+    return subprocess.run(cmd, cwd=bench.parent).returncode
 
 
 def cmd_demo(args) -> int:
@@ -487,10 +499,11 @@ def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_scoring(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument("--method", choices=METHODS, default=default, required=default is None,
-                   help=" | ".join(f"{n}: {s.summary}" + (" (needs --data)" if s.needs_data else "")
-                                   for n, s in SCORERS.items()))
+def _add_scoring(p: argparse.ArgumentParser, default: str | None, scores_only: bool = False) -> None:
+    names = [n for n in method_names() if get_method(n).has_scores or not scores_only]
+    p.add_argument("--method", choices=names, default=default, required=default is None,
+                   help=" | ".join(f"{n}: {get_method(n).summary}" + (" (needs --data)" if get_method(n).needs else "")
+                                   for n in names))
     p.add_argument("--proxy", type=_positive_int, default=64, help="UP-ViTs proxy images (from the train split)")
     p.add_argument("--batches", type=_positive_int, default=4, help="Taylor: training batches to accumulate")
 
@@ -498,21 +511,24 @@ def _add_scoring(p: argparse.ArgumentParser, default: str | None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .finetune import DEFAULT_ALPHA
 
-    ap = _Parser(prog="vitprune-fast", description="Structured pruning for timm ViT/DeiT/Swin.")
+    ap = _Parser(prog="vitprune-fast", description="Structured pruning for timm vision transformers "
+                                                   f"({', '.join(FAMILIES)}, ...).")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("score", help="channel scores of a model, written as safetensors")
     _add_model(p)
-    _add_scoring(p, None)
+    _add_scoring(p, None, scores_only=True)
     p.add_argument("--out", required=True, help="scores file (.safetensors); a .png histogram is written beside it")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("prune", help="prune by keep ratio, FLOPs fraction or target timm shape; save the model")
+    p = sub.add_parser("prune", help="prune by keep ratio, FLOPs or parameter fraction, or target timm shape; save "
+                                     "the model")
     _add_model(p)
     _add_scoring(p, "magnitude")
     p.add_argument("--scores", default=None, help="scores file from `vitprune-fast score` (instead of --method)")
     p.add_argument("--keep", type=_keep, default=None, help="keep ratio: 0.5, or residual=0.75,attn=0.5,mlp=0.5")
     p.add_argument("--flops", type=_ratio, default=None, help="target fraction of the dense FLOPs, e.g. 0.5")
+    p.add_argument("--params", type=_ratio, default=None, help="target fraction of the parameters, e.g. 0.5")
     p.add_argument("--target", default=None, help="timm model whose widths to reach, e.g. deit_tiny_patch16_224")
     p.add_argument("--heads", type=_positive_int, default=None, help="UP-ViTs head merge: heads per attention")
     p.add_argument("--attn-mode", choices=("dims", "heads"), default="dims",
@@ -525,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progressive", type=_positive_int, default=None, metavar="T",
                    help="--method upvits: reach the widths in T steps, re-scoring the partly pruned model between "
                         "steps (with --screened: each step by the screened engine); report in OUT/progressive.json")
+    p.add_argument("--steps", type=_positive_int, default=100,
+                   help="methods that train while they plan (dap): training steps")
+    p.add_argument("--lr", type=float, default=5e-4, help="methods that train while they plan (dap): learning rate")
     p.add_argument("--out", required=True, help="output directory (model.safetensors + architecture.json)")
     p.set_defaults(func=cmd_prune)
 
@@ -569,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="benchmarks to run (default: all; each skips what this machine lacks)")
     p.add_argument("--full", action="store_true", help="full sizes instead of --quick")
     p.add_argument("--list", action="store_true", help="list the benchmarks")
+    p.add_argument("--repo", default=".", help="the source checkout whose bench/ to run (the benchmarks come with "
+                                               "the repository, not with the installed package)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="digits: train small DeiT + Swin, prune to ~50%% FLOPs by every method, compare")
@@ -578,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "~/.cache/vitprune_fast/demo)")
     p.add_argument("--no-cache", action="store_true", help="retrain the unpruned models")
     p.add_argument("--jobs", type=_positive_int, default=None, help="worker processes (default: 2 if >= 2 cores)")
-    p.add_argument("--methods", default=None, help="comma list of upvits,dimap,magnitude,random,taylor")
+    p.add_argument("--methods", default=None,
+                   help=f"comma list of registered methods ({','.join(method_names())}); default "
+                        "upvits,dimap,magnitude,random")
     p.add_argument("--screened", action="store_true", help="UP-ViTs with the screened selection engine")
     p.add_argument("--shape", action="store_true", help="instead: random-init DeiT-S pruned to the DeiT-Ti shape; "
                                                         "params / FLOPs / latency only")

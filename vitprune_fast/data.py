@@ -3,6 +3,10 @@
 ``digits`` is scikit-learn's ``load_digits``: 1797 real 8×8 handwritten digits (grey levels 0..16) that ship inside
 the scikit-learn wheel. They are upsampled to 32×32 (bilinear), repeated to 3 channels, and normalised with the
 training split's mean and std. The split is stratified and fixed (seed 0), so every run sees the same images.
+
+Proxy and calibration images (UP-ViTs' scoring set, reconstruction's calibration set) are a seeded draw from the
+training split through the *evaluation* transform (:meth:`DataBundle.proxy`): plain training images, as the UP-ViTs
+paper scores on, not augmented ones whose scores would change with the augmentation draw.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .errors import ConfigError
+from .seeding import seed_worker
 
 DIGITS = "digits"
 DIGITS_SIZE = 32
@@ -28,20 +33,42 @@ class DataBundle:
     """Train and test sets of one data source.
 
     Attributes:
-        train: training dataset (``(image, label)`` items).
+        train: training dataset (``(image, label)`` items), with the training transform (augmentation).
         test: evaluation dataset.
         num_classes: number of labels.
         name: ``digits`` or the ImageFolder path.
+        train_eval: the training split through the evaluation transform (no augmentation); default ``train`` (the
+            digits tensors are not augmented).
     """
 
     train: Dataset
     test: Dataset
     num_classes: int
     name: str
+    train_eval: Dataset | None = None
+
+    def proxy(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` training images through the evaluation transform, drawn without replacement by ``seed``.
+
+        Returns:
+            ``(images [n, C, H, W], labels [n], indices [n])``: ``indices`` are the drawn positions in the training
+            split, in draw order.
+
+        Raises:
+            ConfigError: ``n`` < 1 or more than the training split holds.
+        """
+        source = self.train_eval if self.train_eval is not None else self.train
+        if not 1 <= n <= len(source):
+            raise ConfigError(f"cannot draw {n} proxy images from a training split of {len(source)}")
+        idx = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]
+        items = [source[int(i)] for i in idx]
+        return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items]), idx
 
     def loaders(self, batch_size: int = 64, shuffle_train: bool = True, seed: int = 0,
                 num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
-        """(train loader, test loader); the train loader shuffles with a seeded generator.
+        """(train loader, test loader); the train loader shuffles with a generator seeded by ``seed``, and workers
+        seed their Python ``random`` and numpy from it (:func:`vitprune_fast.seeding.seed_worker`), so the batches and
+        their augmentation repeat for a seed.
 
         Under torch.distributed the train loader gives every rank its own shard through a seeded
         DistributedSampler (``batch_size`` per rank; the training loops call its ``set_epoch``); the test loader
@@ -55,11 +82,13 @@ class DataBundle:
             from torch.utils.data import DistributedSampler
 
             sampler = DistributedSampler(self.train, world, rank, shuffle=shuffle_train, seed=seed)
-            train = DataLoader(self.train, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+            train = DataLoader(self.train, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                               worker_init_fn=seed_worker, generator=g)
         else:
             train = DataLoader(self.train, batch_size=batch_size, shuffle=shuffle_train, generator=g,
-                               num_workers=num_workers, drop_last=False)
-        test = DataLoader(self.test, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+                               num_workers=num_workers, drop_last=False, worker_init_fn=seed_worker)
+        test = DataLoader(self.test, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                          worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed))
         return train, test
 
 
@@ -68,7 +97,8 @@ def require_sklearn() -> None:
     try:
         import sklearn  # noqa: F401
     except ImportError as e:
-        raise ImportError("the embedded 'digits' data needs scikit-learn: pip install scikit-learn") from e
+        raise ImportError("the embedded 'digits' data needs scikit-learn: pip install 'vitprune_fast[demo]' (or "
+                          "scikit-learn)") from e
 
 
 def digits_tensors(size: int = DIGITS_SIZE, test_fraction: float = 0.25, seed: int = 0
@@ -137,9 +167,10 @@ def image_folder(path: str | os.PathLike, model: nn.Module) -> DataBundle:
     try:
         train = ImageFolder(str(train_dir), transform=_timm_transform(model, True))
         test = ImageFolder(str(test_dir), transform=_timm_transform(model, False))
+        train_eval = ImageFolder(str(train_dir), transform=_timm_transform(model, False))
     except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no valid images
         raise FileNotFoundError(f"{root}: not a usable ImageFolder ({e})") from e
-    return DataBundle(train, test, len(train.classes), str(root))
+    return DataBundle(train, test, len(train.classes), str(root), train_eval)
 
 
 def load_data(spec: str, model: nn.Module | None = None) -> DataBundle:

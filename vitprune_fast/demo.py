@@ -31,13 +31,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
-from .score.registry import METHODS as ALL_METHODS
-from .score.registry import compute_scores, get_scorer
+from .methods import MethodData, MethodResult, get_method, method_names
 from .table import table
 
 CACHE_ENV = "VITPRUNE_FAST_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "vitprune_fast" / "demo"
-METHODS = ("upvits", "dimap", "magnitude", "random")  # the default selection from ALL_METHODS (the registry)
+METHODS = ("upvits", "dimap", "magnitude", "random")  # the default selection from the registry (methods.method_names)
 DATA_VERSION = "digits-32px-v1"  # bump when data.digits changes: invalidates cached models
 
 # timm names + kwargs: 32-px inputs, 10 classes, ~7 MFLOPs each.
@@ -66,7 +65,8 @@ class DemoConfig:
     alpha: float | None = None  # None: finetune.DEFAULT_ALPHA
     latency_repeats: int = 20  # per round (5 rounds, best median kept)
     methods: tuple[str, ...] = METHODS
-    upvits_engine: str = "exact"  # or "screened": the same selection (upvits_select), fewer exact evaluations
+    upvits_engine: str = "exact"  # the `engine` option of every method that has one (UP-ViTs: "screened" is the same
+    # selection for fewer exact evaluations)
     seed: int = 0
 
 
@@ -141,29 +141,21 @@ def proxy_subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0) -> tor
     return x[torch.stack(picked[:n])]
 
 
-def _prune_by(method: str, base, space, cfg: DemoConfig, ratio: float, frac: float, proxy: torch.Tensor,
-              train_loader) -> tuple[torch.nn.Module, dict | None, float, dict | None]:
-    """(pruned copy, scores, scoring seconds, screened report) for one method at the shared keep ratio (or its own
-    FLOPs plan). The screened UP-ViTs engine gives a plan without a full set of scores (None)."""
-    from .plan import make_plan
+def _prune_by(method: str, base, cfg: DemoConfig, spec, data: MethodData
+              ) -> tuple[torch.nn.Module, float, MethodResult]:
+    """(pruned model, seconds, the method's result) for one method at the shared spec.
+
+    Every method plans through :meth:`~vitprune_fast.methods.Method.plan` (UP-ViTs' screened engine gives a plan
+    without a full set of scores: None; a method that trains while it plans returns its fine-tuned model)."""
     from .prune import prune_
-    from .score.screened import upvits_select
 
     t0 = time.perf_counter()
-    keep = {"residual": ratio, "attn": ratio, "mlp": ratio}
-    scorer = get_scorer(method)
-    scores = report = None
-    if method == "upvits" and cfg.upvits_engine == "screened":
-        plan, report = upvits_select(base, proxy, keep, batch_size=len(proxy), progress=False)
-    else:
-        scores = compute_scores(method, base, train_loader, batches=cfg.taylor_batches, seed=cfg.seed,
-                                progress=False, images=proxy, chunk=len(proxy))
-        if scorer.plan_for_flops is not None:  # e.g. DIMAP's module-wise thresholds at the same FLOPs fraction
-            plan = scorer.plan_for_flops(base, frac)
-        else:
-            plan = make_plan(space, scores, keep=keep)
+    m = get_method(method)
+    m = m.with_options(engine=cfg.upvits_engine) if "engine" in m.option_names() else m
+    result = m.plan(base, data, spec)
     dt = time.perf_counter() - t0
-    return prune_(copy.deepcopy(base), plan), scores, dt, report
+    model = result.model if result.model is not None else prune_(copy.deepcopy(base), result.plan)
+    return model, dt, result
 
 
 def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: Callable) -> dict:
@@ -177,9 +169,9 @@ def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: 
     from .finetune import DEFAULT_ALPHA, evaluate, train
     from .io import save_pruned
     from .metrics import count_flops, count_params
+    from .plan import PlanSpec
     from .plots import plot_kept_widths, plot_score_distributions
-    from .score.screened import screened_summary
-    from .targets import keep_for_flops
+    from .targets import keep_for_flops, uniform_fraction
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     name, kw = MODELS[key]
@@ -201,26 +193,36 @@ def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: 
     rows = [{"method": "unpruned", "params": count_params(base), "flops": dense_flops, "flops_frac": 1.0,
              "acc_pruned": 100 * dense_acc, "acc_finetuned": None, "score_s": None}]
     save_pruned(base, out / "models" / f"{key}-unpruned", model_name=name)
+    # every method plans for the same FLOPs fraction (the one the shared keep ratio reaches); a method that trains
+    # while it plans gets the parameter fraction of that ratio's uniform plan, and the fine-tuning budget
+    spec = PlanSpec(flops=frac)
+    mdata = MethodData(loader=train_loader, images=proxy, chunk=len(proxy), batches=cfg.taylor_batches, seed=cfg.seed,
+                       progress=False, teacher=base, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
     all_scores, widths = {}, {}
     for method in cfg.methods:
-        student, scores, t_score, screened = _prune_by(method, base, space, cfg, ratio, frac, proxy, train_loader)
-        if scores is not None:
-            all_scores[method] = scores
+        trains = "training" in get_method(method).needs
+        method_spec = PlanSpec(params=uniform_fraction(base, ratio, "params")) if trains else spec
+        student, t_score, result = _prune_by(method, base, cfg, method_spec, mdata)
+        tuned, reports = result.model is not None, result.report
+        if result.scores is not None:
+            all_scores[method] = result.scores
         widths[method] = {n: gr.size for n, gr in describe(student).groups.items()}
-        before = evaluate(student, test_loader)
-        report("step", f"{method}: scored in {t_score:.1f} s, top-1 pruned {100 * before:.1f} %")
-        if screened is not None:
-            report("log", f"{key}: {screened_summary(screened)}")
+        before = None if tuned else evaluate(student, test_loader)
+        report("step", f"{method}: planned in {t_score:.1f} s, top-1 pruned "
+                       + ("- (pruned while fine-tuning)" if tuned else f"{100 * before:.1f} %"))
+        for note in result.notes if reports else ():  # what an engine with a report did (e.g. screened UP-ViTs)
+            report("log", f"{key}: {note}")
         g.manual_seed(cfg.seed)  # every method fine-tunes on the same batches
         t0 = time.perf_counter()
-        train(student, ft_loader, cfg.finetune_steps, lr=cfg.finetune_lr, alpha=alpha, progress=False)
+        if not tuned:
+            train(student, ft_loader, cfg.finetune_steps, lr=cfg.finetune_lr, alpha=alpha, progress=False)
         t_ft = time.perf_counter() - t0
         after = evaluate(student, test_loader)
         report("step", f"{method}: fine-tuned in {t_ft:.0f} s, top-1 {100 * after:.1f} %")
         flops = count_flops(student)
         rows.append({"method": method, "params": count_params(student), "flops": flops,
-                     "flops_frac": flops / dense_flops, "acc_pruned": 100 * before, "acc_finetuned": 100 * after,
-                     "score_s": t_score, "finetune_s": t_ft, **({"screened": screened} if screened else {})})
+                     "flops_frac": flops / dense_flops, "acc_pruned": None if tuned else 100 * before,
+                     "acc_finetuned": 100 * after, "score_s": t_score, "finetune_s": t_ft, **reports})
         save_pruned(student, out / "models" / f"{key}-{method}", model_name=name)
     plots = [plot_kept_widths(space, widths, out / f"{key}-widths.png", f"{key}: kept width per block (~50 % FLOPs)"),
              plot_score_distributions(space, all_scores, out / f"{key}-scores.png", f"{key}: score distributions")]
@@ -361,9 +363,9 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, cache_dir:
     load_start = os.getloadavg()[0]  # other work on the machine inflates every timing below
     cfg = config or (FAST if fast else FULL)
     if methods:
-        bad = [m for m in methods if m not in ALL_METHODS]
+        bad = [m for m in methods if m not in method_names()]
         if bad or len(set(methods)) != len(methods):
-            raise ConfigError(f"--methods must be distinct names from {ALL_METHODS}, got {list(methods)}")
+            raise ConfigError(f"--methods must be distinct names from {method_names()}, got {list(methods)}")
         cfg = replace(cfg, methods=tuple(methods))
     if screened:
         cfg = replace(cfg, upvits_engine="screened")

@@ -2,9 +2,8 @@
 
 ``masked_copy(model, plan)`` returns a copy of ``model`` whose removed channels are zeroed, and whose norms over a
 pruned width (LayerNorm / RMSNorm over the residual, an attention's scale-norm, an MLP's sub-norm) normalise over the
-kept channels only. It is the
-reference that physical removal must reproduce (DESIGN contract 1), and the building block of the
-literal UP-ViTs scorer.
+kept channels only. It is the reference that physical removal must reproduce (README, 'What is exact, and the
+choices we made'), and the building block of the literal UP-ViTs scorer.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from .arch import describe
+from .arch import adapter_for
 from .norms import MaskedNorm, is_norm
 from .plan import Plan
 from .prune import head_columns, resolve_plan
@@ -37,10 +36,12 @@ def masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
     columns). residual groups: removed channels are zeroed in every tensor. Every norm a group's slices reach
     (residual LayerNorms / RMSNorms, an attention's scale-norm, an MLP's sub-norm) becomes a :class:`MaskedNorm`.
     A change of head count (UP-ViTs head merge) re-groups the heads of the copy and keeps the original attention
-    scale, which is what the merged pruned model computes.
+    scale (the adapter's :meth:`~vitprune_fast.arch.Adapter.regroup_heads_masked`), which is what the merged pruned
+    model computes.
     """
-    changes = resolve_plan(describe(model), plan, physical=False)
+    changes = resolve_plan(adapter_for(model).describe(), plan, physical=False)
     out = copy.deepcopy(model)
+    adapter = adapter_for(out)
     with torch.no_grad():
         for ch in changes:
             g = ch.group
@@ -69,12 +70,7 @@ def masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
                 ln = out.get_submodule(path)
                 _set_submodule(out, path, MaskedNorm(ln, mask.to(ln.weight.device)))
             if merging:
-                attn = out.get_submodule(g.module)
-                attn.num_heads = ch.heads
-                if hasattr(attn, "head_dim"):
-                    attn.head_dim = g.size // ch.heads
-                attn.scale = g.head_dim ** -0.5  # the per-dim scale of the original heads
-                attn.fused_attn = False  # SDPA would use 1/sqrt(new head dim)
+                adapter.regroup_heads_masked(g, ch.heads)
     return out
 
 

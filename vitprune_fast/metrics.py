@@ -10,7 +10,7 @@ from torch import nn
 from .arch import adapter_for
 from .flops import count_flops
 
-__all__ = ["count_flops", "count_params", "input_size", "measure_latency"]
+__all__ = ["count_flops", "count_params", "input_size", "measure_latency", "plan_params"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -39,3 +39,11 @@ def measure_latency(model: nn.Module, batch: int = 1, warmup: int = 3, repeats: 
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def plan_params(model: nn.Module, plan) -> int:
+    """Parameters of ``model`` after ``prune_(model, plan)``, counted on a pruned meta copy (``model`` is untouched)."""
+    from .flops import meta_copy
+    from .prune import prune_
+
+    return count_params(prune_(meta_copy(model), plan))

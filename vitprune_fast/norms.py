@@ -2,7 +2,8 @@
 
 Removing channels from the input of a norm changes its statistics: the pruned model normalises over the kept
 channels only. :func:`masked_norm` computes exactly that on the unpruned width (removed channels come out 0), which
-is how masking reproduces removal (DESIGN contract 1) and how the UP-ViTs engines score a removed channel.
+is how masking reproduces removal (README, 'What is exact, and the choices we made') and how the UP-ViTs engines
+score a removed channel.
 """
 from __future__ import annotations
 

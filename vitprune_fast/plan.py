@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -55,6 +55,87 @@ class Plan:
 
     def __repr__(self) -> str:
         return f"Plan({len(self.keep)} groups pruned, {len(self.heads)} head layouts)"
+
+
+BUDGETS = ("flops", "params", "latency")
+ALLOCATIONS = ("uniform",)
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """What a plan must reach and the rules it follows; every planner and method takes one.
+
+    Exactly one of ``keep``, ``flops``, ``params``, ``latency`` and ``target`` says how much stays (none: keep
+    everything). A budget or a target is turned into keep ratios by :func:`vitprune_fast.targets.resolve_spec`
+    under the ``allocation`` rule; methods with their own way of meeting a budget (DIMAP's module-wise thresholds,
+    DAP's parameter budget) read it directly.
+
+    Attributes:
+        keep: one keep ratio in (0, 1] for every group, or a dict keyed by kind (``residual`` / ``attn`` / ``mlp``)
+            and/or by group name (a group name wins over its kind; missing kinds keep 1.0).
+        flops: fraction of the dense FLOPs to keep, in (0, 1].
+        params: fraction of the parameters to keep, in (0, 1].
+        latency: fraction of the measured latency to keep, in (0, 1] (a global allocation; not available with
+            ``allocation="uniform"``).
+        target: a timm model name whose widths and head counts to reach (:func:`vitprune_fast.targets.shape_targets`);
+            it sets the head layout itself, so ``heads``, ``attn_mode`` and ``round_to`` keep their defaults.
+        heads: the UP-ViTs head-merge rule: one head count for every attention, or attn group name -> head count
+            (see :func:`make_plan`).
+        attn_mode: without ``heads``: ``"dims"`` keeps every head and the same number of dims per head; ``"heads"``
+            removes whole heads.
+        round_to: round every narrowed width to a multiple of this (see :func:`make_plan`).
+        allocation: how a budget becomes widths: ``"uniform"`` (the UP-ViTs rule: one keep ratio for the residual,
+            attention and MLP groups of every block).
+    """
+
+    keep: float | Mapping[str, float] | None = None
+    flops: float | None = None
+    params: float | None = None
+    latency: float | None = None
+    target: str | None = None
+    heads: int | Mapping[str, int | None] | None = None
+    attn_mode: str = "dims"
+    round_to: int = 1
+    allocation: str = "uniform"
+
+    def __post_init__(self):
+        given = [n for n in ("keep", "flops", "params", "latency", "target") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise PlanError(f"give one of keep, flops, params, latency or target, not {' and '.join(given)}")
+        if not given:
+            object.__setattr__(self, "keep", 1.0)
+        for name in ("keep", "heads"):  # a copy: the caller's dict may change later
+            v = getattr(self, name)
+            if isinstance(v, Mapping):
+                object.__setattr__(self, name, dict(v))
+        for name in BUDGETS:
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)
+                                  or not 0 < v <= 1):
+                raise PlanError(f"{name} budget must be a fraction in (0, 1], got {v!r}")
+        if self.target is not None and (self.heads is not None or self.attn_mode != "dims" or self.round_to != 1):
+            raise PlanError("a target shape sets the widths and head counts itself: leave heads, attn_mode and "
+                            "round_to at their defaults")
+        if self.allocation not in ALLOCATIONS:
+            raise PlanError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+
+    @property
+    def budget(self) -> str:
+        """Which of ``keep``, ``flops``, ``params``, ``latency``, ``target`` this spec gives."""
+        return next(n for n in ("keep", "flops", "params", "latency", "target") if getattr(self, n) is not None)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (``PlanSpec(**d)`` rebuilds it)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def as_spec(spec: PlanSpec | float | Mapping[str, float] | None) -> PlanSpec:
+    """``spec`` itself, or ``PlanSpec(keep=spec)`` for a ratio or a dict of ratios (None: keep everything)."""
+    if isinstance(spec, PlanSpec):
+        return spec
+    if spec is None or isinstance(spec, (int, float, Mapping)) and not isinstance(spec, bool):
+        return PlanSpec(keep=spec)
+    raise PlanError(f"expected a PlanSpec, a keep ratio or a dict of keep ratios, got {type(spec).__name__}")
 
 
 def _ratio_for(group: Group, keep: float | Mapping[str, float]) -> float:
@@ -144,19 +225,20 @@ def _attn_selections(g: Group, r: float, heads: int | None, attn_mode: str, roun
     return [Selection(g.name, (i * hd + torch.arange(hd))[:, None], n, h) for i in range(h)]
 
 
-def selections(
-        space: PruningSpace,
-        keep: float | Mapping[str, float] = 1.0,
-        heads: int | Mapping[str, int | None] | None = None,
-        attn_mode: str = "dims",
-        round_to: int = 1,
-) -> list[Selection]:
-    """The rankings :func:`make_plan` makes with these arguments, group by group (validated the same way).
+def selections(space: PruningSpace, spec: PlanSpec) -> list[Selection]:
+    """The rankings :func:`plan_from_scores` makes for ``spec`` (keep ratios), group by group (validated the same
+    way).
 
     Groups left whole are absent; a group whose only change is its head count has selections that keep every item.
     """
     if not isinstance(space, PruningSpace):
         raise PlanError(f"make_plan needs the PruningSpace from describe(model), got {type(space).__name__}")
+    if not isinstance(spec, PlanSpec):
+        raise PlanError(f"expected a vitprune_fast.PlanSpec, got {type(spec).__name__}")
+    if spec.keep is None:
+        raise PlanError(f"this planner takes keep ratios; resolve the spec's {spec.budget} budget first "
+                        "(vitprune_fast.targets.resolve_spec)")
+    keep, heads, attn_mode, round_to = spec.keep, spec.heads, spec.attn_mode, spec.round_to
     if attn_mode not in ATTN_MODES:
         raise PlanError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
     if isinstance(keep, Mapping):
@@ -249,8 +331,22 @@ def make_plan(
     Returns:
         The Plan (kept indices sorted, in the original numbering).
     """
+    return plan_from_scores(space, scores, PlanSpec(keep=keep, heads=heads, attn_mode=attn_mode, round_to=round_to))
+
+
+def plan_from_scores(space: PruningSpace, scores: Mapping[str, torch.Tensor] | None, spec: PlanSpec) -> Plan:
+    """The Plan of ``spec`` (keep ratios, heads, attn_mode, round_to) from importance scores: each ranking of
+    :func:`selections` keeps its top items (see :func:`make_plan` for the rules).
+
+    Args:
+        space: from ``describe(model)``.
+        scores: group name -> 1-D tensor of ``group.size`` scores, higher = more important (needed only for groups
+            whose keep ratio is below 1).
+        spec: a :class:`PlanSpec` with keep ratios (a budget or a target shape is turned into ratios first by
+            :func:`vitprune_fast.targets.resolve_spec`).
+    """
     by_group: dict[str, list[Selection]] = {}
-    for sel in selections(space, keep, heads, attn_mode, round_to):
+    for sel in selections(space, spec):
         by_group.setdefault(sel.group, []).append(sel)
     kept: dict[str, torch.Tensor] = {}
     new_heads: dict[str, int] = {}

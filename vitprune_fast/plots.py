@@ -1,7 +1,7 @@
 """PNG plots (matplotlib, Agg backend): kept width per block, score distributions, demo accuracies.
 
-matplotlib is optional (it comes with the ``test`` extra): without it every function warns once and returns
-``None`` instead of a path.
+matplotlib is optional (it comes with the ``demo`` and ``test`` extras): without it every function warns once and
+returns ``None`` instead of a path.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _pyplot(stacklevel: int = 3):
         import matplotlib.pyplot as plt
     except ImportError:
         if not _WARNED:
-            warnings.warn("matplotlib is not installed; plots are skipped (pip install matplotlib)",
+            warnings.warn("matplotlib is not installed; plots are skipped (pip install 'vitprune_fast[demo]')",
                           stacklevel=stacklevel)
             _WARNED = True
         return None

@@ -10,6 +10,7 @@ with the same arguments; ``steps=1`` is the one-shot plan.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Mapping
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from .arch import adapter_for
 from .errors import ConfigError
-from .plan import Plan, Selection, make_plan, selections
+from .plan import Plan, PlanSpec, Selection, as_spec, plan_from_scores, selections
 from .prune import prune_
 
 ENGINES = ("exact", "screened")
@@ -50,10 +51,7 @@ def _step_ratios(model: nn.Module, final: list[Selection], step: int, steps: int
 def upvits_progressive(
         model: nn.Module,
         images,
-        keep: float | Mapping[str, float] = 1.0,
-        heads: int | Mapping[str, int | None] | None = None,
-        attn_mode: str = "dims",
-        round_to: int = 1,
+        spec: PlanSpec | float | Mapping[str, float] | None = None,
         *,
         steps: int = 2,
         engine: str = "screened",
@@ -67,8 +65,10 @@ def upvits_progressive(
     Args:
         model: a supported model (not modified; the steps prune a copy).
         images: proxy images, as for :func:`~vitprune_fast.upvits_scores`.
-        keep, heads, attn_mode, round_to: the final plan, exactly as for :func:`~vitprune_fast.make_plan`
-            (``round_to`` rounds the final widths; the intermediate ones are never deployed and are not rounded).
+        spec: the final plan (:class:`~vitprune_fast.PlanSpec`; a ratio or a dict of ratios is
+            ``PlanSpec(keep=...)``), exactly as for :func:`~vitprune_fast.make_plan` (``round_to`` rounds the final
+            widths; the intermediate ones are never deployed and are not rounded); a budget or a target shape is
+            turned into ratios first (:func:`~vitprune_fast.targets.resolve_spec`).
         steps: number of scoring rounds (1: the one-shot plan).
         engine: ``"screened"`` (:func:`~vitprune_fast.upvits_select`, the exact selection for less) or ``"exact"``
             (:func:`~vitprune_fast.upvits_scores` on every candidate of the groups being narrowed).
@@ -83,36 +83,37 @@ def upvits_progressive(
         ``(plan, report)``: the Plan for the original ``model`` (original numbering; applied with ``prune_`` it gives
         the model the steps reached), and a JSON-able dict: per step the plan it made for the model of that step
         (``plan``, in that model's numbering), the sizes of the narrowed groups after it, its seconds and (screened
-        engine) the engine's report.
+        engine) the engine's report; ``notes``: how a budget became ratios.
     """
     from .score.screened import upvits_select
     from .score.upvits import upvits_scores
+    from .targets import resolve_spec
 
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
     space = adapter_for(model).describe()
-    final = selections(space, keep, heads, attn_mode, round_to)  # validates everything before any scoring
+    spec, notes = resolve_spec(model, as_spec(spec))
+    final = selections(space, spec)  # validates everything before any scoring
     alive = {sel.group: torch.arange(space.groups[sel.group].size) for sel in final}  # original indices left
     current = model
-    report: dict = {"steps": steps, "engine": engine, "per_step": []}
+    report: dict = {"steps": steps, "engine": engine, "per_step": [], "notes": notes}
     t_all = time.perf_counter()
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        ratios = _step_ratios(current, final, step, steps)
+        step_spec = dataclasses.replace(spec, keep=_step_ratios(current, final, step, steps), round_to=1)
         ckpt = None if checkpoint is None else f"{checkpoint}/step{step}"
         rep = None
         if step == 1 and scores is not None:
-            plan = make_plan(space, scores, ratios, heads, attn_mode)
+            plan = plan_from_scores(space, scores, step_spec)
         elif engine == "screened":
-            plan, rep = upvits_select(current, images, ratios, heads, attn_mode, checkpoint=ckpt, progress=progress,
-                                      **engine_kwargs)
+            plan, rep = upvits_select(current, images, step_spec, checkpoint=ckpt, progress=progress, **engine_kwargs)
         else:
-            deciding = [n for n, r in ratios.items() if r < 1.0]
+            deciding = [n for n, r in step_spec.keep.items() if r < 1.0]
             step_scores = upvits_scores(current, images, groups=deciding, checkpoint=ckpt, progress=progress,
                                         **engine_kwargs) if deciding else {}
-            plan = make_plan(adapter_for(current).describe(), step_scores, ratios, heads, attn_mode)
+            plan = plan_from_scores(adapter_for(current).describe(), step_scores, step_spec)
         for name, kept in plan.keep.items():
             alive[name] = alive[name][kept]  # the step's indices number the channels still present
         if step < steps:  # the next step scores the model pruned so far

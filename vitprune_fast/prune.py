@@ -157,9 +157,10 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
 
     Parameters keep their identity (an optimizer built before keeps working); ``.grad`` and the optimizer's
     per-element state (Adam/AdamW ``exp_avg``/``exp_avg_sq``, SGD ``momentum_buffer``) are sliced the same
-    way. Module attributes (``num_heads``, ``head_dim``, ``attn_dim``, ``scale``, ``in_features``,
-    ``normalized_shape``, Swin ``dim``...) are updated. When a head's dim shrinks, ``sqrt(new/old)`` is
-    folded into the q rows so that both of timm's attention paths compute the same function as before.
+    way. Module attributes (head counts and sizes, scales, Linear / norm sizes, Swin's ``dim``...) are updated by
+    the model's adapter. When a head's dim shrinks, ``sqrt(new/old)`` is folded into the rows that make q (the
+    adapter's :meth:`~vitprune_fast.arch.Adapter.q_rows`) so that both of timm's attention paths compute the same
+    function as before.
 
     Everything is validated before any tensor is touched: a failed call leaves the model unchanged.
 
@@ -176,6 +177,10 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
     changes = resolve_plan(space, plan)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise PlanError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    # attentions whose head_dim changes get the scale fold: their q rows must be declared (raises here if not)
+    folds = [ch for ch in changes if ch.group.kind == "attn" and ch.keep.numel() // ch.heads != ch.group.head_dim]
+    for ch in folds:
+        adapter.q_rows(ch.group)
 
     # 1. Everything each tensor must lose, checked before anything moves. A tensor keeps every entry no group
     # removes (two groups may share one tensor along one dim: a parallel block's in_proj rows).
@@ -220,36 +225,15 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
                 if optimizer is not None:
                     optimizer.state.pop(table, None)
 
-    # 3. Attributes, then fold the attention-scale change into q.
-    old_hd = {ch.group.name: ch.group.head_dim for ch in changes if ch.group.kind == "attn"}
+    # 3. Attributes, then fold the attention-scale change into q (its rows as they are after slicing).
     for ch in changes:
         if ch.group.kind == "attn":
-            model.get_submodule(ch.group.module).num_heads = ch.heads
+            adapter.set_heads(ch.group, ch.heads)
     adapter.sync_attributes()
-    for ch in changes:
-        if ch.group.kind != "attn":
-            continue
-        attn = model.get_submodule(ch.group.module)
+    for ch in folds:
         new_hd = ch.keep.numel() // ch.heads
-        _fold_scale(_q_tensors(attn, ch.keep.numel()), math.sqrt(new_hd / old_hd[ch.group.name]), optimizer)
+        _fold_scale(adapter.q_rows(ch.group), math.sqrt(new_hd / ch.group.head_dim), optimizer)
     return model
-
-
-def _q_tensors(attn: nn.Module, q_rows: int) -> list[tuple[torch.Tensor, slice]]:
-    """``(tensor, rows)``: the rows of each tensor that make q (fused q|k|v Linear and EVA's separate q_bias; a
-    q_proj Linear; an attention pool's q Linear; a parallel block's in_proj, whose q rows follow the MLP's)."""
-    fused = getattr(attn, "qkv", None)
-    start = 0
-    if isinstance(fused, nn.Linear):
-        q = [fused.weight, fused.bias]
-    elif isinstance(getattr(attn, "in_proj", None), nn.Linear):  # ParallelScalingBlock: rows [mlp | q | k | v]
-        start = attn.in_split[0]
-        q = [attn.in_proj.weight, attn.in_proj.bias]
-    else:
-        lin = getattr(attn, "q_proj", None) or attn.q
-        q = [lin.weight, lin.bias]
-    q.append(getattr(attn, "q_bias", None))
-    return [(t, slice(start, start + q_rows)) for t in q if t is not None]
 
 
 def _fold_scale(tensors: list[tuple[torch.Tensor, slice]], factor: float, optimizer) -> None:

@@ -7,6 +7,7 @@ counted on pruned meta-device copies (:func:`vitprune_fast.flops.plan_flops`), s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 
@@ -16,7 +17,7 @@ from torch import nn
 from .arch import adapter_for, describe
 from .errors import PlanError
 from .flops import count_flops, plan_flops
-from .plan import Plan, make_plan
+from .plan import Plan, PlanSpec, as_spec, make_plan, plan_from_scores
 from .space import KINDS, PruningSpace
 
 
@@ -45,16 +46,19 @@ def plan_with_heads(space: PruningSpace, scores: Mapping[str, torch.Tensor] | No
     return make_plan(space, scores, keep=keep, heads=heads, attn_mode=attn_mode, round_to=round_to)
 
 
-def _check_target(target) -> float:
+_BUDGET_NAMES = {"flops": "FLOPs", "params": "params"}
+
+
+def _check_target(target, what: str = "FLOPs") -> float:
     """``target`` as a float in (0, 1]."""
     if isinstance(target, bool):
-        raise PlanError(f"FLOPs target must be a fraction in (0, 1], got {target!r}")
+        raise PlanError(f"{what} target must be a fraction in (0, 1], got {target!r}")
     try:
         t = float(target)
     except (TypeError, ValueError) as e:
-        raise PlanError(f"FLOPs target must be a fraction in (0, 1], got {target!r}") from e
+        raise PlanError(f"{what} target must be a fraction in (0, 1], got {target!r}") from e
     if math.isnan(t) or not 0 < t <= 1:
-        raise PlanError(f"FLOPs target must be in (0, 1], got {target}")
+        raise PlanError(f"{what} target must be in (0, 1], got {target}")
     return t
 
 
@@ -100,28 +104,47 @@ def keep_for_flops(model: nn.Module, target: float, kinds: str | Iterable[str] =
             unknown ``kinds``, ``iters`` < 1, or bad ``heads`` / ``attn_mode``.
         UnsupportedModelError: a model the adapters cannot prune.
     """
-    target = _check_target(target)
+    return keep_for_budget(model, target, "flops", kinds, PlanSpec(heads=heads, attn_mode=attn_mode,
+                                                                     round_to=round_to), iters)
+
+
+def keep_for_budget(model: nn.Module, target: float, measure: str = "flops", kinds: str | Iterable[str] = KINDS,
+                    rules: PlanSpec | None = None, iters: int = 14) -> tuple[float, float]:
+    """One keep ratio for every group of ``kinds`` whose pruned model's FLOPs or parameters come closest to
+    ``target`` x the dense model's (:func:`keep_for_flops` is ``measure="flops"``; the same tolerance holds).
+
+    Args:
+        model: a supported model (not modified; counted on pruned meta-device copies).
+        target: wanted fraction, in (0, 1].
+        measure: ``"flops"`` (:func:`vitprune_fast.flops.plan_flops`) or ``"params"``
+            (:func:`vitprune_fast.metrics.plan_params`).
+        kinds: the kinds that get the ratio; the others stay whole.
+        rules: the spec whose ``heads``, ``attn_mode`` and ``round_to`` the plans follow (its budget is ignored).
+        iters: bisection steps (>= 1).
+
+    Returns:
+        ``(r, achieved)`` as for :func:`keep_for_flops`.
+    """
+    if measure not in _BUDGET_NAMES:
+        raise PlanError(f"measure must be one of {tuple(_BUDGET_NAMES)}, got {measure!r}")
+    target = _check_target(target, _BUDGET_NAMES[measure])
     kinds = _check_kinds(kinds)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
         raise PlanError(f"iters must be an int >= 1, got {iters!r}")
     space = describe(model)
-    zeros = {n: torch.zeros(g.size) for n, g in space.groups.items()}  # name -> [size]; any scores give the same
-
-    def plan(r: float) -> Plan:
-        return plan_with_heads(space, zeros, dict.fromkeys(kinds, r), heads, attn_mode, round_to)
-
-    plan(1.0)  # bad heads / attn_mode raise here, before any FLOPs are counted
-    dense = count_flops(model)
+    _uniform_plan(space, kinds, 1.0, rules)  # bad heads / attn_mode raise here, before anything is counted
+    dense = _dense(model, measure)
     cache: dict[float, float] = {}
 
     def frac(r: float) -> float:
         if r not in cache:
-            cache[r] = plan_flops(model, plan(r)) / dense
+            cache[r] = _COST[measure](model, _uniform_plan(space, kinds, r, rules)) / dense
         return cache[r]
 
     lo, hi = 1e-3, 1.0  # frac is non-decreasing in r; frac(lo) <= target <= frac(hi) from here on
     if frac(lo) > target:
-        raise PlanError(f"FLOPs target {target} is below the smallest reachable fraction {frac(lo):.3f}")
+        raise PlanError(f"{_BUDGET_NAMES[measure]} target {target} is below the smallest reachable fraction "
+                        f"{frac(lo):.3f}")
     for _ in range(iters):
         mid = (lo + hi) / 2
         if frac(mid) > target:
@@ -130,6 +153,67 @@ def keep_for_flops(model: nn.Module, target: float, kinds: str | Iterable[str] =
             lo = mid
     r = min((lo, hi), key=lambda x: abs(frac(x) - target))
     return r, frac(r)
+
+
+def _uniform_plan(space: PruningSpace, kinds: tuple[str, ...], r: float, rules: PlanSpec | None) -> Plan:
+    """The plan keeping ratio ``r`` of every group of ``kinds`` under ``rules``' head rules (dummy scores: the
+    counts, not the channels, set FLOPs and parameters)."""
+    zeros = {n: torch.zeros(g.size) for n, g in space.groups.items()}  # name -> [size]; any scores give the same
+    return plan_from_scores(space, zeros, dataclasses.replace(rules or PlanSpec(), keep=dict.fromkeys(kinds, r),
+                                                              flops=None, params=None, latency=None, target=None))
+
+
+def _dense(model: nn.Module, measure: str) -> int:
+    from .metrics import count_params
+
+    return count_flops(model) if measure == "flops" else count_params(model)
+
+
+def _plan_params(model: nn.Module, plan: Plan) -> int:
+    from .metrics import plan_params
+
+    return plan_params(model, plan)
+
+
+_COST = {"flops": plan_flops, "params": _plan_params}
+
+
+def uniform_fraction(model: nn.Module, r: float, measure: str = "flops", kinds: str | Iterable[str] = KINDS,
+                     rules: PlanSpec | None = None) -> float:
+    """The FLOPs or parameter fraction of ``model`` left by one keep ratio ``r`` for every group of ``kinds``
+    (the fraction :func:`keep_for_budget` searches over)."""
+    if measure not in _BUDGET_NAMES:
+        raise PlanError(f"measure must be one of {tuple(_BUDGET_NAMES)}, got {measure!r}")
+    plan = _uniform_plan(describe(model), _check_kinds(kinds), r, rules)
+    return _COST[measure](model, plan) / _dense(model, measure)
+
+
+def resolve_spec(model: nn.Module, spec: PlanSpec, kinds: str | Iterable[str] = KINDS) -> tuple[PlanSpec, list[str]]:
+    """``spec`` with keep ratios: a FLOPs or parameter budget, or a target shape, turned into the ratios the
+    ``allocation`` rule gives (``"uniform"``: one ratio for the groups of ``kinds`` in every block, the others whole,
+    :func:`keep_for_budget`; a target: :func:`shape_plan_args`).
+
+    Returns:
+        ``(spec, notes)``: the spec with ``keep`` (and, for a target, ``heads``) set and its budget cleared, and
+        lines for a person (the ratio found and the fraction it reaches; a target's depth difference).
+
+    Raises:
+        PlanError: an unreachable budget, a latency budget (it needs a global allocation), or a bad target.
+    """
+    spec = as_spec(spec)
+    if spec.keep is not None:
+        return spec, []
+    cleared = dict(flops=None, params=None, latency=None, target=None)
+    if spec.target is not None:
+        keep, heads, notes = shape_plan_args(model, spec.target)
+        return dataclasses.replace(spec, keep=keep, heads=heads, **cleared), notes
+    if spec.latency is not None:
+        raise PlanError("a latency budget needs a global allocation of widths; with allocation='uniform' give a "
+                        "flops or params budget")
+    measure, kinds = spec.budget, _check_kinds(kinds)
+    r, achieved = keep_for_budget(model, getattr(spec, measure), measure, kinds, rules=spec)
+    note = f"keep ratio {r:.4f} for {'/'.join(kinds)} reaches {100 * achieved:.1f} % {_BUDGET_NAMES[measure]}"
+    return dataclasses.replace(spec, keep=dict.fromkeys(kinds, r), **cleared), [note]
 
 
 def _stage_keys(model: nn.Module) -> dict[str, tuple[str, int]]:

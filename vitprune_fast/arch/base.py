@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, tensor_of
+from .common import QRows, has_parameter
 
 
 @dataclass(frozen=True)
@@ -110,18 +111,10 @@ class BlockRef:
         """
         blk = model.get_submodule(path)
         fc1 = "fc1_x" if hasattr(blk.mlp, "fc1_x") else "fc1"  # SwiGLU: the value projection (fc1_g gates it)
-        ls1, ls2 = (f"{path}.{g}" if _has_parameter(blk, g) else None for g in gammas)
+        ls1, ls2 = (f"{path}.{g}" if has_parameter(blk, g) else None for g in gammas)
         return cls(index, stage, path, f"{path}.attn", f"{path}.mlp", f"{path}.norm1", f"{path}.norm2",
                    f"{path}.attn.qkv", f"{path}.attn.proj", f"{path}.mlp.{fc1}", f"{path}.mlp.act",
                    f"{path}.mlp.fc2", ls1, ls2, **fields)
-
-
-def _has_parameter(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_parameter(name)
-    except AttributeError:  # no such module or attribute, or one that is None / not a Parameter
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -225,7 +218,8 @@ class Trunk:
 class Adapter(ABC):
     """One model family's structure, bound to one model (``adapter_for(model)`` returns it).
 
-    Subclasses implement the abstract methods; the concrete ones derive everything else from them. Results reflect
+    Subclasses implement the abstract methods, and :meth:`q_rows` (which the contract cannot guess: a family's
+    attention names its q projection its own way); the concrete ones derive everything else from them. Results reflect
     the model as it is when called: ask again after depth pruning (block lists change) -- width pruning keeps
     every module and path.
 
@@ -273,6 +267,14 @@ class Adapter(ABC):
     @abstractmethod
     def input_size(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the images the model expects."""
+
+    def accepts_size(self, h: int, w: int) -> bool:
+        """Whether the model takes ``h x w`` images: its :meth:`input_size`, unless its patch embedding takes any
+        size (timm's ``dynamic_img_size=True`` or ``strict_img_size=False``)."""
+        pe = getattr(self.model, "patch_embed", None)
+        if pe is not None and (getattr(pe, "dynamic_img_size", False) or getattr(pe, "strict_img_size", True) is False):
+            return True
+        return (h, w) == tuple(self.input_size()[1:])
 
     def attention_bias(self, block: BlockRef, windows: int) -> torch.Tensor | None:
         """What the attention of ``block`` adds to ``scale * q k^T`` before the softmax, broadcastable to
@@ -324,7 +326,50 @@ class Adapter(ABC):
                 per_channel += sl.repeats * per_index
         return per_channel, per_head
 
+    def q_rows(self, group: Group) -> QRows:
+        """The tensors and row ranges that make q in attention ``group``, read from the model as it is now.
+
+        ``prune_`` folds the change of attention scale into these rows when a head's dim shrinks from hd to hd'
+        (``q *= sqrt(hd' / hd)``, so that an attention computing ``softmax(q k^T / sqrt(head_dim))`` -- timm's SDPA
+        path with its default scale -- computes what it did). It asks before anything is sliced, so that a missing
+        declaration refuses the plan with the model untouched, and again after slicing and :meth:`sync_attributes`
+        for the rows to fold (a ParallelScalingBlock's q rows start after its MLP rows, whose count the plan may
+        change).
+
+        Args:
+            group: a group of kind ``attn`` of this model's :meth:`describe`.
+
+        Returns:
+            ``(tensor, rows)`` pairs, ``rows`` a range along dim 0: a fused qkv Linear's weight and bias rows
+            ``[0, A)``, a separate q Linear's, a separate ``q_bias``...
+
+        Raises:
+            UnsupportedModelError: the adapter does not declare them (this default).
+        """
+        raise UnsupportedModelError(
+            f"{type(self).__name__} does not declare the q projection of {group.name} (Adapter.q_rows): pruning "
+            "its head dims needs the rows that make q, to fold the attention-scale change into them")
+
     # ---------------------------------------------------------------------------------------- mutation
+    def set_heads(self, group: Group, heads: int) -> None:
+        """Give attention ``group`` ``heads`` heads, after its tensors are sliced and before :meth:`sync_attributes`
+        derives the sizes that follow from the count (by default: the ``num_heads`` of ``group.module``)."""
+        self.model.get_submodule(group.module).num_heads = heads
+
+    def regroup_heads_masked(self, group: Group, heads: int) -> None:
+        """Re-group attention ``group`` into ``heads`` heads at its original width, keeping the original per-dim
+        scale: what the pruned model computes after a head merge, on a masked copy (``masked_copy``).
+
+        By default: ``num_heads``, ``head_dim`` (where the module keeps one) and ``scale`` of ``group.module``, and
+        the explicit attention path (``fused_attn = False``: SDPA would use 1/sqrt(new head dim)).
+        """
+        attn = self.model.get_submodule(group.module)
+        attn.num_heads = heads
+        if hasattr(attn, "head_dim"):
+            attn.head_dim = group.size // heads
+        attn.scale = group.head_dim ** -0.5  # the per-dim scale of the original heads
+        attn.fused_attn = False  # SDPA would use 1/sqrt(new head dim)
+
     @abstractmethod
     def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
         """Replace stage ``stage``'s blocks with ``blocks`` (depth pruning), keeping attributes consistent."""

@@ -12,18 +12,16 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..norms import is_norm
-from ..space import Group, PruningSpace, TensorSlice
+from ..space import Group
 from .base import Adapter, BlockRef, StageRef
 from .common import (
+    QRows,
     SingleStageDefaults,
-    check_conv_embed_and_head,
-    linear_slices,
-    mlp_input_slices,
-    mlp_slices,
-    norm_slices,
-    patch_embed_slices,
-    sync_generic_attributes,
+    attn_group,
+    check_block_norms,
+    fused_q_rows,
+    linear_q_rows,
+    separate_qkv_rows,
 )
 
 
@@ -31,56 +29,36 @@ class CaitAdapter(SingleStageDefaults, Adapter):
     """timm ``Cait``: ``blocks.{i}`` (talking-heads) and ``blocks_token_only.{j}`` (class attention)."""
 
     arch = "cait"
+    model_class = "timm.models.cait.Cait"
+    block_lists = ("blocks", "blocks_token_only")
+    tokens = ("pos_embed", "cls_token")
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        from timm.models.cait import Cait
-
-        return isinstance(model, Cait)
-
-    def _check(self) -> None:
+    def _check_block(self, where: str, blk: nn.Module) -> None:
         from timm.models.cait import ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn
 
-        m = self.model
-        check_conv_embed_and_head(m)
-        kinds = [("blocks", LayerScaleBlock, TalkingHeadAttn),
-                 ("blocks_token_only", LayerScaleBlockClassAttn, ClassAttn)]
-        for attr, block_cls, attn_cls in kinds:
-            for i, blk in enumerate(getattr(m, attr)):
-                if type(blk) is not block_cls or type(blk.attn) is not attn_cls:
-                    raise UnsupportedModelError(f"{attr}.{i}: {type(blk).__name__} / {type(blk.attn).__name__} is not "
-                                                "supported (CaiT's LayerScale blocks)")
-                for nm in ("norm1", "norm2"):
-                    if not is_norm(getattr(blk, nm)):
-                        raise UnsupportedModelError(f"{attr}.{i}.{nm}: {type(getattr(blk, nm)).__name__} is not "
-                                                    "supported")
+        block_cls, attn_cls = ((LayerScaleBlockClassAttn, ClassAttn) if _class_attention(where)
+                               else (LayerScaleBlock, TalkingHeadAttn))
+        if type(blk) is not block_cls or type(blk.attn) is not attn_cls:
+            raise UnsupportedModelError(f"{where}: {type(blk).__name__} / {type(blk.attn).__name__} is not "
+                                        "supported (CaiT's LayerScale blocks)")
+        check_block_norms(blk, where)
 
-    def describe(self) -> PruningSpace:
-        """``residual``; ``blocks.{i}.attn`` / ``blocks_token_only.{j}.attn`` (tied to it) and their ``.mlp``."""
-        self._check()
-        m = self.model
-        res = patch_embed_slices(m) + [TensorSlice("pos_embed", 2), TensorSlice("cls_token", 2)]
-        groups: dict[str, Group] = {}
-        for attr, projs in (("blocks", ("qkv",)), ("blocks_token_only", ("q", "k", "v"))):
-            for i, blk in enumerate(getattr(m, attr)):
-                p = f"{attr}.{i}"
-                a = blk.attn.proj.in_features
-                res += norm_slices(m, f"{p}.norm1") + norm_slices(m, f"{p}.norm2")
-                res += [s for n in projs for s in linear_slices(m, f"{p}.attn.{n}", "in")]
-                res += linear_slices(m, f"{p}.attn.proj", "out")
-                res += mlp_input_slices(m, f"{p}.mlp") + linear_slices(m, f"{p}.mlp.fc2", "out")
-                res += [TensorSlice(f"{p}.gamma_1", 0), TensorSlice(f"{p}.gamma_2", 0)]
-                rows = (linear_slices(m, f"{p}.attn.qkv", "out", repeats=3, stride=a) if projs == ("qkv",)
-                        else [s for n in projs for s in linear_slices(m, f"{p}.attn.{n}", "out")])
-                groups[f"{p}.attn"] = Group(f"{p}.attn", "attn", a, rows + linear_slices(m, f"{p}.attn.proj", "in"),
-                                            num_heads=blk.attn.num_heads, head_dim=a // blk.attn.num_heads,
-                                            module=f"{p}.attn", tied_to="residual")
-                groups[f"{p}.mlp"] = Group(f"{p}.mlp", "mlp", blk.mlp.fc2.in_features, mlp_slices(m, f"{p}.mlp"),
-                                           module=f"{p}.mlp")
-        res += norm_slices(m, "norm")
-        if isinstance(m.head, nn.Linear):
-            res += linear_slices(m, "head", "in")
-        return PruningSpace(self.arch, {"residual": Group("residual", "residual", m.embed_dim, res)} | groups)
+    def _attn_inputs(self, p: str, blk: nn.Module) -> tuple[str, ...]:
+        return ("attn.q", "attn.k", "attn.v") if _class_attention(p) else ("attn.qkv",)
+
+    def _attn_group(self, p: str, blk: nn.Module) -> Group:
+        """Talking-heads attention: the fused default; class attention: separate q / k / v Linears, tied too."""
+        if not _class_attention(p):
+            return super()._attn_group(p, blk)
+        at = f"{p}.attn"
+        return attn_group(self.model, at, blk.attn.proj.in_features, separate_qkv_rows(self.model, at),
+                          tied_to="residual")
+
+    def q_rows(self, group: Group) -> QRows:
+        """Class attention: its ``q`` Linear; talking-heads attention: the fused qkv's first third of rows."""
+        if _class_attention(group.module):
+            return linear_q_rows(self.model, f"{group.module}.q")
+        return fused_q_rows(self.model, group.module)
 
     def stages(self) -> list[StageRef]:
         m = self.model
@@ -97,15 +75,10 @@ class CaitAdapter(SingleStageDefaults, Adapter):
         m = self.model
         return m.forward_head(m.norm(m.forward_cls(x)))
 
-    def sync_attributes(self) -> None:
-        m = self.model
-        sync_generic_attributes(m)
-        c = m.patch_embed.proj.weight.shape[0]
-        m.embed_dim = m.num_features = m.head_hidden_size = c
-        for blk in [*m.blocks, *m.blocks_token_only]:
-            blk.attn.scale = (blk.attn.proj.in_features // blk.attn.num_heads) ** -0.5
-        for info in m.feature_info:
-            info["num_chs"] = c
-
     def build_recipe(self) -> dict:
         return super().build_recipe() | {"depth_token_only": len(self.model.blocks_token_only)}
+
+
+def _class_attention(path: str) -> bool:
+    """Whether the block (or a module in it) at ``path`` is a class-attention block."""
+    return path.startswith("blocks_token_only.")

@@ -16,22 +16,21 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..norms import is_norm
-from ..space import Group, PruningSpace, TensorSlice
+from ..space import Group, TensorSlice
 from .base import Adapter, BlockRef, StageRef
 from .common import (
+    QRows,
     SingleStageDefaults,
-    attn_pool_groups,
-    check_attn_pool,
-    check_conv_embed_and_head,
-    linear_slices,
-    mlp_input_slices,
-    mlp_slices,
+    attn_group,
+    check_block_norms,
+    fused_q_rows,
+    fused_qkv_rows,
+    linear_q_rows,
     norm_slices,
-    patch_embed_slices,
-    qkv_bias_slices,
-    sync_attn_pool,
-    sync_generic_attributes,
+    separate_qkv_rows,
 )
+
+_PROJS = ("q_proj", "k_proj", "v_proj")  # an attention without a fused qkv Linear
 
 
 class EvaAdapter(SingleStageDefaults, Adapter):
@@ -39,44 +38,35 @@ class EvaAdapter(SingleStageDefaults, Adapter):
     embedding passed in."""
 
     arch = "eva"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        from timm.models.eva import Eva
-
-        return isinstance(model, Eva)
+    model_class = "timm.models.eva.Eva"
+    tokens = ("cls_token", "reg_token", "pos_embed")
 
     # ------------------------------------------------------------------------------------------- checks
     def _check(self) -> None:
+        if getattr(self.model, "rope_mixed", False):
+            raise UnsupportedModelError("rope_type='mixed': learned rotary frequencies per block and per head are "
+                                        "not supported (removing a head would have to slice them)")
+        super()._check()
+
+    def _check_block(self, where: str, blk: nn.Module) -> None:
         from timm.layers import AttentionRope
         from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
 
-        m = self.model
-        if getattr(m, "rope_mixed", False):
-            raise UnsupportedModelError("rope_type='mixed': learned rotary frequencies per block and per head are "
-                                        "not supported (removing a head would have to slice them)")
-        check_conv_embed_and_head(m)
-        if getattr(m, "attn_pool", None) is not None:
-            check_attn_pool(m.attn_pool)
-        for i, blk in enumerate(m.blocks):
-            where = f"blocks.{i}"
-            if type(blk) not in (EvaBlock, EvaBlockPostNorm):
-                raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported (EvaBlock and "
-                                            "EvaBlockPostNorm are)")
-            attn = blk.attn
-            if type(attn) not in (EvaAttention, AttentionRope):
-                raise UnsupportedModelError(f"{where}.attn: {type(attn).__name__} is not supported")
-            if getattr(attn, "gate", None) is not None:
-                raise UnsupportedModelError(f"{where}.attn.gate: gated attention is not supported")
-            if getattr(attn, "num_kv_groups", 1) != 1:
-                raise UnsupportedModelError(f"{where}.attn: grouped-query attention (num_kv_heads) is not supported")
-            for part in ("q_norm", "k_norm"):
-                q = getattr(attn, part)
-                if not isinstance(q, nn.Identity) and not is_norm(q):
-                    raise UnsupportedModelError(f"{where}.attn.{part}: {type(q).__name__} is not a LayerNorm / RMSNorm")
-            for nm in ("norm1", "norm2"):
-                if not is_norm(getattr(blk, nm)):
-                    raise UnsupportedModelError(f"{where}.{nm}: {type(getattr(blk, nm)).__name__} is not supported")
+        if type(blk) not in (EvaBlock, EvaBlockPostNorm):
+            raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported (EvaBlock and "
+                                        "EvaBlockPostNorm are)")
+        attn = blk.attn
+        if type(attn) not in (EvaAttention, AttentionRope):
+            raise UnsupportedModelError(f"{where}.attn: {type(attn).__name__} is not supported")
+        if getattr(attn, "gate", None) is not None:
+            raise UnsupportedModelError(f"{where}.attn.gate: gated attention is not supported")
+        if getattr(attn, "num_kv_groups", 1) != 1:
+            raise UnsupportedModelError(f"{where}.attn: grouped-query attention (num_kv_heads) is not supported")
+        for part in ("q_norm", "k_norm"):
+            q = getattr(attn, part)
+            if not isinstance(q, nn.Identity) and not is_norm(q):
+                raise UnsupportedModelError(f"{where}.attn.{part}: {type(q).__name__} is not a LayerNorm / RMSNorm")
+        check_block_norms(blk, where)
 
     @staticmethod
     def _tied(attn: nn.Module) -> bool:
@@ -84,61 +74,38 @@ class EvaAdapter(SingleStageDefaults, Adapter):
 
         return type(attn) is EvaAttention  # reshapes its output to the input width
 
-    def _qkv_slices(self, p: str, side: str, a: int) -> list[TensorSlice]:
-        """The q, k, v projections of attention ``p``: input columns (``side="in"``) or the rows of attention dim d
-        (fused qkv rows d, A + d, 2A + d, and EVA's separate q / k / v biases)."""
-        attn = self.model.get_submodule(p)
-        if attn.qkv is None:
-            return [s for n in ("q_proj", "k_proj", "v_proj") for s in linear_slices(self.model, f"{p}.{n}", side)]
-        if side == "in":
-            return linear_slices(self.model, f"{p}.qkv", "in")
-        out = linear_slices(self.model, f"{p}.qkv", "out", repeats=3, stride=a)
-        return out + qkv_bias_slices(self.model, p)
-
     # ------------------------------------------------------------------------------------------ structure
-    def describe(self) -> PruningSpace:
-        """``residual``, ``blocks.{i}.attn`` (tied / whole heads, see the module docstring), ``blocks.{i}.mlp``."""
-        self._check()
+    def _attn_inputs(self, p: str, blk: nn.Module) -> tuple[str, ...]:
+        return ("attn.qkv",) if blk.attn.qkv is not None else tuple(f"attn.{n}" for n in _PROJS)
+
+    def _attn_group(self, p: str, blk: nn.Module) -> Group:
+        """Rows of the fused qkv (with EVA's separate q / k / v biases) or of q_proj / k_proj / v_proj, then the
+        scale-norm; tied when the class reshapes to the input width, whole heads with rope or qk-norm."""
+        m, at, attn = self.model, f"{p}.attn", blk.attn
+        rows = fused_qkv_rows(m, at) if attn.qkv is not None else separate_qkv_rows(m, at, _PROJS)
+        qk_norm = not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity))
+        whole = m.rope is not None or qk_norm
+        return attn_group(m, at, attn.num_heads * attn.head_dim, rows + norm_slices(m, f"{at}.norm"),
+                          head_dim=attn.head_dim, whole_heads=whole, tied_to="residual" if self._tied(attn) else None)
+
+    def _residual_group(self, res: list[TensorSlice]) -> Group:
+        """With rope, a multiple of the (one) head size: the rotary module is rebuilt from it."""
         m = self.model
-        rope = m.rope is not None
-        res = patch_embed_slices(m)
-        for tok in ("cls_token", "reg_token", "pos_embed"):
-            if getattr(m, tok, None) is not None:
-                res.append(TensorSlice(tok, 2))
-        res += norm_slices(m, "norm_pre")
-        groups: dict[str, Group] = {}
-        head_dims = set()
-        for i, blk in enumerate(m.blocks):
-            p = f"blocks.{i}"
-            attn = blk.attn
-            a = attn.num_heads * attn.head_dim
-            res += norm_slices(m, f"{p}.norm1") + norm_slices(m, f"{p}.norm2")
-            res += self._qkv_slices(f"{p}.attn", "in", a) + linear_slices(m, f"{p}.attn.proj", "out")
-            res += mlp_input_slices(m, f"{p}.mlp") + linear_slices(m, f"{p}.mlp.fc2", "out")
-            res += [TensorSlice(f"{p}.{g}", 0) for g in ("gamma_1", "gamma_2") if getattr(blk, g, None) is not None]
-            whole = rope or not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity)
-            groups[f"{p}.attn"] = Group(
-                f"{p}.attn", "attn", a,
-                self._qkv_slices(f"{p}.attn", "out", a) + norm_slices(m, f"{p}.attn.norm")
-                + linear_slices(m, f"{p}.attn.proj", "in"),
-                num_heads=attn.num_heads, head_dim=attn.head_dim, module=f"{p}.attn", whole_heads=whole,
-                tied_to="residual" if self._tied(attn) else None)
-            groups[f"{p}.mlp"] = Group(f"{p}.mlp", "mlp", blk.mlp.fc2.in_features, mlp_slices(m, f"{p}.mlp"),
-                                       module=f"{p}.mlp")
-            head_dims.add(attn.head_dim)
-        res += norm_slices(m, "norm")
-        if getattr(m, "attn_pool", None) is not None:
-            res += attn_pool_groups(m, "attn_pool", groups)
-        else:
-            res += norm_slices(m, "fc_norm")
-            if isinstance(m.head, nn.Linear):
-                res += linear_slices(m, "head", "in")
-        if rope and len(head_dims) > 1:
+        head_dims = {blk.attn.head_dim for blk in m.blocks}
+        if m.rope is not None and len(head_dims) > 1:
             raise UnsupportedModelError(f"blocks have different head sizes {sorted(head_dims)} with one rotary "
                                         "embedding")
-        multiple = head_dims.pop() if rope and head_dims else 1
-        residual = Group("residual", "residual", m.embed_dim, res, module="", multiple_of=multiple)
-        return PruningSpace(self.arch, {"residual": residual} | groups)
+        multiple = head_dims.pop() if m.rope is not None and head_dims else 1
+        return Group("residual", "residual", m.embed_dim, res, module="", multiple_of=multiple)
+
+    def q_rows(self, group: Group) -> QRows:
+        """An attention pool's ``q``; a block's ``q_proj``, or its fused qkv's first third of rows and ``q_bias``."""
+        m = self.model
+        if group.module == "attn_pool":
+            return linear_q_rows(m, "attn_pool.q")
+        if m.get_submodule(group.module).qkv is None:
+            return linear_q_rows(m, f"{group.module}.q_proj")
+        return fused_q_rows(m, group.module)
 
     def stages(self) -> list[StageRef]:
         from timm.models.eva import EvaBlockPostNorm
@@ -180,25 +147,12 @@ class EvaAdapter(SingleStageDefaults, Adapter):
         return [self.model.patch_embed, self.model.norm_pre]
 
     # ---------------------------------------------------------------------------------------- mutation
-    def sync_attributes(self) -> None:
-        m = self.model
-        sync_generic_attributes(m)
-        c = m.patch_embed.proj.weight.shape[0]
-        m.embed_dim = m.num_features = c
-        for blk in m.blocks:
-            attn = blk.attn
-            q_rows = (attn.qkv.weight.shape[0] // 3) if attn.qkv is not None else attn.q_proj.weight.shape[0]
-            attn.head_dim = q_rows // attn.num_heads
-            attn.scale = attn.head_dim ** -0.5
-            if hasattr(attn, "attn_dim"):  # AttentionRope
-                attn.attn_dim = attn.kv_dim = q_rows
-                attn.num_kv_heads = attn.num_heads
-        for info in getattr(m, "feature_info", []):
-            info["num_chs"] = c
-        pool = getattr(m, "attn_pool", None)
-        if pool is not None:
-            sync_attn_pool(pool)
-        m.head_hidden_size = pool.out_features if pool is not None else c
+    def _sync_attn(self, attn: nn.Module) -> None:
+        """Head size and scale; an ``AttentionRope``'s widths and kv head count too."""
+        super()._sync_attn(attn)
+        if hasattr(attn, "attn_dim"):  # AttentionRope
+            attn.attn_dim = attn.kv_dim = attn.proj.in_features
+            attn.num_kv_heads = attn.num_heads
 
     # ------------------------------------------------------------------------------------- persistence
     def build_recipe(self) -> dict:

@@ -15,10 +15,18 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..norms import is_norm
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef, Trunk
-from .common import linear_slices, norm_slices, sync_generic_attributes
+from .common import (
+    QRows,
+    TimmModelClass,
+    attn_group,
+    check_block_norms,
+    linear_q_rows,
+    linear_slices,
+    norm_slices,
+    sync_generic_attributes,
+)
 
 
 def _conv_slices(path: str, side: str, conv: nn.Conv2d) -> list[TensorSlice]:
@@ -43,20 +51,15 @@ class _StageEntry(nn.Module):
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-class PvtV2Adapter(Adapter):
+class PvtV2Adapter(TimmModelClass, Adapter):
     """timm ``PyramidVisionTransformerV2``: ``stages.{s}.residual``, ``stages.{s}.blocks.{b}.attn`` / ``.mlp``."""
 
     arch = "pvt_v2"
+    model_class = "timm.models.pvt_v2.PyramidVisionTransformerV2"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.feat_sizes: list[tuple[int, int]] = []
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        from timm.models.pvt_v2 import PyramidVisionTransformerV2
-
-        return isinstance(model, PyramidVisionTransformerV2)
 
     def _check(self) -> None:
         from timm.models.pvt_v2 import Attention, Block, MlpWithDepthwiseConv
@@ -72,10 +75,7 @@ class PvtV2Adapter(Adapter):
                 if (type(blk) is not Block or type(blk.attn) is not Attention
                         or type(blk.mlp) is not MlpWithDepthwiseConv):
                     raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported")
-                for nm in ("norm1", "norm2"):
-                    if not is_norm(getattr(blk, nm)):
-                        raise UnsupportedModelError(f"{where}.{nm}: {type(getattr(blk, nm)).__name__} is not "
-                                                    "supported")
+                check_block_norms(blk, where)
 
     def _embed_path(self, s: int) -> str:
         return "patch_embed" if s == 0 else f"stages.{s}.downsample"
@@ -99,11 +99,9 @@ class PvtV2Adapter(Adapter):
                 res += linear_slices(m, f"{q}.attn.proj", "out")
                 res += linear_slices(m, f"{q}.mlp.fc1", "in") + linear_slices(m, f"{q}.mlp.fc2", "out")
                 a = attn.q.out_features
-                groups[f"{q}.attn"] = Group(
-                    f"{q}.attn", "attn", a,
-                    linear_slices(m, f"{q}.attn.q", "out") + linear_slices(m, f"{q}.attn.kv", "out", 2, a)
-                    + linear_slices(m, f"{q}.attn.proj", "in"),
-                    num_heads=attn.num_heads, head_dim=a // attn.num_heads, module=f"{q}.attn",
+                groups[f"{q}.attn"] = attn_group(
+                    m, f"{q}.attn", a,
+                    linear_slices(m, f"{q}.attn.q", "out") + linear_slices(m, f"{q}.attn.kv", "out", 2, a),
                     tied_to=f"{p}.residual")
                 groups[f"{q}.mlp"] = Group(
                     f"{q}.mlp", "mlp", blk.mlp.fc2.in_features,
@@ -118,6 +116,10 @@ class PvtV2Adapter(Adapter):
             groups[f"{p}.residual"] = Group(f"{p}.residual", "residual", width, res, module=p)
         order = sorted(groups, key=lambda n: (n.split(".blocks")[0], 0 if n.endswith("residual") else 1))
         return PruningSpace(self.arch, {n: groups[n] for n in order})
+
+    def q_rows(self, group: Group) -> QRows:
+        """The attention's ``q`` Linear (k and v come from ``kv``)."""
+        return linear_q_rows(self.model, f"{group.module}.q")
 
     def stages(self) -> list[StageRef]:
         m = self.model
@@ -167,6 +169,10 @@ class PvtV2Adapter(Adapter):
     def input_size(self) -> tuple[int, int, int]:
         c, h, w = self.model.pretrained_cfg.get("input_size", (3, 224, 224))
         return self.model.patch_embed.proj.in_channels, h, w
+
+    def accepts_size(self, h: int, w: int) -> bool:
+        """Any size: PVTv2's overlapping conv embeddings take every image size (its configured one is DAP's)."""
+        return True
 
     def classifier_weights(self) -> list[torch.Tensor]:
         return [self.model.head.weight] if isinstance(self.model.head, nn.Linear) else []

@@ -9,52 +9,66 @@ from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
 from .common import (
     PatchEmbedNormHead,
+    QRows,
+    TimmModelClass,
+    attn_group,
+    check_block_norms,
+    fused_q_rows,
+    fused_qkv_rows,
+    import_class,
     is_layernorm,
     linear_slices,
-    mlp_input_slices,
-    mlp_slices,
+    mlp_group,
     norm_slices,
     patch_embed_slices,
+    prenorm_residual_slices,
     sync_generic_attributes,
 )
 
 
-class SwinAdapter(PatchEmbedNormHead, Adapter):
-    """timm ``SwinTransformer``: stage s is ``layers.s`` (its PatchMerging, then its blocks)."""
+class SwinAdapter(TimmModelClass, PatchEmbedNormHead, Adapter):
+    """timm ``SwinTransformer``: stage s is ``layers.s`` (its PatchMerging, then its blocks).
+
+    Attributes:
+        stages_attr: the model's list of stages.
+        merging_class: the PatchMerging class every stage after the first starts with.
+        merge_norm_after: PatchMerging is norm -> reduction (V1, V2-CR), or reduction -> norm (V2).
+        tied_attention: the window attention reshapes its output to its input width (V2, V2-CR): its group is tied
+            to the stage's residual and no per-head table is sliced; else (V1) it has its own width and a per-head
+            relative-position bias table.
+    """
 
     arch = "swin"
-    stages_attr = "layers"  # the model's list of stages
-    merge_norm_after = False  # PatchMerging: norm -> reduction (V1, V2-CR), or reduction -> norm (V2)
+    model_class = "timm.models.swin_transformer.SwinTransformer"
+    stages_attr = "layers"
+    merging_class = "timm.models.swin_transformer.PatchMerging"
+    merge_norm_after = False
+    tied_attention = False
 
     @property
     def _stages(self) -> nn.Sequential:
         return getattr(self.model, self.stages_attr)
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        from timm.models.swin_transformer import SwinTransformer
-
-        return isinstance(model, SwinTransformer)
-
     def _check_stage(self, s: int) -> None:
-        from timm.layers import Mlp
-        from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
-
         stage = self._stages[s]
-        if s > 0 and not isinstance(stage.downsample, PatchMerging):
-            raise UnsupportedModelError(f"layers.{s}.downsample: stage without PatchMerging is not supported")
+        if s > 0 and not isinstance(stage.downsample, import_class(self.merging_class)):
+            raise UnsupportedModelError(f"{self.stages_attr}.{s}.downsample: stage without PatchMerging is not "
+                                        "supported")
         for b, blk in enumerate(stage.blocks):
-            where = f"layers.{s}.blocks.{b}"
-            if type(blk) is not SwinTransformerBlock:
-                raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported "
-                                            "(only SwinTransformerBlock)")
-            if type(blk.attn) is not WindowAttention:
-                raise UnsupportedModelError(f"{where}.attn: {type(blk.attn).__name__} is not supported")
-            if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.norm, nn.Identity):
-                raise UnsupportedModelError(f"{where}.mlp: {type(blk.mlp).__name__} is not supported")
-            for nm in ("norm1", "norm2"):
-                if not is_layernorm(getattr(blk, nm)):
-                    raise UnsupportedModelError(f"{where}.{nm}: only LayerNorm is supported")
+            self._check_block(f"{self.stages_attr}.{s}.blocks.{b}", blk)
+
+    def _check_block(self, where: str, blk: nn.Module) -> None:
+        """A clear ``UnsupportedModelError`` naming what the block at ``where`` has that cannot be pruned."""
+        from timm.layers import Mlp
+        from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+
+        if type(blk) is not SwinTransformerBlock:
+            raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported (only SwinTransformerBlock)")
+        if type(blk.attn) is not WindowAttention:
+            raise UnsupportedModelError(f"{where}.attn: {type(blk.attn).__name__} is not supported")
+        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.norm, nn.Identity):
+            raise UnsupportedModelError(f"{where}.mlp: {type(blk.mlp).__name__} is not supported")
+        check_block_norms(blk, where, accept=is_layernorm, message="{where}.{name}: only LayerNorm is supported")
 
     def describe(self) -> PruningSpace:
         """``layers.{s}.residual``, ``layers.{s}.blocks.{b}.attn`` / ``.mlp``."""
@@ -76,13 +90,10 @@ class SwinAdapter(PatchEmbedNormHead, Adapter):
             width = model.get_parameter(res[0].name).shape[0]
             for b, blk in enumerate(stage.blocks):
                 q = f"{p}.blocks.{b}"
-                res += norm_slices(model, f"{q}.norm1") + norm_slices(model, f"{q}.norm2")
-                res += norm_slices(model, f"{q}.norm3") if hasattr(blk, "norm3") else []
-                res += linear_slices(model, f"{q}.attn.qkv", "in") + linear_slices(model, f"{q}.attn.proj", "out")
-                res += mlp_input_slices(model, f"{q}.mlp") + linear_slices(model, f"{q}.mlp.fc2", "out")
+                norms = ("norm1", "norm2", "norm3") if hasattr(blk, "norm3") else ("norm1", "norm2")
+                res += prenorm_residual_slices(model, q, norms=norms)
                 groups[f"{q}.attn"] = self._attn_group(q, blk.attn, f"{p}.residual")
-                groups[f"{q}.mlp"] = Group(f"{q}.mlp", "mlp", blk.mlp.fc2.in_features, mlp_slices(model, f"{q}.mlp"),
-                                           module=f"{q}.mlp")
+                groups[f"{q}.mlp"] = mlp_group(model, f"{q}.mlp")
             if s + 1 < len(stages):  # next PatchMerging sees 4 neighbours concatenated: [x0 | x1 | x2 | x3], each C
                 nxt = f"{self.stages_attr}.{s + 1}.downsample"
                 if not self.merge_norm_after:
@@ -97,13 +108,18 @@ class SwinAdapter(PatchEmbedNormHead, Adapter):
         return PruningSpace(self.arch, {n: groups[n] for n in order})
 
     def _attn_group(self, q: str, attn: nn.Module, residual: str) -> Group:
-        """Swin V1: window attention with its own width and a per-head relative-position bias table."""
-        a = attn.qkv.out_features // 3
-        return Group(f"{q}.attn", "attn", a,
-                     linear_slices(self.model, f"{q}.attn.qkv", "out", repeats=3, stride=a)
-                     + linear_slices(self.model, f"{q}.attn.proj", "in")
-                     + [TensorSlice(f"{q}.attn.relative_position_bias_table", 1, per_head=True)],
-                     num_heads=attn.num_heads, head_dim=a // attn.num_heads, module=f"{q}.attn")
+        """The window attention of block ``q``: fused qkv rows (with Swin V2's separate q / v biases), tied to the
+        stage's ``residual`` or with its own width and per-head table (``tied_attention``)."""
+        at = f"{q}.attn"
+        a, rows = attn.qkv.out_features // 3, fused_qkv_rows(self.model, at)
+        if self.tied_attention:
+            return attn_group(self.model, at, a, rows, tied_to=residual)
+        return attn_group(self.model, at, a, rows,
+                          tables=(TensorSlice(f"{at}.relative_position_bias_table", 1, per_head=True),))
+
+    def q_rows(self, group: Group) -> QRows:
+        """The fused qkv's first third of rows (and Swin V2's separate ``q_bias``)."""
+        return fused_q_rows(self.model, group.module)
 
     def stages(self) -> list[StageRef]:
         model = self.model

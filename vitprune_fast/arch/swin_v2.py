@@ -12,10 +12,8 @@ import dataclasses
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..norms import is_norm
-from ..space import Group
 from .base import Adapter, BlockRef, StageRef
-from .common import linear_slices, qkv_bias_slices
+from .common import check_block_norms
 from .swin import SwinAdapter
 
 
@@ -23,37 +21,19 @@ class SwinV2Adapter(SwinAdapter):
     """timm ``SwinTransformerV2``: stage s is ``layers.s`` (its PatchMerging, then its post-norm blocks)."""
 
     arch = "swin_v2"
+    model_class = "timm.models.swin_transformer_v2.SwinTransformerV2"
+    merging_class = "timm.models.swin_transformer_v2.PatchMerging"
     merge_norm_after = True
+    tied_attention = True  # q / k / v rows include the separate q / v biases (and the zero k bias)
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        from timm.models.swin_transformer_v2 import SwinTransformerV2
+    def _check_block(self, where: str, blk: nn.Module) -> None:
+        from timm.models.swin_transformer_v2 import SwinTransformerV2Block, WindowAttention
 
-        return isinstance(model, SwinTransformerV2)
-
-    def _check_stage(self, s: int) -> None:
-        from timm.models.swin_transformer_v2 import PatchMerging, SwinTransformerV2Block, WindowAttention
-
-        stage = self.model.layers[s]
-        if s > 0 and not isinstance(stage.downsample, PatchMerging):
-            raise UnsupportedModelError(f"layers.{s}.downsample: stage without PatchMerging is not supported")
-        for b, blk in enumerate(stage.blocks):
-            where = f"layers.{s}.blocks.{b}"
-            if type(blk) is not SwinTransformerV2Block or type(blk.attn) is not WindowAttention:
-                raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported")
-            if blk.attn.q_bias is not None and blk.attn.qkv_bias_separate:
-                raise UnsupportedModelError(f"{where}.attn: qkv_bias_separate=True is not supported")
-            for nm in ("norm1", "norm2"):
-                if not is_norm(getattr(blk, nm)):
-                    raise UnsupportedModelError(f"{where}.{nm}: {type(getattr(blk, nm)).__name__} is not supported")
-
-    def _attn_group(self, q: str, attn: nn.Module, residual: str) -> Group:
-        """Tied to the stage's residual; q / k / v rows include the separate q / v biases (and the zero k bias)."""
-        a = attn.qkv.out_features // 3
-        rows = linear_slices(self.model, f"{q}.attn.qkv", "out", repeats=3, stride=a)
-        rows += qkv_bias_slices(self.model, f"{q}.attn")  # (Swin V2 only; V2-CR's qkv has an ordinary bias)
-        return Group(f"{q}.attn", "attn", a, rows + linear_slices(self.model, f"{q}.attn.proj", "in"),
-                     num_heads=attn.num_heads, head_dim=a // attn.num_heads, module=f"{q}.attn", tied_to=residual)
+        if type(blk) is not SwinTransformerV2Block or type(blk.attn) is not WindowAttention:
+            raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported")
+        if blk.attn.q_bias is not None and blk.attn.qkv_bias_separate:
+            raise UnsupportedModelError(f"{where}.attn: qkv_bias_separate=True is not supported")
+        check_block_norms(blk, where)
 
     def stages(self) -> list[StageRef]:
         out = []
@@ -100,30 +80,19 @@ class SwinV2CrAdapter(SwinV2Adapter):
     the reduction, then post-norm blocks with an optional main-branch ``norm3``); attention tied like Swin V2's."""
 
     arch = "swin_v2_cr"
+    model_class = "timm.models.swin_transformer_v2_cr.SwinTransformerV2Cr"
     stages_attr = "stages"
+    merging_class = "timm.models.swin_transformer_v2_cr.PatchMerging"
     merge_norm_after = False
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
+    def _check_block(self, where: str, blk: nn.Module) -> None:
+        from timm.models.swin_transformer_v2_cr import SwinTransformerV2CrBlock, WindowMultiHeadAttention
 
-        return isinstance(model, SwinTransformerV2Cr)
-
-    def _check_stage(self, s: int) -> None:
-        from timm.models.swin_transformer_v2_cr import PatchMerging, SwinTransformerV2CrBlock, WindowMultiHeadAttention
-
-        stage = self._stages[s]
-        if s > 0 and not isinstance(stage.downsample, PatchMerging):
-            raise UnsupportedModelError(f"stages.{s}.downsample: stage without PatchMerging is not supported")
-        for b, blk in enumerate(stage.blocks):
-            where = f"stages.{s}.blocks.{b}"
-            if type(blk) is not SwinTransformerV2CrBlock or type(blk.attn) is not WindowMultiHeadAttention:
-                raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported")
-            if blk.attn.sequential_attn:
-                raise UnsupportedModelError(f"{where}.attn: sequential_attn=True is not supported")
-            for nm in ("norm1", "norm2"):
-                if not is_norm(getattr(blk, nm)):
-                    raise UnsupportedModelError(f"{where}.{nm}: {type(getattr(blk, nm)).__name__} is not supported")
+        if type(blk) is not SwinTransformerV2CrBlock or type(blk.attn) is not WindowMultiHeadAttention:
+            raise UnsupportedModelError(f"{where}: {type(blk).__name__} is not supported")
+        if blk.attn.sequential_attn:
+            raise UnsupportedModelError(f"{where}.attn: sequential_attn=True is not supported")
+        check_block_norms(blk, where)
 
     def embed(self, images):
         from timm.models.swin_transformer_v2_cr import bchw_to_bhwc

@@ -13,16 +13,25 @@ from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
 from .common import (
     PatchEmbedNormHead,
-    attn_pool_groups,
+    QRows,
+    TimmModelClass,
+    attn_group,
     check_attn_pool,
+    check_block_norms,
     check_conv_embed_and_head,
+    fused_q_rows,
+    fused_qkv_rows,
+    linear_q_rows,
     linear_slices,
-    mlp_input_slices,
+    mlp_group,
     mlp_slices,
     norm_slices,
     patch_embed_slices,
-    sync_attn_pool,
+    prenorm_residual_slices,
+    residual_tail,
     sync_generic_attributes,
+    sync_single_stage_width,
+    token_slices,
 )
 
 _BLOCK_REASONS = {  # why timm's other ViT blocks are refused
@@ -76,20 +85,15 @@ def _is_parallel_scaling(blk: nn.Module) -> bool:
     return type(blk) is ParallelScalingBlock
 
 
-class ViTAdapter(PatchEmbedNormHead, Adapter):
+class ViTAdapter(TimmModelClass, PatchEmbedNormHead, Adapter):
     """timm ``VisionTransformer``: one stage, one residual group, blocks in ``model.<blocks_attr>``.
 
     Subclasses of the model class that only rename the block list set ``blocks_attr``.
     """
 
     arch = "vit"
+    model_class = "timm.models.vision_transformer.VisionTransformer"
     blocks_attr = "blocks"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        from timm.models.vision_transformer import VisionTransformer
-
-        return isinstance(model, VisionTransformer)
 
     @property
     def _blocks(self) -> nn.Sequential:
@@ -141,21 +145,18 @@ class ViTAdapter(PatchEmbedNormHead, Adapter):
             m = blk.get_submodule(ls) if hasattr(blk, ls.split(".")[0]) else nn.Identity()  # (ResPostBlock: none)
             if not isinstance(m, nn.Identity) and not hasattr(m, "gamma"):
                 raise UnsupportedModelError(f"{where}.{ls}: {type(m).__name__} is not supported")
-        for nm in (pair.norm1, pair.norm2):
-            if not is_norm(blk.get_submodule(nm)):
-                raise UnsupportedModelError(f"{where}.{nm}: {type(blk.get_submodule(nm)).__name__} is not supported "
-                                            "(only LayerNorm / RMSNorm in front of a branch)")
+        check_block_norms(blk, where, (pair.norm1, pair.norm2),
+                          message="{where}.{name}: {type} is not supported (only LayerNorm / RMSNorm in front of a "
+                                  "branch)")
 
     def _pair_groups(self, p: str, pair: _Pair, groups: dict[str, Group], multiple: set[int]) -> list[TensorSlice]:
         """One attention / MLP pair of block ``p``: its groups (added to ``groups``) and its residual slices; the
         head size of an attention tied to the residual by whole heads is added to ``multiple``."""
         model = self.model
         at, ml = f"{p}.{pair.attn}", f"{p}.{pair.mlp}"
-        res = norm_slices(model, f"{p}.{pair.norm1}") + norm_slices(model, f"{p}.{pair.norm2}")
-        res += linear_slices(model, f"{at}.qkv", "in") + linear_slices(model, f"{at}.proj", "out")
-        res += mlp_input_slices(model, ml) + linear_slices(model, f"{ml}.fc2", "out")
-        blk = model.get_submodule(p)
-        res += [TensorSlice(f"{p}.{ls}.gamma", 0) for ls in (pair.ls1, pair.ls2) if _has_gamma(blk, ls)]
+        res = prenorm_residual_slices(model, p, gammas=(f"{pair.ls1}.gamma", f"{pair.ls2}.gamma"),
+                                      inputs=(f"{pair.attn}.qkv",), norms=(pair.norm1, pair.norm2), attn=pair.attn,
+                                      mlp=pair.mlp)
         attn = model.get_submodule(at)
         a = attn.qkv.out_features // 3
         # differential attention: a head is two q/k sub-heads (2 * head_dim channels) sharing one v head, its
@@ -164,14 +165,11 @@ class ViTAdapter(PatchEmbedNormHead, Adapter):
         head_dim = 2 * attn.head_dim if diff else attn.head_dim
         if diff:
             multiple.add(head_dim)
-        groups[at] = Group(
-            at, "attn", a,
-            linear_slices(model, f"{at}.qkv", "out", repeats=3, stride=a) + norm_slices(model, f"{at}.norm")
-            + linear_slices(model, f"{at}.proj", "in"),
-            num_heads=attn.num_heads, head_dim=head_dim, module=at, tied_to="residual" if diff else None,
+        groups[at] = attn_group(
+            model, at, a, fused_qkv_rows(model, at) + norm_slices(model, f"{at}.norm"), head_dim=head_dim,
+            tied_to="residual" if diff else None,
             whole_heads=diff or not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)))
-        mlp = model.get_submodule(ml)
-        groups[ml] = Group(ml, "mlp", mlp.fc2.in_features, mlp_slices(model, ml), module=ml)
+        groups[ml] = mlp_group(model, ml)
         return res
 
     def _check_parallel_block(self, blk: nn.Module, where: str) -> None:
@@ -234,10 +232,7 @@ class ViTAdapter(PatchEmbedNormHead, Adapter):
             check_attn_pool(pool)
         check_conv_embed_and_head(model)
         groups: dict[str, Group] = {}
-        res = patch_embed_slices(model)
-        for tok in ("cls_token", "reg_token", "dist_token", "pos_embed"):
-            if getattr(model, tok, None) is not None:
-                res.append(TensorSlice(tok, 2))
+        res = patch_embed_slices(model) + token_slices(model, ("cls_token", "reg_token", "dist_token", "pos_embed"))
         res += norm_slices(model, "norm_pre")
         multiple = set()
         for i, blk in enumerate(blocks):
@@ -250,14 +245,7 @@ class ViTAdapter(PatchEmbedNormHead, Adapter):
                 continue
             for pair in _pairs(blk):
                 res += self._pair_groups(p, pair, groups, multiple)
-        res += norm_slices(model, "norm")
-        if pool is not None:  # the pool's output is its own width (proj -> MLP -> fc_norm -> head): left whole
-            res += attn_pool_groups(model, "attn_pool", groups)
-        else:
-            res += norm_slices(model, "fc_norm")
-            for head in ("head", "head_dist"):
-                if isinstance(getattr(model, head, None), nn.Linear):
-                    res += linear_slices(model, head, "in")
+        res += residual_tail(model, groups, ("head", "head_dist"))  # a pool's output width is its own: left whole
         if len(multiple) > 1:
             raise UnsupportedModelError(f"attentions tied to the residual by whole heads have different head sizes "
                                         f"{sorted(multiple)}: the residual cannot keep whole heads of each")
@@ -307,6 +295,17 @@ class ViTAdapter(PatchEmbedNormHead, Adapter):
             return "a ParallelScalingBlock's attention and MLP share in_norm and in_proj: neither half can move alone"
         return None
 
+    def q_rows(self, group: Group) -> QRows:
+        """An attention pool's ``q``; a ParallelScalingBlock's ``in_proj`` rows after its MLP rows; else the fused
+        qkv's first third of rows."""
+        model = self.model
+        if group.module == "attn_pool":
+            return linear_q_rows(model, "attn_pool.q")
+        blk = model.get_submodule(group.module)
+        if _is_parallel_scaling(blk):
+            return linear_q_rows(model, f"{group.module}.in_proj", blk.in_split[0], blk.in_split[1])
+        return fused_q_rows(model, group.module)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = m.patch_embed(images)
@@ -328,12 +327,7 @@ class ViTAdapter(PatchEmbedNormHead, Adapter):
     def sync_attributes(self) -> None:
         model = self.model
         sync_generic_attributes(model)
-        c = model.patch_embed.proj.weight.shape[0]
-        model.embed_dim = model.num_features = c
-        pool = getattr(model, "attn_pool", None)
-        if pool is not None:
-            sync_attn_pool(pool)
-        model.head_hidden_size = pool.out_features if pool is not None else c
+        sync_single_stage_width(model, model.patch_embed.proj.weight.shape[0])
         for blk in self._blocks:
             if _is_parallel_scaling(blk):
                 hidden = blk.mlp_out_proj.in_features

@@ -20,10 +20,25 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..norms import is_norm
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef
-from .common import linear_slices, mlp_input_slices, mlp_slices, norm_slices, sync_generic_attributes
+from .common import (
+    QRows,
+    TimmModelClass,
+    attn_group,
+    check_block_norms,
+    fused_q_rows,
+    fused_qkv_rows,
+    linear_q_rows,
+    linear_slices,
+    mlp_group,
+    norm_slices,
+    prenorm_residual_slices,
+    residual_tail,
+    separate_qkv_rows,
+    sync_generic_attributes,
+    sync_single_stage_width,
+)
 
 _BN = ("weight", "bias", "running_mean", "running_var")
 
@@ -33,16 +48,11 @@ def _conv_out(path: str, conv: nn.Conv2d) -> list[TensorSlice]:
     return [TensorSlice(f"{path}.weight", 0)] + ([TensorSlice(f"{path}.bias", 0)] if conv.bias is not None else [])
 
 
-class XcitAdapter(Adapter):
+class XcitAdapter(TimmModelClass, Adapter):
     """timm ``Xcit``: ``residual``, ``blocks.{i}.attn`` / ``.mlp``, ``cls_attn_blocks.{j}.attn`` / ``.mlp``."""
 
     arch = "xcit"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        from timm.models.xcit import Xcit
-
-        return isinstance(model, Xcit)
+    model_class = "timm.models.xcit.Xcit"
 
     # ------------------------------------------------------------------------------------------- checks
     def _last_embed_conv(self) -> str:
@@ -79,10 +89,7 @@ class XcitAdapter(Adapter):
                     raise UnsupportedModelError(f"{where}: {type(blk).__name__} / {type(blk.attn).__name__} is not "
                                                 "supported (XCiT's XCA and class-attention blocks)")
                 norms = ("norm1", "norm2", "norm3") if attr == "blocks" else ("norm1", "norm2")
-                for nm in norms:
-                    if not is_norm(getattr(blk, nm)):
-                        raise UnsupportedModelError(f"{where}.{nm}: {type(getattr(blk, nm)).__name__} is not a "
-                                                    "LayerNorm / RMSNorm")
+                check_block_norms(blk, where, norms, message="{where}.{name}: {type} is not a LayerNorm / RMSNorm")
                 if attr == "blocks":
                     lpi = blk.local_mp
                     c = blk.attn.proj.out_features
@@ -108,38 +115,34 @@ class XcitAdapter(Adapter):
         head_dims = set()
         for attr in ("blocks", "cls_attn_blocks"):
             for i, blk in enumerate(getattr(m, attr)):
-                p = f"{attr}.{i}"
-                a, h = blk.attn.proj.in_features, blk.attn.num_heads
-                res += norm_slices(m, f"{p}.norm1") + norm_slices(m, f"{p}.norm2")
-                res += linear_slices(m, f"{p}.attn.proj", "out")
-                res += mlp_input_slices(m, f"{p}.mlp") + linear_slices(m, f"{p}.mlp.fc2", "out")
-                res += [TensorSlice(f"{p}.{g}", 0) for g in ("gamma1", "gamma2", "gamma3")
-                        if isinstance(getattr(blk, g, None), nn.Parameter)]
+                p, at = f"{attr}.{i}", f"{attr}.{i}.attn"
+                a = blk.attn.proj.in_features
+                res += prenorm_residual_slices(m, p, ("gamma1", "gamma2", "gamma3"), inputs=())
                 if attr == "blocks":
                     lpi = f"{p}.local_mp"
-                    res += norm_slices(m, f"{p}.norm3") + linear_slices(m, f"{p}.attn.qkv", "in")
+                    res += norm_slices(m, f"{p}.norm3") + linear_slices(m, f"{at}.qkv", "in")
                     res += _conv_out(f"{lpi}.conv1", blk.local_mp.conv1) + _conv_out(f"{lpi}.conv2", blk.local_mp.conv2)
                     res += [TensorSlice(f"{lpi}.bn.{t}", 0) for t in _BN]
-                    rows = linear_slices(m, f"{p}.attn.qkv", "out", repeats=3, stride=a)
-                    rows.append(TensorSlice(f"{p}.attn.temperature", 0, per_head=True))
-                    head_dims.add(a // h)
+                    rows = fused_qkv_rows(m, at) + [TensorSlice(f"{at}.temperature", 0, per_head=True)]
+                    head_dims.add(a // blk.attn.num_heads)
                 else:
-                    res += [s for n in ("q", "k", "v") for s in linear_slices(m, f"{p}.attn.{n}", "in")]
-                    rows = [s for n in ("q", "k", "v") for s in linear_slices(m, f"{p}.attn.{n}", "out")]
-                groups[f"{p}.attn"] = Group(f"{p}.attn", "attn", a, rows + linear_slices(m, f"{p}.attn.proj", "in"),
-                                            num_heads=h, head_dim=a // h, module=f"{p}.attn", whole_heads=True,
-                                            tied_to="residual")
-                groups[f"{p}.mlp"] = Group(f"{p}.mlp", "mlp", blk.mlp.fc2.in_features, mlp_slices(m, f"{p}.mlp"),
-                                           module=f"{p}.mlp")
-        res += norm_slices(m, "norm")
-        if isinstance(m.head, nn.Linear):
-            res += linear_slices(m, "head", "in")
+                    res += [s for n in ("q", "k", "v") for s in linear_slices(m, f"{at}.{n}", "in")]
+                    rows = separate_qkv_rows(m, at)
+                groups[at] = attn_group(m, at, a, rows, whole_heads=True, tied_to="residual")
+                groups[f"{p}.mlp"] = mlp_group(m, f"{p}.mlp")
+        res += residual_tail(m, groups)
         if len(head_dims) > 1:
             raise UnsupportedModelError(f"XCA blocks have different head sizes {sorted(head_dims)}: the residual "
                                         "cannot keep whole heads of each")
         multiple = head_dims.pop() if head_dims else 1
         residual = Group("residual", "residual", m.embed_dim, res, module="", multiple_of=multiple)
         return PruningSpace(self.arch, {"residual": residual} | groups)
+
+    def q_rows(self, group: Group) -> QRows:
+        """Class attention: its ``q`` Linear; XCA: the fused qkv's first third of rows."""
+        if group.module.startswith("cls_attn_blocks."):
+            return linear_q_rows(self.model, f"{group.module}.q")
+        return fused_q_rows(self.model, group.module)
 
     def _width(self) -> int:
         """The residual width: the output channels of the patch embedding's last conv."""
@@ -196,15 +199,13 @@ class XcitAdapter(Adapter):
         m = self.model
         sync_generic_attributes(m)  # the LPI depthwise convs and the BatchNorms too
         c = self._width()
-        m.embed_dim = m.num_features = m.head_hidden_size = c
+        sync_single_stage_width(m, c)
         if m.pos_embed is not None:
             m.pos_embed.dim = c
         for blk in m.blocks:
             blk.attn.num_heads = blk.attn.temperature.shape[0]
         for blk in m.cls_attn_blocks:
             blk.attn.scale = (blk.attn.q.out_features // blk.attn.num_heads) ** -0.5
-        for info in m.feature_info:
-            info["num_chs"] = c
 
     # ------------------------------------------------------------------------------------- persistence
     def build_recipe(self) -> dict:

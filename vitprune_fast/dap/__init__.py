@@ -4,7 +4,8 @@ Each attention and each MLP residual branch is a *block*. Detached probes (:mod:
 block makes the residual stream more discriminative (ΔΨ, the Block Performance Indicator); on a schedule the
 mean ΔΨ is turned into per-block keep ratios κ_i under a global parameter budget, and inside each block gates
 ranked by first-order Taylor scores decide which units go. At the end :meth:`DAP.plan` is a :class:`Plan` that
-:func:`prune_` applies, giving a physically smaller stock timm model. See ``research/dap.md`` for the reference.
+:func:`prune_` applies, giving a physically smaller stock timm model. The README's 'DAP' section says where it
+follows the reference and where not.
 
 Usage in any training loop::
 

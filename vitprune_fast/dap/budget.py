@@ -1,4 +1,4 @@
-"""κ allocation, pure maths (``research/dap.md`` §2a): ΔΨ -> per-block keep ratios under a parameter budget."""
+"""κ allocation, pure maths (README, 'DAP', "κ allocation"): ΔΨ -> per-block keep ratios under a parameter budget."""
 from __future__ import annotations
 
 import math
@@ -71,7 +71,7 @@ def keep_ratio_goal(d_cls: torch.Tensor, d_patch: torch.Tensor, kept: torch.Tens
                     budget: float, prev: tuple[torch.Tensor, torch.Tensor] | None = None, *, imp_scale: float = 10.0,
                     gamma: float = 0.2, alpha: float = 0.5, per_param: bool = True, max_iter: int | None = None
                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """One κ-goal update of the reference (``research/dap.md`` §2a, steps 1–7).
+    """One κ-goal update of the reference (README, 'DAP', "κ allocation").
 
     Args:
         d_cls, d_patch: [nb] mean ΔΨ of the class-token and patch-token probes.

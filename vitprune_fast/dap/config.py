@@ -11,7 +11,8 @@ from .schedule import Schedule
 
 ATTN_MODES = ("dims", "heads")
 MASK_CENTERS = ("midpoint", "reference")
-#: Reference behaviour for the quirks of ``research/dap.md`` §5 (pass as ``DAP(model, **FAITHFUL)``).
+#: Reference behaviour for the quirks the README lists (section 'DAP', "Reference quirks"); pass as
+#: ``DAP(model, **FAITHFUL)``.
 FAITHFUL = dict(train_gates=True, mask_center="reference", projection_iters=20)
 
 

@@ -40,7 +40,7 @@ from ..distributed import dist_info, gather_objects
 from ..errors import ConfigError
 from ..kernels.utils import HAS_TRITON
 from ..norms import group_norms
-from ..plan import Plan, Selection, make_plan, selections
+from ..plan import Plan, PlanSpec, Selection, as_spec, plan_from_scores, selections
 from ..space import Group
 from .second_order import second_order_screen
 from .store import ScoreStore, fingerprint
@@ -187,10 +187,7 @@ class _State:
 def upvits_select(
         model: nn.Module,
         images,
-        keep: float | Mapping[str, float] = 1.0,
-        heads: int | Mapping[str, int | None] | None = None,
-        attn_mode: str = "dims",
-        round_to: int = 1,
+        spec: PlanSpec | float | Mapping[str, float] | None = None,
         *,
         batch_size: int = 64,
         max_rows: int | None = None,
@@ -212,7 +209,10 @@ def upvits_select(
     Args:
         model: a supported model (eval mode inside; not modified).
         images: proxy images, as for :func:`~vitprune_fast.upvits_scores`.
-        keep, heads, attn_mode, round_to: the plan, exactly as for :func:`~vitprune_fast.make_plan`.
+        spec: the plan (:class:`~vitprune_fast.PlanSpec`; a ratio or a dict of ratios is ``PlanSpec(keep=...)``):
+            keep ratios, heads, attn_mode and round_to exactly as for :func:`~vitprune_fast.make_plan`; a FLOPs or
+            parameter budget or a target shape is turned into ratios first
+            (:func:`~vitprune_fast.targets.resolve_spec`, the uniform rule).
         batch_size, max_rows, autocast_dtype, use_kernels: the exact engine's settings (see ``upvits_scores``).
         checkpoint: directory for resumable results (every screen chunk and exact evaluation; a different job is
             refused).
@@ -228,13 +228,16 @@ def upvits_select(
     Returns:
         ``(plan, report)``: the Plan, and a JSON-able dict: per group the candidates, how many were scored exactly
         (by calibration, band and audit), audit flips and the screen's error quantiles near the cut; the band
-        widths, rounds, the share of candidates scored exactly, the seconds of every stage and the plan's arguments
-        (``plan``: keep, heads, attn_mode, round_to).
+        widths, rounds, the share of candidates scored exactly, the seconds of every stage, the plan's arguments
+        (``plan``: keep, heads, attn_mode, round_to) and ``notes`` (how a budget became ratios).
     """
+    from ..targets import resolve_spec
+
     t_start = time.perf_counter()
     adapter = adapter_for(model)
     space = adapter.describe()
-    sels = selections(space, keep, heads, attn_mode, round_to)
+    spec, notes = resolve_spec(model, as_spec(spec))
+    sels = selections(space, spec)
     if safety < 1 or min_width <= 0 or calibration < 0 or audit < 0:
         raise ConfigError("safety must be >= 1, min_width > 0, calibration and audit >= 0")
     chunks = _chunks(images, batch_size)
@@ -244,9 +247,9 @@ def upvits_select(
     screened = [space.groups[n] for n in deciding if _screenable(model, space.groups[n], in_blocks)]
     exact_only = [space.groups[n] for n in deciding if not _screenable(model, space.groups[n], in_blocks)]
     kernels = chunks[0].is_cuda and HAS_TRITON if use_kernels is None else bool(use_kernels)
-    settings = {"selected": "screened", "plan": [keep, heads, attn_mode, round_to], "dtype": str(autocast_dtype),
-                "kernels": kernels, "screen": [eps, max_rank, screen_batch], "draws": [calibration, audit, seed],
-                "band": [safety, min_width]}
+    settings = {"selected": "screened", "plan": [spec.keep, spec.heads, spec.attn_mode, spec.round_to],
+                "dtype": str(autocast_dtype), "kernels": kernels, "screen": [eps, max_rank, screen_batch],
+                "draws": [calibration, audit, seed], "band": [safety, min_width]}
     store = None
     if checkpoint is not None:
         store = ScoreStore(checkpoint, fingerprint(model, chunks, {"settings": repr(settings)}),
@@ -280,19 +283,18 @@ def upvits_select(
     finally:
         model.train(was_training)
     scores = {n: state.best(n) for n in deciding}
-    plan = make_plan(space, scores, keep, heads, attn_mode, round_to)
+    plan = plan_from_scores(space, scores, spec)
     seconds["total"] = time.perf_counter() - t_start
     report = _report(space, state, screened, exact_only, stats, width, rounds, audits, seconds, exact.count, total)
-    report["plan"] = {"keep": keep if not isinstance(keep, Mapping) else dict(keep),
-                      "heads": heads if not isinstance(heads, Mapping) else dict(heads),
-                      "attn_mode": attn_mode, "round_to": round_to}
+    report["plan"] = {"keep": spec.keep, "heads": spec.heads, "attn_mode": spec.attn_mode, "round_to": spec.round_to}
+    report["notes"] = notes
     return plan, report
 
 
 def selection_differences(space, scores: Mapping[str, torch.Tensor], a: Plan, b: Plan,
-                          keep: float | Mapping[str, float] = 1.0, heads=None, attn_mode: str = "dims",
-                          round_to: int = 1, rtol: float = 1e-6) -> list[str]:
-    """Where plans ``a`` and ``b`` (made with these arguments) select differently, beyond ties at the cut.
+                          spec: PlanSpec | float | Mapping[str, float] | None = None, rtol: float = 1e-6) -> list[str]:
+    """Where plans ``a`` and ``b`` (both made for ``spec``, with keep ratios) select differently, beyond ties at the
+    cut.
 
     "The same selection" as UP-ViTs defines it at fixed numerics: every item of every ranking is kept by both plans
     or by neither, except items whose ``scores`` (the exact ones) lie within a relative ``rtol`` of the ranking's
@@ -305,7 +307,7 @@ def selection_differences(space, scores: Mapping[str, torch.Tensor], a: Plan, b:
     if a.heads != b.heads or a.keep.keys() != b.keep.keys():
         out.append(f"heads {a.heads} vs {b.heads}, narrowed groups {sorted(a.keep)} vs {sorted(b.keep)}")
         return out
-    for sel in selections(space, keep, heads, attn_mode, round_to):
+    for sel in selections(space, as_spec(spec)):
         s = torch.as_tensor(scores[sel.group]).double()[sel.items].sum(1)  # [items]
         kept = [torch.isin(sel.items, p.keep[sel.group]).all(1) for p in (a, b)]
         differ = (kept[0] != kept[1]).nonzero().flatten()

@@ -10,7 +10,7 @@ Two engines compute the same numbers:
   block b reuses the prefix, applies its change to block b only (rank-1 update for an MLP unit, a masked
   qkv for an attention dim) and runs the suffix for K candidates stacked along the batch. Residual
   candidates run with per-candidate masked LayerNorms (statistics over the kept channels), which equals
-  removal (DESIGN contract 1).
+  removal (README, 'What is exact, and the choices we made').
 """
 from __future__ import annotations
 

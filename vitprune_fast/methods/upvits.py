@@ -1,0 +1,68 @@
+"""UP-ViTs as a method: exact KL scores, the screened selection, and progressive re-scoring, as options."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..plan import PlanSpec
+from .base import Method, MethodData, MethodResult, proxy_images
+
+ENGINES = ("exact", "screened")
+
+
+@dataclass(frozen=True)
+class UpvitsMethod(Method):
+    """UP-ViTs (Yu & Wu): every channel's score is the KL of the model's output without it, on proxy images.
+
+    Attributes:
+        engine: ``"exact"`` (:func:`~vitprune_fast.upvits_scores`, the fast engine on every candidate) or
+            ``"screened"`` (:func:`~vitprune_fast.upvits_select`: the same selection, scoring exactly only the
+            candidates near each cut).
+        steps: reach the widths in that many steps, re-scoring the partly pruned model between them
+            (:func:`~vitprune_fast.upvits_progressive`, each step by ``engine``; 1 gives the one-shot plan with the
+            progressive report); None: one shot.
+    """
+
+    engine: str = "exact"
+    steps: int | None = None
+
+    name = "upvits"
+    summary = "UP-ViTs KL of the model without each channel (exact, batched engine)"
+    needs = frozenset({"images"})
+    comparable = "global"
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ConfigError(f"upvits: engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool)
+                                       or self.steps < 1):
+            raise ConfigError(f"upvits: steps must be None or an int >= 1, got {self.steps!r}")
+
+    def score_key(self) -> str:
+        return self.name  # the one-shot exact scores, whatever the engine and steps
+
+    def scores(self, model: nn.Module, data: MethodData):
+        from ..score.upvits import upvits_scores
+
+        return upvits_scores(model, proxy_images(model, data), batch_size=data.chunk, progress=data.progress)
+
+    def plan(self, model: nn.Module, data: MethodData, spec: PlanSpec) -> MethodResult:
+        if self.steps is not None:
+            from ..progressive import progressive_summary, upvits_progressive
+
+            self.check_data(data)
+            first = data.cache.get(("scores", self.score_key()))  # the first step scores the unpruned model
+            plan, rep = upvits_progressive(model, proxy_images(model, data), spec, steps=self.steps,
+                                           engine=self.engine, batch_size=data.chunk, progress=data.progress,
+                                           scores=first)
+            return MethodResult(plan, report={"progressive": rep}, notes=[*rep["notes"], progressive_summary(rep)])
+        if self.engine == "screened":
+            from ..score.screened import screened_summary, upvits_select
+
+            self.check_data(data)
+            plan, rep = upvits_select(model, proxy_images(model, data), spec, batch_size=data.chunk,
+                                      progress=data.progress)
+            return MethodResult(plan, report={"screened": rep}, notes=[*rep["notes"], screened_summary(rep)])
+        return super().plan(model, data, spec)
