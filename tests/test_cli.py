@@ -100,7 +100,7 @@ def test_prune_screened_gives_the_exact_upvits_selection(tmp_path, capsys, mode)
 
     teacher = cli.load_model("vit_small_patch16_224", json.loads(model_args), defaults={"num_classes": 10,
                                                                                        "img_size": 32})
-    x = next(iter(digits().loaders(64, seed=0)[0]))[0][:8]
+    x = digits().proxy(8, seed=0)[0]  # the CLI's proxy draw (--proxy 8, --seed 0)
     exact = vpf.upvits_scores(teacher, x, progress=False)
     if mode[0] == "--target":
         assert a.heads and all(h == 3 for h in a.heads.values())  # 6 heads merged into DeiT-Ti's 3
@@ -126,7 +126,7 @@ def test_prune_progressive(tmp_path, capsys):
     same = [torch.equal(plans["one"].keep[k], plans["p1"].keep[k]) for k in plans["one"].keep]
     assert all(same) and plans["one"].keep.keys() == plans["p1"].keep.keys()
     teacher = cli.load_model(MODEL, json.loads(TINY), defaults={"num_classes": 10, "img_size": 32})
-    x = next(iter(digits().loaders(64, seed=0)[0]))[0][:4]
+    x = digits().proxy(4, seed=0)[0]  # the CLI's proxy draw (--proxy 4, --seed 0)
     ratio = json.loads((tmp_path / "p2" / "progressive.json").read_text())
     assert ratio["steps"] == 2 and ratio["engine"] == "exact"
     space = vpf.describe(teacher)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import VitPruneError
+from .files import apply_umask
 from .methods import Method, MethodData, MethodResult, get_method, method_names
 from .table import table
 
@@ -88,12 +89,15 @@ def _data_defaults(data: str | None, model_spec: str) -> dict:
 
 
 def _model_and_data(args, need_data: bool = True):
-    """(model, DataBundle or None) from ``--model/--model-args/--pretrained/--data``."""
+    """(model, DataBundle or None) from ``--model/--model-args/--pretrained/--data``, after seeding every generator
+    (Python's ``random``, numpy, torch) from ``--seed``: the same command gives the same result."""
     from .data import load_data
+    from .seeding import seed_everything
 
     data = getattr(args, "data", None)
     if need_data and data is None:
         raise UsageError("--data is required (an ImageFolder directory or 'digits')")
+    seed_everything(getattr(args, "seed", 0))
     model = load_model(args.model, args.model_args, args.pretrained, _data_defaults(data, args.model),
                        getattr(args, "seed", 0))
     bundle = load_data(data, model) if data is not None else None
@@ -109,6 +113,7 @@ def save_scores(scores: Mapping[str, torch.Tensor], path: str | os.PathLike, met
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: torch.as_tensor(v).detach().double().cpu().contiguous() for k, v in scores.items()}, str(path),
               metadata={k: str(v) for k, v in metadata.items()})
+    apply_umask(path)  # safetensors writes 0600
     return path
 
 
@@ -148,7 +153,7 @@ def cmd_score(args) -> int:
         raise UsageError(f"method {args.method!r} plans without a score table; use it with `vitprune-fast prune`")
     model, data = _model_and_data(args, need_data=bool(method.needs))
     t0 = time.perf_counter()
-    method.check_data(mdata := _method_data(args, model, data))
+    method.check_data(mdata := _method_data(args, model, data, method))
     scores = method.scores(model, mdata)
     dt = time.perf_counter() - t0
     out = save_scores(scores, args.out, {"method": args.method, "model": args.model})
@@ -162,13 +167,24 @@ def cmd_score(args) -> int:
     return 0
 
 
-def _method_data(args, model: nn.Module, data) -> MethodData:
-    """What a method reads, from the command's data and settings: the training split's loader (proxy images are
-    taken from it), the seed, and for a method that trains, the unpruned model as its teacher."""
-    loader = data.loaders(args.batch_size, seed=args.seed)[0] if data is not None else None
-    return MethodData(loader=loader, proxy=args.proxy, chunk=args.batch_size, batches=args.batches, seed=args.seed,
-                      progress=not args.quiet, teacher=model, steps=getattr(args, "steps", None) or 100,
-                      lr=getattr(args, "lr", 5e-4))
+def _method_data(args, model: nn.Module, data, method: Method) -> MethodData:
+    """What a method reads, from the command's data and settings: the training split's loader, ``--proxy`` training
+    images through the evaluation transform (a draw seeded by ``--seed``; for methods that need images), the seed,
+    and for a method that trains, the unpruned model as its teacher."""
+    loader = images = None
+    if data is not None:
+        loader = data.loaders(args.batch_size, seed=args.seed, num_workers=args.workers)[0]
+        if "images" in method.needs:
+            p = next(model.parameters())
+            images = data.proxy(args.proxy, args.seed)[0].to(p.device, p.dtype)
+    return MethodData(loader=loader, images=images, proxy=args.proxy, chunk=args.batch_size, batches=args.batches,
+                      seed=args.seed, progress="lines" if args.quiet else True, teacher=model,
+                      steps=getattr(args, "steps", None) or 100, lr=getattr(args, "lr", 5e-4), log=_log)
+
+
+def _log(line: str) -> None:
+    """A line for the person at the terminal, also under ``--quiet`` (stderr: stdout carries the results)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 # CLI flags that set a method option: (flag, option, the option's value from the arguments or None, what it is)
@@ -221,7 +237,7 @@ def cmd_prune(args) -> int:
         resolved, notes = resolve_spec(model, spec)
         result = MethodResult(plan_from_scores(space, load_scores(args.scores), resolved), notes=notes)
     else:
-        result = method.plan(model, _method_data(args, model, data), spec)
+        result = method.plan(model, _method_data(args, model, data, method), spec)
     plan = result.plan
     model = result.model if result.model is not None else prune_(model, plan)  # a training method pruned its own
     after = _model_row("pruned", model)
@@ -262,7 +278,7 @@ def cmd_finetune(args) -> int:
     device = distributed.init_from_env()
     model, data = _model_and_data(args)
     model.to(device)
-    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed)
+    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed, num_workers=args.workers)
     steps = args.steps or max(1, math.ceil(args.epochs * len(train_loader) / args.accum_steps))
     teacher = None
     if args.teacher is not None:
@@ -326,7 +342,7 @@ def cmd_eval(args) -> int:
     device = distributed.init_from_env()
     model, data = _model_and_data(args)
     model.to(device)
-    train_loader, test_loader = data.loaders(args.batch_size)
+    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed, num_workers=args.workers)
     if args.split == "train":  # the whole train split, unshuffled (evaluate shards it by batch)
         train_loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size)
     loader = train_loader if args.split == "train" else test_loader
@@ -434,7 +450,12 @@ def _demo_shape(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------------ parser
 class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are ONE line on stderr (no usage block) and exit code 2."""
+    """argparse, but errors are ONE line on stderr (no usage block) and exit code 2, and ``--help`` shows every
+    default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
@@ -494,9 +515,12 @@ def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (must be available locally)")
     if data:
         p.add_argument("--data", default=None, help="ImageFolder dir (train/ + val/ used when present) or 'digits'")
-        p.add_argument("--batch-size", type=_positive_int, default=64)
-        p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (and per UP-ViTs chunk)")
+        p.add_argument("--seed", type=int, default=0, help="seeds every random draw: Python's random, numpy, torch, "
+                                                           "the data order and the loader workers")
+        p.add_argument("--workers", type=int, default=0, metavar="N", help="data-loading worker processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (a long engine still prints one line per "
+                                                        "stage)")
 
 
 def _add_scoring(p: argparse.ArgumentParser, default: str | None, scores_only: bool = False) -> None:
@@ -504,7 +528,8 @@ def _add_scoring(p: argparse.ArgumentParser, default: str | None, scores_only: b
     p.add_argument("--method", choices=names, default=default, required=default is None,
                    help=" | ".join(f"{n}: {get_method(n).summary}" + (" (needs --data)" if get_method(n).needs else "")
                                    for n in names))
-    p.add_argument("--proxy", type=_positive_int, default=64, help="UP-ViTs proxy images (from the train split)")
+    p.add_argument("--proxy", type=_positive_int, default=64,
+                   help="UP-ViTs proxy images: a --seed draw from the train split, through the evaluation transform")
     p.add_argument("--batches", type=_positive_int, default=4, help="Taylor: training batches to accumulate")
 
 
@@ -551,13 +576,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--teacher", default=None, help="unpruned teacher: timm name or saved directory")
     p.add_argument("--teacher-args", type=_json_dict, default=None, metavar="JSON", help="teacher create_model kwargs")
-    p.add_argument("--pretrained-teacher", action="store_true")
-    p.add_argument("--method", choices=("distill", "dap"), default="distill")
+    p.add_argument("--pretrained-teacher", action="store_true", help="timm pretrained weights for a timm-name teacher")
+    p.add_argument("--method", choices=("distill", "dap"), default="distill",
+                   help="distill: the distillation fine-tune; dap: prune while fine-tuning (vitprune_fast.dap)")
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training split (without --steps)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="KL weight (batch-mean KL, temperature 1)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--dap-target", type=_ratio, default=0.5, help="DAP: fraction of the parameters to remove")
     p.add_argument("--random-teacher", action="store_true",
                    help="allow a timm-name teacher without --pretrained-teacher (random init: tests and demos only)")
@@ -567,19 +593,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches per optimizer step (gradient accumulation; --method distill)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="resume file (written every --checkpoint-every steps; resumed from when it exists)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=100, metavar="N")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=100, metavar="N", help="steps between writes")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="top-1 accuracy")
     _add_model(p)
-    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="which split to evaluate")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="ONNX export (dynamo) checked with onnxruntime")
     _add_model(p, data=False)
     p.add_argument("--out", required=True, help="output .onnx file")
-    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size of the exported graph's input")
     p.add_argument("--tol", type=float, default=1e-4, help="max relative error vs torch")
     p.set_defaults(func=cmd_export)
 
@@ -594,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="digits: train small DeiT + Swin, prune to ~50%% FLOPs by every method, compare")
     p.add_argument("--fast", action="store_true", help="few steps and images (seconds; for tests)")
-    p.add_argument("--out", default="demo_out", help="output directory (JSON, PNGs, pruned models)")
+    p.add_argument("--out", default="demo_out", help="output directory (JSON, PNGs, pruned models), created under the "
+                                                     "current directory unless absolute")
     p.add_argument("--cache", default=None, help="trained-model cache (default $VITPRUNE_FAST_CACHE or "
                                                  "~/.cache/vitprune_fast/demo)")
     p.add_argument("--no-cache", action="store_true", help="retrain the unpruned models")
@@ -606,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", action="store_true", help="instead: random-init DeiT-S pruned to the DeiT-Ti shape; "
                                                         "params / FLOPs / latency only")
     p.add_argument("--repeats", type=_positive_int, default=10, help="--shape: timed forward passes per model")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (a long engine still prints one line per "
+                                                        "stage)")
     p.set_defaults(func=cmd_demo)
     return ap
 

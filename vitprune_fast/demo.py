@@ -402,6 +402,8 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, cache_dir:
     for key, res in results.items():
         print(f"{key}: keep ratio {res['keep_ratio']:.3f} for residual/attn/mlp -> {100 * res['flops_reached']:.1f} % "
               f"FLOPs (dimap: its own module thresholds at that fraction); distillation alpha {res['alpha']}")
+    print(f"proxy images (UP-ViTs): {cfg.proxy_images} class-balanced training images (seed {cfg.seed}), no "
+          "augmentation (the digits tensors are not augmented)")
     print(f"latency: CPU, 1 thread, forward time at batch 1 and 64 (best of 5 round-robin medians); outputs in {out}/")
     print("one run: the ranking of the methods before fine-tuning changes with the training seed and the proxy draw; "
           "bench/fidelity.py measures it over seeds (README, 'Across seeds: the fidelity study')")

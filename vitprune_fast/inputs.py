@@ -8,9 +8,10 @@ from torch import nn
 from .errors import InputError
 
 
-def check_images(model: nn.Module, x, what: str = "images") -> torch.Tensor:
+def check_images(model: nn.Module, x, what: str = "images", cast: bool = False) -> torch.Tensor:
     """``x`` if it is a batch ``model`` can take: a floating ``[N, C, H, W]`` tensor with ``N >= 1``, the model's
-    dtype and device, its channel count and an image size its adapter accepts (:meth:`Adapter.accepts_size`).
+    dtype and device (unless ``cast``: the caller moves it), its channel count and an image size its adapter accepts
+    (:meth:`Adapter.accepts_size`).
 
     Raises:
         InputError: one line naming what is wrong and what the model expects.
@@ -28,7 +29,7 @@ def check_images(model: nn.Module, x, what: str = "images") -> torch.Tensor:
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
     if not x.is_floating_point():
         raise InputError(f"{what} must be floating point (already transformed and normalised), got {x.dtype}")
-    if p is not None and (x.dtype != p.dtype or x.device != p.device):
+    if not cast and p is not None and (x.dtype != p.dtype or x.device != p.device):
         raise InputError(f"{what} are {x.dtype} on {x.device}, the model is {p.dtype} on {p.device}: move them with "
                          ".to(model's device and dtype)")
     if x.shape[1] != c:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .arch import adapter_for
 from .errors import CheckpointError, UnsupportedModelError
+from .files import apply_umask
 from .version import __version__
 
 FORMAT = "vitprune_fast.pruned/1"
@@ -213,6 +214,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, model_name: str 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS), metadata={"format": FORMAT})
+    apply_umask(directory / WEIGHTS)  # safetensors writes 0600
     (directory / ARCH_FILE).write_text(json.dumps(arch, indent=1))
     return directory
 

@@ -86,7 +86,7 @@ def upvits_progressive(
         engine) the engine's report; ``notes``: how a budget became ratios.
     """
     from .score.screened import upvits_select
-    from .score.upvits import upvits_scores
+    from .score.upvits import _chunks, upvits_scores
     from .targets import resolve_spec
 
     if engine not in ENGINES:
@@ -96,6 +96,7 @@ def upvits_progressive(
     space = adapter_for(model).describe()
     spec, notes = resolve_spec(model, as_spec(spec))
     final = selections(space, spec)  # validates everything before any scoring
+    images = _chunks(images, engine_kwargs.get("batch_size", 64), model)  # checked once; every step reuses them
     alive = {sel.group: torch.arange(space.groups[sel.group].size) for sel in final}  # original indices left
     current = model
     report: dict = {"steps": steps, "engine": engine, "per_step": [], "notes": notes}

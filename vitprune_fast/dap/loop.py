@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, InputError
+from ..inputs import check_images
 from ..plan import Plan
 from .pruner import DAP
 from .schedule import Schedule
@@ -54,6 +55,10 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
     over the ranks (every rank makes the same decisions); give every rank its own shard of the data. The pruned
     model is the same on every rank.
 
+    Raises:
+        InputError: a batch the model cannot take (checked before its forward; on the first batch the model is left
+            as it came).
+
     Returns:
         ``(model, plan, history)``: the same model object, pruned; the applied Plan; a dict with ``step``,
         ``loss``, ``probe_loss`` lists, ``updates`` (every mask update: ΔΨ, κ goal, units, kept params),
@@ -68,6 +73,7 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
         raise ConfigError(f"checkpoint_every must be >= 0 and needs a checkpoint path, got {checkpoint_every}")
     if schedule.final > steps:
         raise ConfigError(f"the schedule's final update is after step {schedule.final}, but only {steps} steps run")
+    was_training = model.training
     dap = DAP(model, target, schedule, **(dap_kwargs or {}))
     p0 = next(model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "token" not in n and "pos_embed" not in n]
@@ -95,6 +101,13 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
     for step in tqdm(range(start, steps), initial=start, total=steps, disable=not progress or not distributed.is_main(),
                      desc="dap"):
         x, y = next(batches)
+        try:
+            check_images(model, x, "training images", cast=True)
+        except InputError:
+            if step == start:  # nothing trained by this call yet: the model leaves as it came
+                dap.remove()
+                model.train(was_training)
+            raise
         x, y = x.to(p0.device, p0.dtype), y.to(p0.device)
         with torch.autocast(**amp):
             with torch.no_grad():

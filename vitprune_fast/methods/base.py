@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..plan import Plan, PlanSpec, as_spec, plan_from_scores
+from ..progress import Progress
 from ..space import KINDS
 
 NEEDS = ("images", "labels", "training")
@@ -40,12 +41,14 @@ class MethodData:
         chunk: images per chunk of the UP-ViTs engines (bounds the cached block inputs).
         batches: Taylor: training batches to accumulate.
         seed: the method's random draws (random scores, DAP's probes).
-        progress: progress bars.
+        progress: ``True`` (bars), ``"lines"`` (one line per stage of a long engine), ``False``, or a listener
+            (see :mod:`vitprune_fast.progress`).
         teacher: the unpruned model a training method distils from (DAP).
         steps: training steps of a method that trains while it plans (DAP).
         lr: its learning rate.
         cache: results shared by calls on the same model and data, e.g. scores reused by a second spec (methods
             write to it; the caller makes one per model and data).
+        log: where a method says something a person should know before a long run (the CLI: stderr); None: quiet.
     """
 
     loader: Iterable | None = None
@@ -54,11 +57,12 @@ class MethodData:
     chunk: int = 64
     batches: int = 4
     seed: int = 0
-    progress: bool = True
+    progress: Progress = True
     teacher: nn.Module | None = None
     steps: int = 100
     lr: float = 5e-4
     cache: dict = field(default_factory=dict, compare=False)
+    log: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -162,13 +166,24 @@ class Method(ABC):
         (:func:`vitprune_fast.plan.plan_from_scores`).
         """
         from ..arch import describe
-        from ..targets import resolve_spec
 
-        spec, notes = resolve_spec(model, self.own_kinds(as_spec(spec)), kinds=self.kinds)
+        spec, notes = self.resolve(model, data, spec)
         scores = self.cached_scores(model, data)
         if scores is None:
             raise ConfigError(f"method {self.name!r} has no scores to plan from")
         return MethodResult(plan_from_scores(describe(model), scores, spec), scores=scores, notes=notes)
+
+    def resolve(self, model: nn.Module, data: MethodData, spec: PlanSpec) -> tuple[PlanSpec, list[str]]:
+        """``spec`` with keep ratios for :attr:`kinds` (:func:`vitprune_fast.targets.resolve_spec`), computed once per
+        ``data.cache``: methods planning for the same budget on the same model share the search."""
+        from ..targets import resolve_spec
+
+        spec = self.own_kinds(as_spec(spec))
+        key = ("resolved", repr(spec), self.kinds)
+        if key not in data.cache:
+            data.cache[key] = resolve_spec(model, spec, kinds=self.kinds)
+        spec, notes = data.cache[key]
+        return spec, list(notes)
 
     def own_kinds(self, spec: PlanSpec) -> PlanSpec:
         """``spec`` with one keep ratio given for :attr:`kinds` only (the kinds this method does not score stay

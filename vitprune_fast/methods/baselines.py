@@ -48,4 +48,4 @@ class TaylorMethod(Method):
     def scores(self, model: nn.Module, data: MethodData):
         from ..score.baselines import taylor_scores
 
-        return taylor_scores(model, data.loader, num_batches=data.batches, progress=data.progress)
+        return taylor_scores(model, data.loader, num_batches=data.batches, progress=data.progress is True)

@@ -23,7 +23,7 @@ class DapMethod(Method):
     """
 
     name = "dap"
-    summary = "DAP: depth-aware keep ratios learned while fine-tuning (needs --data; trains --steps)"
+    summary = "DAP: depth-aware keep ratios learned while fine-tuning (a --params budget; trains --steps)"
     needs = frozenset({"labels", "training"})
     has_scores = False
 
@@ -39,7 +39,8 @@ class DapMethod(Method):
             torch.manual_seed(data.seed)
             student, plan, history = finetune_dap(
                 copy.deepcopy(model), data.loader, 1 - spec.params, steps=data.steps, lr=data.lr,
-                teacher=data.teacher, dap_kwargs={"attn_mode": spec.attn_mode}, progress=data.progress)
+                teacher=data.teacher, dap_kwargs={"attn_mode": spec.attn_mode},
+                progress=data.progress is True)
         note = (f"dap: {data.steps} steps, params {history['params_before']:,} -> {history['params_after']:,} "
                 f"(target {history['target_params']:,})")
         report = {k: history[k] for k in ("params_before", "params_after", "target_params", "keep_ratios")}

@@ -46,9 +46,20 @@ class UpvitsMethod(Method):
     def scores(self, model: nn.Module, data: MethodData):
         from ..score.upvits import upvits_scores
 
-        return upvits_scores(model, proxy_images(model, data), batch_size=data.chunk, progress=data.progress)
+        images = proxy_images(model, data)
+        if data.log is not None:
+            from ..arch import describe
+
+            n = sum(g.size for g in describe(model).groups.values())
+            data.log(f"UP-ViTs exact engine: {n} candidates on {len(images)} proxy images, every one scored exactly; "
+                     "the screened engine (engine='screened', CLI --screened) gives the same selection scoring "
+                     "exactly only those near each cut")
+        return upvits_scores(model, images, batch_size=data.chunk, progress=data.progress)
 
     def plan(self, model: nn.Module, data: MethodData, spec: PlanSpec) -> MethodResult:
+        if self.steps is None and self.engine == "exact":
+            return super().plan(model, data, spec)
+        spec, notes = self.resolve(model, data, spec)
         if self.steps is not None:
             from ..progressive import progressive_summary, upvits_progressive
 
@@ -57,12 +68,12 @@ class UpvitsMethod(Method):
             plan, rep = upvits_progressive(model, proxy_images(model, data), spec, steps=self.steps,
                                            engine=self.engine, batch_size=data.chunk, progress=data.progress,
                                            scores=first)
-            return MethodResult(plan, report={"progressive": rep}, notes=[*rep["notes"], progressive_summary(rep)])
-        if self.engine == "screened":
-            from ..score.screened import screened_summary, upvits_select
+            rep["notes"] = notes
+            return MethodResult(plan, report={"progressive": rep}, notes=[*notes, progressive_summary(rep)])
+        from ..score.screened import screened_summary, upvits_select
 
-            self.check_data(data)
-            plan, rep = upvits_select(model, proxy_images(model, data), spec, batch_size=data.chunk,
-                                      progress=data.progress)
-            return MethodResult(plan, report={"screened": rep}, notes=[*rep["notes"], screened_summary(rep)])
-        return super().plan(model, data, spec)
+        self.check_data(data)
+        plan, rep = upvits_select(model, proxy_images(model, data), spec, batch_size=data.chunk,
+                                  progress=data.progress)
+        rep["notes"] = notes
+        return MethodResult(plan, report={"screened": rep}, notes=[*notes, screened_summary(rep)])

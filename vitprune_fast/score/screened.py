@@ -33,7 +33,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..arch import adapter_for
 from ..distributed import dist_info, gather_objects
@@ -41,6 +40,7 @@ from ..errors import ConfigError
 from ..kernels.utils import HAS_TRITON
 from ..norms import group_norms
 from ..plan import Plan, PlanSpec, Selection, as_spec, plan_from_scores, selections
+from ..progress import stage
 from ..space import Group
 from .second_order import second_order_screen
 from .store import ScoreStore, fingerprint
@@ -54,8 +54,8 @@ OWN_ERRORS = 8  # a group's band width comes from its own screen errors once it 
 class _Exact:
     """Exact scores of chosen candidates, summed over the image chunks: cached, resumable, sharded over ranks."""
 
-    def __init__(self, engine: FastEngine, chunks: list[torch.Tensor], store: ScoreStore | None, bar):
-        self.engine, self.chunks, self.store, self.bar = engine, chunks, store, bar
+    def __init__(self, engine: FastEngine, chunks: list[torch.Tensor], store: ScoreStore | None, bar=None):
+        self.engine, self.chunks, self.store, self.bar = engine, chunks, store, bar  # bar: the current stage's
         self.values: dict[str, torch.Tensor] = {}  # group -> [size] float64, NaN where not scored
         self.count = 0
 
@@ -88,8 +88,9 @@ class _Exact:
 
 
 def _screen(model: nn.Module, groups: list[Group], chunks: list[torch.Tensor], store: ScoreStore | None,
-            screen_batch: int, eps: float, max_rank: int | None) -> dict[str, torch.Tensor]:
-    """Second-order estimates of ``groups``, summed over every image (chunks sharded over ranks)."""
+            screen_batch: int, eps: float, max_rank: int | None, bar) -> dict[str, torch.Tensor]:
+    """Second-order estimates of ``groups``, summed over every image (chunks sharded over ranks); ``bar`` counts
+    this rank's images."""
     rank, world = dist_info()
     parts = {}
     for i, x in enumerate(chunks):
@@ -98,11 +99,13 @@ def _screen(model: nn.Module, groups: list[Group], chunks: list[torch.Tensor], s
         key = f"screen.{i:05d}"
         if store is not None and store.has(key):
             parts[i] = store.load_tensors(key)
+            bar.update(len(x))
             continue
         est = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
         for sub in x.split(screen_batch):
             for name, v in second_order_screen(model, sub, groups, eps=eps, max_rank=max_rank).items():
                 est[name] += v.detach().double().cpu()
+            bar.update(len(sub))
         parts[i] = est
         if store is not None:
             store.save_tensors(key, est)
@@ -216,7 +219,9 @@ def upvits_select(
         batch_size, max_rows, autocast_dtype, use_kernels: the exact engine's settings (see ``upvits_scores``).
         checkpoint: directory for resumable results (every screen chunk and exact evaluation; a different job is
             refused).
-        progress: a progress bar of the exact evaluations.
+        progress: ``True``: a bar per stage (exact residual, screen, calibration, band and audit rounds), each with
+            its own count and ETA; ``"lines"``: one line per stage on stderr; ``False``: nothing; a callable
+            ``(stage, done, total)``: events (:mod:`vitprune_fast.progress`).
         calibration: candidates per screened group scored exactly up front to size its band.
         audit: candidates per kind (attn, mlp) and audit round scored exactly outside the band.
         safety: the band is this many times wider than the largest screen error seen near a cut.
@@ -240,7 +245,7 @@ def upvits_select(
     sels = selections(space, spec)
     if safety < 1 or min_width <= 0 or calibration < 0 or audit < 0:
         raise ConfigError("safety must be >= 1, min_width > 0, calibration and audit >= 0")
-    chunks = _chunks(images, batch_size)
+    chunks = _chunks(images, batch_size, model)
     deciding = sorted({s.group for s in sels if s.keep < len(s.items)}, key=list(space.groups).index)
     in_blocks = ({b.mlp for b in adapter.blocks() if not b.post_norm}
                  | {b.attn for b in adapter.blocks() if b.taps is None and not b.qkv_functional and not b.post_norm})
@@ -261,26 +266,42 @@ def upvits_select(
     amp = (torch.autocast(chunks[0].device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     total = sum(g.size for g in space.groups.values() if g.name in deciding)
+    rank, world = dist_info()
+    n_images = sum(len(c) for i, c in enumerate(chunks) if i % world == rank)  # this rank's share of the screen
+    current = []  # the open stage
+
+    def enter(name: str, work: int | None, unit: str = "cand"):
+        """Close the stage in progress and open the next: its own bar (and ETA), or one line under "lines"."""
+        if current:
+            current.pop().close()
+        current.append(stage(progress, "UP-ViTs screened", name, work, unit))
+        exact.bar = current[0]
+        return current[0]
+
     try:
-        with tqdm(total=total, unit="cand", disable=not progress, desc="UP-ViTs screened") as bar:
-            with torch.no_grad(), amp:
-                engine = FastEngine(model, space, max_rows or _auto_rows(model, chunks[0]), kernels)
-                exact = _Exact(engine, chunks, store, bar)
-                t0 = time.perf_counter()
-                for g in exact_only:  # residual channels: few, and their change reaches every LayerNorm
-                    exact.evaluate(g, torch.arange(g.size), "all")
-                seconds["exact_residual"] = time.perf_counter() - t0
+        with torch.no_grad(), amp:
+            engine = FastEngine(model, space, max_rows or _auto_rows(model, chunks[0]), kernels)
+            exact = _Exact(engine, chunks, store)
             t0 = time.perf_counter()
-            estimates = _screen(model, screened, chunks, store, screen_batch, eps, max_rank) if screened else {}
-            seconds["screen"] = time.perf_counter() - t0
-            with torch.no_grad(), amp:
-                state = _State(space, sels, estimates, exact)
-                stats = {g.name: {"calibration": 0, "band": 0, "audit": 0, "flips": 0} for g in screened}
-                t0 = time.perf_counter()
-                width = _calibrate(state, screened, calibration, safety, min_width, gen, stats)
-                seconds["calibration"] = time.perf_counter() - t0
-                rounds, audits = _band_and_audit(state, screened, width, audit, safety, gen, stats, seconds)
+            enter("exact residual", sum(g.size for g in exact_only))
+            for g in exact_only:  # residual channels: few, and their change reaches every LayerNorm
+                exact.evaluate(g, torch.arange(g.size), "all")
+            seconds["exact_residual"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bar = enter("screen", n_images * bool(screened), "img")
+        estimates = _screen(model, screened, chunks, store, screen_batch, eps, max_rank, bar) if screened else {}
+        seconds["screen"] = time.perf_counter() - t0
+        with torch.no_grad(), amp:
+            state = _State(space, sels, estimates, exact)
+            stats = {g.name: {"calibration": 0, "band": 0, "audit": 0, "flips": 0} for g in screened}
+            t0 = time.perf_counter()
+            enter("calibration", sum(min(calibration, g.size) for g in screened))
+            width = _calibrate(state, screened, calibration, safety, min_width, gen, stats)
+            seconds["calibration"] = time.perf_counter() - t0
+            rounds, audits = _band_and_audit(state, screened, width, audit, safety, gen, stats, seconds, enter)
     finally:
+        if current:
+            current.pop().close()
         model.train(was_training)
     scores = {n: state.best(n) for n in deciding}
     plan = plan_from_scores(space, scores, spec)
@@ -354,19 +375,23 @@ def _width(state: _State, g: Group, screened: list[Group], safety: float, floor:
 
 
 def _band_and_audit(state: _State, screened: list[Group], width: dict[str, float], audit: int, safety: float, gen,
-                    stats: dict, seconds: dict) -> tuple[int, int]:
-    """Score the band exactly until it is stable, audit outside it; widen and repeat on a flip. (rounds, audits)."""
+                    stats: dict, seconds: dict, enter) -> tuple[int, int]:
+    """Score the band exactly until it is stable, audit outside it; widen and repeat on a flip. (rounds, audits).
+
+    ``enter(name, work)`` opens each band and audit pass's progress stage."""
     groups = {g.name: g for g in screened}
     rounds = audits = 0
     seconds.setdefault("band", 0.0)
     seconds.setdefault("audit", 0.0)
     while True:
         t0 = time.perf_counter()
+        bar = enter(f"band {audits + 1}", None)  # how much it scores is known only as it goes
         while True:  # the band: score what is close to a cut; the cuts move as exact scores arrive
             todo = state.near_cut(width)
             if not todo:
                 break
             rounds += 1
+            bar.set_postfix_str(f"round {rounds}: {sum(len(c) for c in todo.values())} near a cut", refresh=True)
             for name, cands in todo.items():
                 before = state.exact.count
                 state.exact.evaluate(groups[name], cands, f"band{rounds}")
@@ -379,6 +404,7 @@ def _band_and_audit(state: _State, screened: list[Group], width: dict[str, float
             return rounds, audits
         t0 = time.perf_counter()
         audits += 1
+        enter(f"audit {audits}", audit * len({g.kind for g in screened}))
         flipped = _audit(state, groups, width, audit, gen, stats, audits)
         seconds["audit"] += time.perf_counter() - t0
         widened = False

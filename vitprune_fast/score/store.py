@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import VitPruneError
+from ..files import apply_umask
 
 
 def fingerprint(model: torch.nn.Module, chunks: list[torch.Tensor], settings: dict) -> str:
@@ -80,6 +81,7 @@ def _atomic_write(dest: Path, write: Callable[[str], object]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        apply_umask(tmp)  # mkstemp makes it 0600
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

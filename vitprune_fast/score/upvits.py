@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..arch import BlockRef, adapter_for
 from ..distributed import dist_info, gather_objects
 from ..errors import ConfigError, InputError, PlanError
+from ..inputs import check_images
 from ..kernels.expand_ln import expand_ln
 from ..kernels.kl_div import kl_per_candidate
 from ..kernels.utils import HAS_TRITON, resolve_backend
@@ -33,6 +33,7 @@ from ..masked import masked_copy
 from ..norms import group_norms, masked_norm
 from ..overrides import replaced_forward, replaced_input, replaced_linear_output, replaced_output
 from ..plan import Plan
+from ..progress import stage
 from ..prune import prune_
 from ..space import PruningSpace, tensor_of
 from .store import ScoreStore, fingerprint
@@ -52,24 +53,21 @@ class _Work:
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
-def _chunks(images, batch_size: int) -> list[torch.Tensor]:
-    """Proxy images as a list of [n, C, H, W] chunks (a tensor is split; a loader's batches are kept)."""
+def _chunks(images, batch_size: int, model: nn.Module) -> list[torch.Tensor]:
+    """Proxy images as a list of [n, C, H, W] chunks (a tensor is split; a loader's batches are kept), each checked
+    against what ``model`` takes (:func:`vitprune_fast.inputs.check_images`) before any forward."""
     if isinstance(images, torch.Tensor):
-        if images.dim() != 4 or not images.is_floating_point():
-            raise InputError(f"images must be a float [N, C, H, W] tensor, got {images.dtype} {tuple(images.shape)}")
-        if images.shape[0] == 0:
-            raise InputError("no proxy images")
-        return list(images.split(batch_size))
+        return list(check_images(model, images, "proxy images").split(batch_size))
     if not isinstance(images, Iterable):
         raise InputError(f"images must be a tensor or an iterable of batches, got {type(images).__name__}")
     out = []
     for batch in images:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        if not isinstance(x, torch.Tensor):
             raise InputError("each batch must be an image tensor [n, C, H, W] or a tuple whose first item is one")
-        out.append(x)
+        out.append(check_images(model, x, "proxy images"))
     if not out:
-        raise InputError("the loader yielded no batches")
+        raise InputError("no proxy images: the loader yielded no batches")
     return out
 
 
@@ -460,7 +458,8 @@ def upvits_scores(
         max_rows: images × candidates per pass (fast engine); default from free memory (256 on CPU).
         checkpoint: directory for resumable results: each finished (chunk, group) is saved; a rerun with the
             same model, images and settings continues, a different job is refused.
-        progress: tqdm progress bar (candidates/s).
+        progress: ``True``: a progress bar (candidates/s); ``"lines"``: one line on stderr when scoring starts;
+            ``False``: nothing; a callable ``(stage, done, total)``: events (:mod:`vitprune_fast.progress`).
         autocast_dtype: e.g. ``torch.bfloat16`` to run under CUDA autocast.
         teacher: reference engine only: ``"cached"`` or ``"recompute"`` (the teacher forward per candidate,
             as the published scripts do).
@@ -483,7 +482,7 @@ def upvits_scores(
         raise ConfigError(f"engine must be 'fast' or 'reference', got {engine!r}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    chunks = _chunks(images, batch_size)
+    chunks = _chunks(images, batch_size, model)
     work = _work_list(space, len(adapter.blocks()), components)
     if groups is not None:
         unknown = sorted(set(groups) - {w.name for w in work})
@@ -519,7 +518,7 @@ def upvits_scores(
                 eng = (FastEngine(model, space, rows, kernels) if engine == "fast"
                        else ReferenceEngine(model, space, teacher))
                 total = sum(w.size for _, w in pending)
-                with tqdm(total=total, unit="cand", disable=not progress, desc=f"UP-ViTs {engine}") as bar:
+                with stage(progress, f"UP-ViTs {engine}", "exact scores", total) as bar:
                     for i, w in pending:
                         vec = eng.score(w, chunks[i], i, bar.update)
                         results[_key(i, w)] = vec.detach().cpu()
