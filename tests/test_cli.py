@@ -93,7 +93,7 @@ def test_prune_screened_gives_the_exact_upvits_selection(tmp_path, capsys, mode)
     assert "screened UP-ViTs:" in out and "candidates scored exactly" in out
     report = json.loads((tmp_path / "s" / "screened.json").read_text())
     assert 0 < report["scored_exactly"] <= report["candidates"] and report["flips"] >= 0
-    _run([*common, "--out", str(tmp_path / "e")], capsys)
+    _run([*common, "--exact", "--out", str(tmp_path / "e")], capsys)
     a, b = (vpf.Plan.from_dict(json.loads((tmp_path / d / "plan.json").read_text())) for d in "se")
     # the exact scores of the same model (same name, args and seed) and proxy images, for the tie rule
     from vitprune_fast.data import digits
@@ -114,7 +114,7 @@ def test_prune_progressive(tmp_path, capsys):
     from vitprune_fast.progressive import upvits_progressive
 
     common = ["prune", "--model", MODEL, "--model-args", TINY, "--data", "digits", "--method", "upvits",
-              "--proxy", "4", "--quiet", "--flops", "0.5"]
+              "--proxy", "4", "--quiet", "--flops", "0.5", "--exact"]
     plans = {}
     for name, extra in {"one": [], "p1": ["--progressive", "1"], "p2": ["--progressive", "2"]}.items():
         out = _run([*common, *extra, "--out", str(tmp_path / name)], capsys)

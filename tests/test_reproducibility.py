@@ -59,7 +59,7 @@ def _same_files(a, b, names):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("method", [["--method", "upvits", "--proxy", "4"],
+@pytest.mark.parametrize("method", [["--method", "upvits", "--proxy", "4", "--exact"],
                                     ["--method", "upvits", "--proxy", "4", "--screened"],
                                     ["--method", "taylor", "--batches", "1"]], ids=["upvits", "screened", "taylor"])
 def test_two_identical_prune_runs_are_byte_identical(folder, tmp_path, method, capsys):

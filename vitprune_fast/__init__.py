@@ -32,6 +32,7 @@ from .methods import Method, MethodData, MethodResult, get_method, register_meth
 from .plan import Plan, PlanSpec, make_plan, plan_from_scores
 from .progressive import upvits_progressive
 from .prune import prune_
+from .reconstruct import reconstruct_
 from .score.dimap import apply_masks_, dimap_masks, dimap_scores, dimap_structured_plan, sparsity_report
 from .score.screened import upvits_select
 from .score.upvits import upvits_scores
@@ -53,6 +54,6 @@ __all__ = [
     "TensorSlice", "UnsupportedModelError", "VitPruneError", "__version__", "apply_masks_", "describe", "dimap_masks",
     "dimap_scores", "dimap_structured_plan", "finetune_dap", "get_method", "keep_for_budget", "keep_for_flops",
     "load_pruned", "make_plan", "methods", "metrics", "plan_for_shape", "plan_from_scores", "plan_with_heads", "prune_",
-    "register_method", "resolve_spec", "save_pruned", "score", "shape_plan_args", "shape_targets", "sparsity_report",
-    "upvits_progressive", "upvits_scores", "upvits_select",
+    "reconstruct_", "register_method", "resolve_spec", "save_pruned", "score", "shape_plan_args", "shape_targets",
+    "sparsity_report", "upvits_progressive", "upvits_scores", "upvits_select",
 ]

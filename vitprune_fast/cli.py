@@ -8,6 +8,7 @@ with the demo and the benchmarks) and are driven through their interface only: `
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -191,12 +193,18 @@ def _log(line: str) -> None:
 _OPTION_FLAGS = (
     ("--screened", "engine", lambda a: "screened" if a.screened else None, "--screened is the UP-ViTs selection "
                                                                            "engine"),
+    ("--exact", "engine", lambda a: "exact" if a.exact else None, "--exact is the UP-ViTs engine that scores every "
+                                                                  "candidate"),
     ("--progressive", "steps", lambda a: a.progressive, "--progressive re-scores the model between steps"),
 )
+DEFAULT_ENGINE = "screened"  # the CLI's engine for a method with an `engine` option: the exact selection for less
 
 
 def _method(args) -> Method:
-    """The ``--method`` with the options its flags set; a flag for an option the method lacks is a usage error."""
+    """The ``--method`` with the options its flags set; a flag for an option the method lacks is a usage error. A
+    method with an ``engine`` option runs the screened engine unless ``--exact`` says otherwise."""
+    if args.screened and args.exact:
+        raise UsageError("give --screened or --exact, not both")
     options = {}
     for _flag, option, value, what in _OPTION_FLAGS:
         v = value(args)
@@ -206,6 +214,8 @@ def _method(args) -> Method:
         if option not in get_method(args.method).option_names() or args.scores:
             raise UsageError(f"{what}: use it with --method {' / '.join(owners)}, without --scores")
         options[option] = v
+    if "engine" in get_method(args.method).option_names():
+        options.setdefault("engine", DEFAULT_ENGINE)
     return get_method(args.method, **options)
 
 
@@ -213,10 +223,16 @@ def _spec(args):
     """The PlanSpec of ``--keep / --flops / --params / --target`` and the plan rules."""
     from .plan import PlanSpec
 
-    budgets = {"keep": args.keep, "flops": args.flops, "params": args.params, "target": args.target}
+    budgets = {"keep": args.keep, "flops": args.flops, "params": args.params, "latency": args.latency,
+               "target": args.target}
     if sum(v is not None for v in budgets.values()) != 1:
-        raise UsageError("give exactly one of --keep, --flops, --params, --target")
-    return PlanSpec(**budgets, heads=args.heads, attn_mode=args.attn_mode, round_to=args.round_to)
+        raise UsageError("give exactly one of --keep, --flops, --params, --latency, --target")
+    if args.allocation == "global" and args.keep is not None or args.allocation == "global" and args.target:
+        raise UsageError("--allocation global spends one budget: give --flops, --params or --latency")
+    if args.latency is not None and args.allocation != "global":
+        raise UsageError("--latency needs --allocation global (a latency table prices each block's widths)")
+    return PlanSpec(**budgets, heads=args.heads, attn_mode=args.attn_mode, round_to=args.round_to,
+                    allocation=args.allocation)
 
 
 def cmd_prune(args) -> int:
@@ -233,13 +249,45 @@ def cmd_prune(args) -> int:
     model, data = _model_and_data(args, need_data=bool(method.needs) and not args.scores)
     space = describe(model)
     before = _model_row("unpruned", model)
+    mdata = _method_data(args, model, data, method)
+    if spec.budget == "latency":  # measured on this machine at --latency-batch (cached per device and batch)
+        from .latency import LatencyModel
+
+        mdata = replace(mdata, latency=LatencyModel.build(model, args.latency_batch, spec, _latency_cache()))
     if args.scores:
-        resolved, notes = resolve_spec(model, spec)
-        result = MethodResult(plan_from_scores(space, load_scores(args.scores), resolved), notes=notes)
+        scores = load_scores(args.scores)
+        if spec.allocation == "global":
+            from .allocate import allocate, allocation_summary
+            from .methods.base import cost_models
+
+            plan, rep = allocate(model, scores, spec, **cost_models(model, mdata, spec))
+            result = MethodResult(plan, report={"allocation": rep}, notes=[allocation_summary(rep)])
+        else:
+            resolved, notes = resolve_spec(model, spec)
+            result = MethodResult(plan_from_scores(space, scores, resolved), notes=notes)
     else:
-        result = method.plan(model, _method_data(args, model, data, method), spec)
+        result = method.plan(model, mdata, spec)
+        if "engine" in method.option_names():
+            result.notes.append(f"{method.name} engine: {method.engine}"
+                                + (" (--exact scores every candidate)" if method.engine != "exact" else ""))
     plan = result.plan
+    teacher = copy.deepcopy(model) if args.reconstruct else None
     model = result.model if result.model is not None else prune_(model, plan)  # a training method pruned its own
+    if args.reconstruct:
+        from .reconstruct import reconstruct_, reconstruct_summary
+
+        if data is None:
+            raise UsageError("--reconstruct fits on training images: give --data")
+        p = next(teacher.parameters())
+        if args.calib is None:  # the proxy images (drawn here for a method that needs none)
+            calib = data.proxy(args.proxy, args.seed)[0]
+        else:  # others: a draw that leaves the proxy images out
+            calib = data.proxy(args.calib, args.seed, exclude=data.proxy(args.proxy, args.seed)[2])[0]
+        calib = calib.to(p.device, p.dtype)
+        rec = reconstruct_(model, teacher, calib, plan, batch_size=args.batch_size, progress=not args.quiet)
+        result.report["reconstruct"] = {k: v for k, v in rec.items()}
+        result.notes.append(reconstruct_summary(rec) + (" (on the proxy images)" if args.calib is None else
+                                                        f" (on {len(calib)} other training images)"))
     after = _model_row("pruned", model)
     out = save_pruned(model, args.out)
     (out / "plan.json").write_text(json.dumps(plan.to_dict()))
@@ -261,8 +309,23 @@ def cmd_prune(args) -> int:
     print("kept channels: " + ", ".join(f"{k} {b}/{a}" for k, (a, b) in kinds.items()))
     pct = 100 * after["mflops"] / before["mflops"]
     print(f"FLOPs {pct:.1f} % of dense -> {out}" + (f" (plot {png})" if png else ""))
+    if mdata.latency is not None:
+        from .metrics import measure_latency
+
+        measured = measure_latency(model, args.latency_batch, repeats=20)
+        predicted = mdata.latency.predict_plan(plan)
+        share = 100 * predicted / mdata.latency.dense
+        print(f"latency (batch {args.latency_batch}, {mdata.latency.table['device']}): predicted "
+              f"{1e3 * predicted:.3f} ms, measured {1e3 * measured:.3f} ms ({share:.1f} % of the unpruned model's "
+              "prediction)")
     print(f"stock timm: {stock_call(stock, out / WEIGHTS)}")
     return 0
+
+
+def _latency_cache() -> Path:
+    """Where latency tables are cached: ``$VITPRUNE_FAST_CACHE/latency`` or ``~/.cache/vitprune_fast/latency``."""
+    root = os.environ.get("VITPRUNE_FAST_CACHE")
+    return Path(root) / "latency" if root else Path.home() / ".cache" / "vitprune_fast" / "latency"
 
 
 def cmd_finetune(args) -> int:
@@ -554,6 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=_keep, default=None, help="keep ratio: 0.5, or residual=0.75,attn=0.5,mlp=0.5")
     p.add_argument("--flops", type=_ratio, default=None, help="target fraction of the dense FLOPs, e.g. 0.5")
     p.add_argument("--params", type=_ratio, default=None, help="target fraction of the parameters, e.g. 0.5")
+    p.add_argument("--latency", type=_ratio, default=None,
+                   help="target fraction of the latency on this machine (with --allocation global; measured at "
+                        "--latency-batch, cached per device, model and batch)")
+    p.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B", help="batch size latency is for")
+    p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                   help="uniform: one keep ratio for every block (UP-ViTs' rule); global: every group's width chosen "
+                        "to keep the most score under the budget (needs scores comparable across groups)")
     p.add_argument("--target", default=None, help="timm model whose widths to reach, e.g. deit_tiny_patch16_224")
     p.add_argument("--heads", type=_positive_int, default=None, help="UP-ViTs head merge: heads per attention")
     p.add_argument("--attn-mode", choices=("dims", "heads"), default="dims",
@@ -561,11 +631,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=_positive_int, default=1, metavar="M",
                    help="round narrowed widths (residual, MLP, head_dim) to multiples of M (8 suits GPU kernels)")
     p.add_argument("--screened", action="store_true",
-                   help="--method upvits: the exact engine's selection, scoring exactly only the candidates near "
-                        "each cut (a second-order screen ranks the rest); report in OUT/screened.json")
+                   help="--method upvits (the default engine): the exact engine's selection, scoring exactly only the "
+                        "candidates near each cut (a second-order screen ranks the rest); report in OUT/screened.json")
+    p.add_argument("--exact", action="store_true", help="--method upvits: the exact engine, every candidate scored")
     p.add_argument("--progressive", type=_positive_int, default=None, metavar="T",
                    help="--method upvits: reach the widths in T steps, re-scoring the partly pruned model between "
                         "steps (with --screened: each step by the screened engine); report in OUT/progressive.json")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after pruning, refit every Linear that lost inputs by ridge least squares to the unpruned "
+                        "model's outputs (report in OUT/reconstruct.json)")
+    p.add_argument("--calib", type=_positive_int, default=None, metavar="N",
+                   help="--reconstruct on N training images other than the proxy draw (default: the proxy images)")
     p.add_argument("--steps", type=_positive_int, default=100,
                    help="methods that train while they plan (dap): training steps")
     p.add_argument("--lr", type=float, default=5e-4, help="methods that train while they plan (dap): learning rate")
@@ -627,8 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="retrain the unpruned models")
     p.add_argument("--jobs", type=_positive_int, default=None, help="worker processes (default: 2 if >= 2 cores)")
     p.add_argument("--methods", default=None,
-                   help=f"comma list of registered methods ({','.join(method_names())}); default "
-                        "upvits,dimap,magnitude,random")
+                   help=f"comma list of rows: registered methods ({','.join(method_names())}), each may end in "
+                        "-global (global allocation), -progressive (re-scoring in steps), +rec (least-squares "
+                        "reconstruction); default upvits,upvits-global,upvits+rec,dimap,magnitude,magnitude+rec,random")
     p.add_argument("--screened", action="store_true", help="UP-ViTs with the screened selection engine")
     p.add_argument("--shape", action="store_true", help="instead: random-init DeiT-S pruned to the DeiT-Ti shape; "
                                                         "params / FLOPs / latency only")

@@ -47,8 +47,10 @@ class DataBundle:
     name: str
     train_eval: Dataset | None = None
 
-    def proxy(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``n`` training images through the evaluation transform, drawn without replacement by ``seed``.
+    def proxy(self, n: int, seed: int = 0, exclude: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` training images through the evaluation transform, drawn without replacement by ``seed`` (none of the
+        positions in ``exclude``: e.g. a calibration set apart from the proxy images).
 
         Returns:
             ``(images [n, C, H, W], labels [n], indices [n])``: ``indices`` are the drawn positions in the training
@@ -58,9 +60,12 @@ class DataBundle:
             ConfigError: ``n`` < 1 or more than the training split holds.
         """
         source = self.train_eval if self.train_eval is not None else self.train
-        if not 1 <= n <= len(source):
-            raise ConfigError(f"cannot draw {n} proxy images from a training split of {len(source)}")
-        idx = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]
+        order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+        if exclude is not None:
+            order = order[~torch.isin(order, torch.as_tensor(exclude))]
+        if not 1 <= n <= len(order):
+            raise ConfigError(f"cannot draw {n} images from the {len(order)} of the training split left to draw")
+        idx = order[:n]
         items = [source[int(i)] for i in idx]
         return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items]), idx
 

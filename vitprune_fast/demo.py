@@ -33,10 +33,13 @@ from tqdm.auto import tqdm
 from .errors import ConfigError
 from .methods import MethodData, MethodResult, get_method, method_names
 from .table import table
+from .variants import parse
 
 CACHE_ENV = "VITPRUNE_FAST_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "vitprune_fast" / "demo"
-METHODS = ("upvits", "dimap", "magnitude", "random")  # the default selection from the registry (methods.method_names)
+# the default rows: registered methods, optionally -global (global allocation), -progressive, +rec (reconstruction);
+# see vitprune_fast.variants
+METHODS = ("upvits", "upvits-global", "upvits+rec", "dimap", "magnitude", "magnitude+rec", "random")
 DATA_VERSION = "digits-32px-v1"  # bump when data.digits changes: invalidates cached models
 
 # timm names + kwargs: 32-px inputs, 10 classes, ~7 MFLOPs each.
@@ -141,21 +144,25 @@ def proxy_subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0) -> tor
     return x[torch.stack(picked[:n])]
 
 
-def _prune_by(method: str, base, cfg: DemoConfig, spec, data: MethodData
+def _prune_by(label: str, base, cfg: DemoConfig, spec, data: MethodData
               ) -> tuple[torch.nn.Module, float, MethodResult]:
-    """(pruned model, seconds, the method's result) for one method at the shared spec.
+    """(pruned model, seconds, the method's result) for one row at the shared spec.
 
     Every method plans through :meth:`~vitprune_fast.methods.Method.plan` (UP-ViTs' screened engine gives a plan
-    without a full set of scores: None; a method that trains while it plans returns its fine-tuned model)."""
+    without a full set of scores: None; a method that trains while it plans returns its fine-tuned model); a
+    ``+rec`` row is then reconstructed on the proxy images."""
     from .prune import prune_
+    from .reconstruct import reconstruct_, reconstruct_summary
 
     t0 = time.perf_counter()
-    m = get_method(method)
-    m = m.with_options(engine=cfg.upvits_engine) if "engine" in m.option_names() else m
-    result = m.plan(base, data, spec)
-    dt = time.perf_counter() - t0
+    row = parse(label)
+    result = row.build(engine=cfg.upvits_engine).plan(base, data, row.spec(spec))
     model = result.model if result.model is not None else prune_(copy.deepcopy(base), result.plan)
-    return model, dt, result
+    if row.reconstruct:
+        rec = reconstruct_(model, base, data.images, result.plan, batch_size=data.chunk, progress=False)
+        result.report["reconstruct"] = {k: v for k, v in rec.items() if k != "layers"}
+        result.notes.append(reconstruct_summary(rec))
+    return model, time.perf_counter() - t0, result
 
 
 def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: Callable) -> dict:
@@ -168,7 +175,7 @@ def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: 
     from .data import digits
     from .finetune import DEFAULT_ALPHA, evaluate, train
     from .io import save_pruned
-    from .metrics import count_flops, count_params
+    from .metrics import count_flops, count_params, fidelity
     from .plan import PlanSpec
     from .plots import plot_kept_widths, plot_score_distributions
     from .targets import keep_for_flops, uniform_fraction
@@ -200,14 +207,15 @@ def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: 
                        progress=False, teacher=base, steps=cfg.finetune_steps, lr=cfg.finetune_lr)
     all_scores, widths = {}, {}
     for method in cfg.methods:
-        trains = "training" in get_method(method).needs
+        trains = "training" in get_method(parse(method).method).needs
         method_spec = PlanSpec(params=uniform_fraction(base, ratio, "params")) if trains else spec
         student, t_score, result = _prune_by(method, base, cfg, method_spec, mdata)
         tuned, reports = result.model is not None, result.report
         if result.scores is not None:
             all_scores[method] = result.scores
         widths[method] = {n: gr.size for n, gr in describe(student).groups.items()}
-        before = None if tuned else evaluate(student, test_loader)
+        fid = None if tuned else fidelity(base, student, test_loader)  # held out: KL to the unpruned, agreement
+        before = None if tuned else fid["top1"]
         report("step", f"{method}: planned in {t_score:.1f} s, top-1 pruned "
                        + ("- (pruned while fine-tuning)" if tuned else f"{100 * before:.1f} %"))
         for note in result.notes if reports else ():  # what an engine with a report did (e.g. screened UP-ViTs)
@@ -222,6 +230,8 @@ def run_model(key: str, cfg: DemoConfig, cache: Path | None, out: Path, report: 
         flops = count_flops(student)
         rows.append({"method": method, "params": count_params(student), "flops": flops,
                      "flops_frac": flops / dense_flops, "acc_pruned": None if tuned else 100 * before,
+                     "kl_pruned": None if tuned else fid["kl"],
+                     "agree_pruned": None if tuned else 100 * fid["agreement"],
                      "acc_finetuned": 100 * after, "score_s": t_score, "finetune_s": t_ft, **reports})
         save_pruned(student, out / "models" / f"{key}-{method}", model_name=name)
     plots = [plot_kept_widths(space, widths, out / f"{key}-widths.png", f"{key}: kept width per block (~50 % FLOPs)"),
@@ -324,7 +334,7 @@ def _latencies(results: dict[str, dict], out: Path, repeats: int, rounds: int = 
 # --------------------------------------------------------------------------------------------------------- main
 COLUMNS = [("model", "model", ""), ("method", "method", ""), ("params", "params", ",d"), ("mflops", "MFLOPs", ".2f"),
            ("flops_pct", "FLOPs %", ".1f"), ("latency_ms", "ms bs1", ".3f"), ("latency64_ms", "ms bs64", ".2f"),
-           ("score_s", "score s", ".1f"),
+           ("score_s", "score s", ".1f"), ("kl_pruned", "KL pruned", ".3f"), ("agree_pruned", "agree %", ".1f"),
            ("acc_pruned", "top-1 pruned", ".2f"), ("acc_finetuned", "top-1 fine-tuned", ".2f")]
 
 
@@ -363,9 +373,15 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, cache_dir:
     load_start = os.getloadavg()[0]  # other work on the machine inflates every timing below
     cfg = config or (FAST if fast else FULL)
     if methods:
-        bad = [m for m in methods if m not in method_names()]
+        bad = []
+        for m in methods:
+            try:
+                parse(m)
+            except ConfigError:
+                bad.append(m)
         if bad or len(set(methods)) != len(methods):
-            raise ConfigError(f"--methods must be distinct names from {method_names()}, got {list(methods)}")
+            raise ConfigError(f"--methods must be distinct names from {method_names()} (each may end in -global, "
+                              f"-progressive, +rec), got {list(methods)}")
         cfg = replace(cfg, methods=tuple(methods))
     if screened:
         cfg = replace(cfg, upvits_engine="screened")

@@ -58,7 +58,7 @@ class Plan:
 
 
 BUDGETS = ("flops", "params", "latency")
-ALLOCATIONS = ("uniform",)
+ALLOCATIONS = ("uniform", "global")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ class PlanSpec:
             removes whole heads.
         round_to: round every narrowed width to a multiple of this (see :func:`make_plan`).
         allocation: how a budget becomes widths: ``"uniform"`` (the UP-ViTs rule: one keep ratio for the residual,
-            attention and MLP groups of every block).
+            attention and MLP groups of every block) or ``"global"`` (every group's count chosen to keep the most
+            score under the budget, :func:`vitprune_fast.allocate.allocate`; needs scores comparable across groups).
     """
 
     keep: float | Mapping[str, float] | None = None

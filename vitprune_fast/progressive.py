@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .arch import adapter_for
-from .errors import ConfigError
+from .errors import ConfigError, PlanError
 from .plan import Plan, PlanSpec, Selection, as_spec, plan_from_scores, selections
 from .prune import prune_
 
@@ -94,9 +94,12 @@ def upvits_progressive(
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
     space = adapter_for(model).describe()
-    spec, notes = resolve_spec(model, as_spec(spec))
-    final = selections(space, spec)  # validates everything before any scoring
+    spec = as_spec(spec)
     images = _chunks(images, engine_kwargs.get("batch_size", 64), model)  # checked once; every step reuses them
+    if spec.allocation == "global":
+        return _global(model, images, spec, steps, engine, checkpoint, progress, scores, engine_kwargs)
+    spec, notes = resolve_spec(model, spec)
+    final = selections(space, spec)  # validates everything before any scoring
     alive = {sel.group: torch.arange(space.groups[sel.group].size) for sel in final}  # original indices left
     current = model
     report: dict = {"steps": steps, "engine": engine, "per_step": [], "notes": notes}
@@ -125,6 +128,60 @@ def upvits_progressive(
     report["seconds"] = time.perf_counter() - t_all
     new_heads = {sel.group: sel.heads for sel in final if sel.heads is not None}  # as make_plan records them
     return Plan.from_space(space, alive, new_heads), report
+
+
+def _global(model, images, spec: PlanSpec, steps: int, engine: str, checkpoint, progress, scores,
+            engine_kwargs) -> tuple[Plan, dict]:
+    """Progressive global allocation: step ``t`` spends its share of the budget, ``dense - (dense - budget) * t / T``
+    of the unpruned model's cost, allocating globally on the model the steps before left (re-scored by ``engine``)."""
+    from .allocate import allocate
+    from .cost import CostModel
+    from .score.screened import upvits_select
+    from .score.upvits import upvits_scores
+
+    measure = spec.budget
+    if measure == "latency":
+        raise PlanError("a progressive global allocation takes a flops or params budget (a latency model describes "
+                        "one model; the steps change it)")
+    if measure not in ("flops", "params"):
+        raise PlanError(f"a global allocation needs a flops or params budget, got {measure}")
+    space = adapter_for(model).describe()
+    dense = CostModel(model, measure).dense
+    target = getattr(spec, measure) * dense
+    alive = {n: torch.arange(g.size) for n, g in space.groups.items()}  # original indices left
+    heads: dict[str, int] = {}
+    current = model
+    report: dict = {"steps": steps, "engine": engine, "allocation": "global", "per_step": [], "notes": []}
+    t_all = time.perf_counter()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        cm = CostModel(current, measure)
+        share = (dense - (dense - target) * step / steps) / cm.dense  # of the model this step starts from
+        step_spec = dataclasses.replace(spec, **{measure: min(1.0, share)})
+        ckpt = None if checkpoint is None else f"{checkpoint}/step{step}"
+        rep = None
+        if step == 1 and scores is not None:
+            plan, arep = allocate(current, scores, step_spec, cost_model=cm)
+        elif engine == "screened":
+            plan, rep = upvits_select(current, images, step_spec, checkpoint=ckpt, progress=progress, cost_model=cm,
+                                      **engine_kwargs)
+            arep = rep["allocation"]
+        else:
+            step_scores = upvits_scores(current, images, checkpoint=ckpt, progress=progress, **engine_kwargs)
+            plan, arep = allocate(current, step_scores, step_spec, cost_model=cm)
+        for name, kept in plan.keep.items():
+            alive[name] = alive[name][kept]
+        heads.update(plan.heads)
+        if step < steps:
+            current = copy.deepcopy(model) if current is model else current
+            prune_(current, plan)
+        report["per_step"].append({"step": step, "plan": plan.to_dict(), "budget_of_dense": share * cm.dense / dense,
+                                   "allocation": arep, "seconds": time.perf_counter() - t0,
+                                   **({"screened": rep} if rep else {})})
+    report["seconds"] = time.perf_counter() - t_all
+    keep = {n: a for n, a in alive.items() if len(a) < space.groups[n].size}
+    heads = {n: h for n, h in heads.items() if n in keep or h != space.groups[n].num_heads}
+    return Plan.from_space(space, keep, heads), report
 
 
 def progressive_summary(report: dict) -> str:

@@ -113,6 +113,29 @@ def _whole_heads_kept(keep: torch.Tensor, head_dim: int, heads: int) -> bool:
     return bool((rows == rows[:, :1] + torch.arange(head_dim)).all() and (rows[:, 0] % head_dim == 0).all())
 
 
+def removed_entries(changes: list[_GroupChange]) -> dict[tuple[str, int], list[torch.Tensor]]:
+    """``(tensor name, dim)`` -> the indices along that dim the changes remove (one tensor per group that slices it;
+    per-head tensors apart)."""
+    removed: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
+    for ch in changes:
+        gone = torch.ones(ch.group.size, dtype=torch.bool)
+        gone[ch.keep] = False
+        gone = gone.nonzero().flatten()
+        if gone.numel():
+            for sl in ch.group.slices:
+                if not sl.per_head:
+                    removed[(sl.name, sl.dim)].append(sl.indices(gone))
+    return removed
+
+
+def kept_entries(space: PruningSpace, plan: Plan, name: str, dim: int, size: int) -> torch.Tensor:
+    """The indices along ``dim`` of tensor ``name`` (``size`` entries there before pruning) that ``plan`` keeps."""
+    keep = torch.ones(size, dtype=torch.bool)
+    for idx in removed_entries(resolve_plan(space, plan, physical=False)).get((name, dim), []):
+        keep[idx] = False
+    return keep.nonzero().flatten()
+
+
 def _companions(p: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> list[tuple[str, torch.Tensor]]:
     """Tensors that must be sliced like ``p``: its .grad and its per-element optimizer state."""
     out = []
@@ -184,17 +207,9 @@ def prune_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None
 
     # 1. Everything each tensor must lose, checked before anything moves. A tensor keeps every entry no group
     # removes (two groups may share one tensor along one dim: a parallel block's in_proj rows).
-    removed: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
-    head_tables: list[tuple[str, int, torch.Tensor, int, int]] = []
-    for ch in changes:
-        gone = torch.ones(ch.group.size, dtype=torch.bool)
-        gone[ch.keep] = False
-        gone = gone.nonzero().flatten()
-        for sl in ch.group.slices:
-            if sl.per_head:
-                head_tables.append((sl.name, sl.dim, ch.keep, ch.group.head_dim, ch.heads))
-            elif gone.numel():
-                removed[(sl.name, sl.dim)].append(sl.indices(gone))
+    removed = removed_entries(changes)
+    head_tables = [(sl.name, sl.dim, ch.keep, ch.group.head_dim, ch.heads)
+                   for ch in changes for sl in ch.group.slices if sl.per_head]
     items = []
     for (name, dim), parts in removed.items():
         t = tensor_of(model, name)

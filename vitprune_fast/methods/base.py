@@ -20,13 +20,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanError
 from ..plan import Plan, PlanSpec, as_spec, plan_from_scores
 from ..progress import Progress
 from ..space import KINDS
 
 NEEDS = ("images", "labels", "training")
-COMPARABLE = ("global",)
+COMPARABLE = ("global", "mean")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class MethodData:
         cache: results shared by calls on the same model and data, e.g. scores reused by a second spec (methods
             write to it; the caller makes one per model and data).
         log: where a method says something a person should know before a long run (the CLI: stderr); None: quiet.
+        latency: a :class:`~vitprune_fast.latency.LatencyModel` of the model on the device it will run on (a latency
+            budget needs it).
     """
 
     loader: Iterable | None = None
@@ -63,6 +65,7 @@ class MethodData:
     lr: float = 5e-4
     cache: dict = field(default_factory=dict, compare=False)
     log: Callable[[str], None] | None = None
+    latency: object | None = None
 
 
 @dataclass
@@ -99,9 +102,11 @@ class Method(ABC):
             ``"labels"`` (labelled training batches), ``"training"`` (it trains the model while it plans; the result
             carries the trained model).
         kinds: the group kinds it scores; one keep ratio applies to these only (the others stay whole).
-        comparable: ``"global"`` when its scores are in one unit across groups and blocks (UP-ViTs' KL of the
-            model's output), so that a global allocation may rank them against each other; None when they compare
-            only within a group.
+        comparable: how its scores enter a global allocation of widths (``PlanSpec(allocation="global")``, which
+            ranks every group's items against each other): ``"global"`` when they are in one unit across groups and
+            blocks (UP-ViTs' KL of the model's output) and are used as they are; ``"mean"`` when each group's scores
+            are divided by their mean first (Torch-Pruning's default normaliser: a group's scale says nothing about
+            its importance, e.g. a weight norm); None when a global allocation is refused.
         has_scores: whether :meth:`scores` gives a table (``vitprune-fast score``); False for a method that only
             plans (DAP).
         draws: whether its result depends on a random draw (its data, ``MethodData.seed``); False for a method
@@ -167,11 +172,40 @@ class Method(ABC):
         """
         from ..arch import describe
 
+        spec = as_spec(spec)
+        if spec.allocation == "global":
+            return self.allocate(model, data, spec)
         spec, notes = self.resolve(model, data, spec)
         scores = self.cached_scores(model, data)
         if scores is None:
             raise ConfigError(f"method {self.name!r} has no scores to plan from")
         return MethodResult(plan_from_scores(describe(model), scores, spec), scores=scores, notes=notes)
+
+    def comparable_scores(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``scores`` as a global allocation ranks them (see :attr:`comparable`).
+
+        Raises:
+            PlanError: a method whose scores do not compare across groups.
+        """
+        if self.comparable == "global":
+            return scores
+        if self.comparable == "mean":
+            return {n: s.double() / s.double().mean().clamp_min(1e-300) for n, s in scores.items()}
+        raise PlanError(f"method {self.name!r}: its scores do not compare across groups, so it cannot allocate widths "
+                        "globally (use allocation='uniform')")
+
+    def allocate(self, model: nn.Module, data: MethodData, spec: PlanSpec) -> MethodResult:
+        """The global allocation of ``spec``'s budget by this method's (comparable) scores
+        (:func:`vitprune_fast.allocate.allocate`; the cost model is built once per ``data.cache``)."""
+        from ..allocate import allocate, allocation_summary
+
+        if self.comparable is None:
+            self.comparable_scores({})  # the clear refusal, before anything is scored
+        scores = self.cached_scores(model, data)
+        if scores is None:
+            raise ConfigError(f"method {self.name!r} has no scores to plan from")
+        plan, report = allocate(model, self.comparable_scores(scores), spec, **cost_models(model, data, spec))
+        return MethodResult(plan, scores=scores, report={"allocation": report}, notes=[allocation_summary(report)])
 
     def resolve(self, model: nn.Module, data: MethodData, spec: PlanSpec) -> tuple[PlanSpec, list[str]]:
         """``spec`` with keep ratios for :attr:`kinds` (:func:`vitprune_fast.targets.resolve_spec`), computed once per
@@ -191,6 +225,22 @@ class Method(ABC):
         if isinstance(spec.keep, (int, float)) and set(self.kinds) != set(KINDS):
             return dataclasses.replace(spec, keep=dict.fromkeys(self.kinds, spec.keep))
         return spec
+
+
+def cost_models(model: nn.Module, data: MethodData, spec: PlanSpec) -> dict:
+    """``allocate``'s cost model for ``spec``'s budget (``cost_model`` or ``latency_model``), built once per
+    ``data.cache`` (a latency model comes with the data: ``MethodData.latency``)."""
+    from ..cost import CostModel
+
+    if spec.budget == "latency":
+        if data.latency is None:
+            raise PlanError("a latency budget needs a latency model of the device (MethodData.latency, CLI: built "
+                            "and cached by `prune --latency`)")
+        return {"latency_model": data.latency}
+    key = ("cost_model", spec.budget)
+    if key not in data.cache:
+        data.cache[key] = CostModel(model, spec.budget)
+    return {"cost_model": data.cache[key]}
 
 
 # ----------------------------------------------------------------------------------------------------- registry

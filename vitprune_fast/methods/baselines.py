@@ -15,6 +15,7 @@ class MagnitudeMethod(Method):
 
     name = "magnitude"
     summary = "L2 norm of every weight a channel owns (data-free)"
+    comparable = "mean"
     draws = False
 
     def scores(self, model: nn.Module, data: MethodData):
@@ -29,6 +30,7 @@ class RandomMethod(Method):
 
     name = "random"
     summary = "uniform random scores (seeded)"
+    comparable = "mean"
 
     def scores(self, model: nn.Module, data: MethodData):
         from ..score.baselines import random_scores
@@ -44,6 +46,7 @@ class TaylorMethod(Method):
     name = "taylor"
     summary = "first-order Taylor |w * dL/dw| per channel group"
     needs = frozenset({"labels"})
+    comparable = "mean"
 
     def scores(self, model: nn.Module, data: MethodData):
         from ..score.baselines import taylor_scores

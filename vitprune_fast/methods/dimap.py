@@ -31,7 +31,7 @@ class DimapMethod(Method):
 
     def plan(self, model: nn.Module, data: MethodData, spec: PlanSpec) -> MethodResult:
         spec = as_spec(spec)
-        if spec.flops is None:
+        if spec.flops is None or spec.allocation != "uniform":
             return super().plan(model, data, spec)
         from ..score.dimap import dimap_structured_plan
 

@@ -5,9 +5,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..allocate import allocation_summary
 from ..errors import ConfigError
-from ..plan import PlanSpec
-from .base import Method, MethodData, MethodResult, proxy_images
+from ..plan import PlanSpec, as_spec
+from .base import Method, MethodData, MethodResult, cost_models, proxy_images
 
 ENGINES = ("exact", "screened")
 
@@ -57,9 +58,11 @@ class UpvitsMethod(Method):
         return upvits_scores(model, images, batch_size=data.chunk, progress=data.progress)
 
     def plan(self, model: nn.Module, data: MethodData, spec: PlanSpec) -> MethodResult:
+        spec = as_spec(spec)
         if self.steps is None and self.engine == "exact":
             return super().plan(model, data, spec)
-        spec, notes = self.resolve(model, data, spec)
+        costs = cost_models(model, data, spec) if spec.allocation == "global" else {}
+        spec, notes = (spec, []) if spec.allocation == "global" else self.resolve(model, data, spec)
         if self.steps is not None:
             from ..progressive import progressive_summary, upvits_progressive
 
@@ -68,12 +71,13 @@ class UpvitsMethod(Method):
             plan, rep = upvits_progressive(model, proxy_images(model, data), spec, steps=self.steps,
                                            engine=self.engine, batch_size=data.chunk, progress=data.progress,
                                            scores=first)
+            notes += [allocation_summary(s["allocation"]) for s in rep["per_step"] if "allocation" in s][-1:]
             rep["notes"] = notes
             return MethodResult(plan, report={"progressive": rep}, notes=[*notes, progressive_summary(rep)])
         from ..score.screened import screened_summary, upvits_select
 
         self.check_data(data)
         plan, rep = upvits_select(model, proxy_images(model, data), spec, batch_size=data.chunk,
-                                  progress=data.progress)
-        rep["notes"] = notes
+                                  progress=data.progress, **costs)
+        rep["notes"] = notes = notes + rep["notes"]
         return MethodResult(plan, report={"screened": rep}, notes=[*notes, screened_summary(rep)])

@@ -30,13 +30,15 @@ import contextlib
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from ..allocate import allocation_summary
 from ..arch import adapter_for
 from ..distributed import dist_info, gather_objects
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanError
 from ..kernels.utils import HAS_TRITON
 from ..norms import group_norms
 from ..plan import Plan, PlanSpec, Selection, as_spec, plan_from_scores, selections
@@ -49,6 +51,7 @@ from .upvits import FastEngine, _auto_rows, _chunks, _Work
 _TINY = 1e-300  # floor under scores before taking logs (exact KLs can round to 0 or below)
 NEAR = math.log(1.1)  # "near the cut": within +-10 %, where the report's screen-error quantiles are taken
 OWN_ERRORS = 8  # a group's band width comes from its own screen errors once it has this many near its cut
+MAX_ALLOCATIONS = 8  # a global allocation redone with the band's exact scores at most this many times
 
 
 class _Exact:
@@ -114,10 +117,12 @@ def _screen(model: nn.Module, groups: list[Group], chunks: list[torch.Tensor], s
             for g in groups}
 
 
-def _cut(sel: Selection, scores: torch.Tensor) -> float | None:
-    """The ranking's cut: the geometric mean of the last kept and the first removed item score (None: all kept)."""
+def _cut(sel: Selection, scores: torch.Tensor, edge: bool = False) -> float | None:
+    """The ranking's cut: the geometric mean of the last kept and the first removed item score (None: all kept; with
+    ``edge``, a ranking that keeps everything has its cut at its lowest item, the next one a global allocation
+    could remove)."""
     if sel.keep >= len(sel.items):
-        return None
+        return max(float(scores[sel.items].sum(1).min()), _TINY) if edge else None
     items = scores[sel.items].sum(1)
     order = torch.argsort(-items, stable=True)
     a, b = (max(float(items[order[i]]), _TINY) for i in (sel.keep - 1, sel.keep))
@@ -131,8 +136,9 @@ def _log_dist(x: torch.Tensor, tau: float) -> torch.Tensor:
 class _State:
     """The selection's rankings, the screen and the exact scores known so far."""
 
-    def __init__(self, space, sels: list[Selection], estimates: dict[str, torch.Tensor], exact: _Exact):
-        self.space, self.sels, self.est, self.exact = space, sels, estimates, exact
+    def __init__(self, space, sels: list[Selection], estimates: dict[str, torch.Tensor], exact: _Exact,
+                 edges: bool = False):
+        self.space, self.sels, self.est, self.exact, self.edges = space, sels, estimates, exact, edges
 
     def best(self, name: str) -> torch.Tensor:
         """Exact scores where known, estimates elsewhere."""
@@ -147,7 +153,7 @@ class _State:
             if sel.group not in self.est:
                 continue
             best = self.best(sel.group)
-            tau = _cut(sel, best)
+            tau = _cut(sel, best, self.edges)
             if tau is None:
                 continue
             unknown = self.exact.known(self.space.groups[sel.group])[sel.items].isnan()  # [items, size]
@@ -166,7 +172,7 @@ class _State:
             dist = out.setdefault(sel.group, torch.full((self.space.groups[sel.group].size,), math.inf,
                                                         dtype=torch.float64))
             best = self.best(sel.group)
-            tau = _cut(sel, best)
+            tau = _cut(sel, best, self.edges)
             if tau is not None:
                 dist[sel.items] = _log_dist(best[sel.items].sum(1), tau)[:, None].expand_as(sel.items)
         return out
@@ -206,6 +212,8 @@ def upvits_select(
         max_rank: int | None = None,
         screen_batch: int = 8,
         seed: int = 0,
+        cost_model=None,
+        latency_model=None,
 ) -> tuple[Plan, dict]:
     """The UP-ViTs Plan (``make_plan`` of the exact KL scores) for a small share of the exact engine's cost.
 
@@ -229,6 +237,14 @@ def upvits_select(
         eps, max_rank: the screen's Fisher factorisation (:func:`.second_order.fisher_cotangents`).
         screen_batch: images per screen pass (memory: the pass keeps every block's activations and gradients).
         seed: the calibration and audit draws.
+        cost_model, latency_model: a global allocation's cost model (:func:`vitprune_fast.allocate.allocate`; a
+            :class:`~vitprune_fast.cost.CostModel` is built for a FLOPs or parameter budget when None).
+
+    With ``spec.allocation == "global"`` the rankings are the global allocation's: it runs on the screen (and the
+    exact residual scores), the band is scored around every group's cut (a group kept whole: around its lowest item,
+    the next a reallocation could take), and the allocation is redone with the scores found until its counts stand
+    (at most ``MAX_ALLOCATIONS`` times); the items that decide it are those at the groups' cuts, which the band
+    scores exactly.
 
     Returns:
         ``(plan, report)``: the Plan, and a JSON-able dict: per group the candidates, how many were scored exactly
@@ -241,18 +257,35 @@ def upvits_select(
     t_start = time.perf_counter()
     adapter = adapter_for(model)
     space = adapter.describe()
-    spec, notes = resolve_spec(model, as_spec(spec))
-    sels = selections(space, spec)
+    spec = as_spec(spec)
+    global_ = spec.allocation == "global"
+    if global_:  # every group may narrow; the rankings follow the allocation (computed once the screen is in)
+        if spec.budget not in ("flops", "params", "latency"):
+            raise PlanError(f"a global allocation needs a flops, params or latency budget, got {spec.budget}")
+        notes, sels = [], []
+        deciding = list(space.groups)
+        if spec.budget == "latency":
+            if latency_model is None:
+                raise PlanError("a latency budget needs a LatencyModel of the model (vitprune_fast.latency)")
+            cost_models = {"latency_model": latency_model}
+        else:
+            from ..cost import CostModel
+
+            cost_models = {"cost_model": cost_model or CostModel(model, spec.budget)}
+    else:
+        spec, notes = resolve_spec(model, spec)
+        sels = selections(space, spec)
+        deciding = sorted({s.group for s in sels if s.keep < len(s.items)}, key=list(space.groups).index)
     if safety < 1 or min_width <= 0 or calibration < 0 or audit < 0:
         raise ConfigError("safety must be >= 1, min_width > 0, calibration and audit >= 0")
     chunks = _chunks(images, batch_size, model)
-    deciding = sorted({s.group for s in sels if s.keep < len(s.items)}, key=list(space.groups).index)
     in_blocks = ({b.mlp for b in adapter.blocks() if not b.post_norm}
                  | {b.attn for b in adapter.blocks() if b.taps is None and not b.qkv_functional and not b.post_norm})
     screened = [space.groups[n] for n in deciding if _screenable(model, space.groups[n], in_blocks)]
     exact_only = [space.groups[n] for n in deciding if not _screenable(model, space.groups[n], in_blocks)]
     kernels = chunks[0].is_cuda and HAS_TRITON if use_kernels is None else bool(use_kernels)
-    settings = {"selected": "screened", "plan": [spec.keep, spec.heads, spec.attn_mode, spec.round_to],
+    settings = {"selected": "screened", "plan": [spec.keep, spec.heads, spec.attn_mode, spec.round_to]
+                + ([spec.to_dict()] if global_ else []),
                 "dtype": str(autocast_dtype), "kernels": kernels, "screen": [eps, max_rank, screen_batch],
                 "draws": [calibration, audit, seed], "band": [safety, min_width]}
     store = None
@@ -292,24 +325,67 @@ def upvits_select(
         estimates = _screen(model, screened, chunks, store, screen_batch, eps, max_rank, bar) if screened else {}
         seconds["screen"] = time.perf_counter() - t0
         with torch.no_grad(), amp:
-            state = _State(space, sels, estimates, exact)
+            state = _State(space, sels, estimates, exact, edges=global_)
+            allocations = []
+            if global_:  # the first allocation, by the screen: its rankings decide what calibration looks at
+                state.sels, allocation = _allocation_sels(model, space, state, spec, cost_models, allocations)
             stats = {g.name: {"calibration": 0, "band": 0, "audit": 0, "flips": 0} for g in screened}
             t0 = time.perf_counter()
             enter("calibration", sum(min(calibration, g.size) for g in screened))
             width = _calibrate(state, screened, calibration, safety, min_width, gen, stats)
             seconds["calibration"] = time.perf_counter() - t0
-            rounds, audits = _band_and_audit(state, screened, width, audit, safety, gen, stats, seconds, enter)
+            rounds = audits = 0
+            while True:  # a global allocation is redone with the scores the band found, until it stands
+                r, a = _band_and_audit(state, screened, width, audit, safety, gen, stats, seconds, enter, audits)
+                rounds, audits = rounds + r, a
+                if not global_:
+                    break
+                previous = [(s.group, s.keep, s.heads) for s in state.sels]
+                state.sels, allocation = _allocation_sels(model, space, state, spec, cost_models, allocations)
+                if [(s.group, s.keep, s.heads) for s in state.sels] == previous or len(allocations) >= MAX_ALLOCATIONS:
+                    break
     finally:
         if current:
             current.pop().close()
         model.train(was_training)
     scores = {n: state.best(n) for n in deciding}
-    plan = plan_from_scores(space, scores, spec)
+    plan = plan_from_scores(space, scores, spec) if not global_ else allocation[0]
     seconds["total"] = time.perf_counter() - t_start
     report = _report(space, state, screened, exact_only, stats, width, rounds, audits, seconds, exact.count, total)
     report["plan"] = {"keep": spec.keep, "heads": spec.heads, "attn_mode": spec.attn_mode, "round_to": spec.round_to}
+    if global_:  # the rankings the final allocation made (the tie rule of selection_differences reads them)
+        report["plan"]["keep"] = _kept_ratios(space, plan)
+        report["allocation"] = {**allocation[1], "allocations": len(allocations)}
+        notes = [allocation_summary(allocation[1])]
     report["notes"] = notes
     return plan, report
+
+
+def _allocation_sels(model, space, state: _State, spec: PlanSpec, cost_models: dict, log: list
+                     ) -> tuple[list[Selection], tuple[Plan, dict]]:
+    """Allocate by the best scores known; the rankings of that allocation, every group included (kept whole or not)."""
+    from ..allocate import allocate
+
+    plan, rep = allocate(model, {n: state.best(n) for n in space.groups}, spec, **cost_models)
+    log.append(rep["kept"])
+    ratios = {n: 1.0 for n in space.groups if space.groups[n].tied_to is None} | _kept_ratios(space, plan)
+    sels = selections(space, replace(spec, keep=ratios, flops=None, params=None, latency=None, allocation="uniform",
+                                     round_to=1))
+    ranked = {s.group for s in sels}
+    for g in space.groups.values():  # groups kept whole: a ranking that keeps everything (its lowest item is an edge)
+        if g.name not in ranked and g.tied_to is None and g.name in state.est:
+            sels.append(Selection(g.name, torch.arange(g.size)[:, None], g.size))
+    return sels, (plan, rep)
+
+
+def _kept_ratios(space, plan: Plan) -> dict[str, float]:
+    """The keep ratio of every group ``plan`` narrows (the ``keep`` that makes those counts by the plan rules)."""
+    out = {}
+    for name, kept in plan.keep.items():
+        g = space.groups[name]
+        if g.tied_to is None:
+            out[name] = len(kept) / g.size
+    return out
 
 
 def selection_differences(space, scores: Mapping[str, torch.Tensor], a: Plan, b: Plan,
@@ -375,12 +451,13 @@ def _width(state: _State, g: Group, screened: list[Group], safety: float, floor:
 
 
 def _band_and_audit(state: _State, screened: list[Group], width: dict[str, float], audit: int, safety: float, gen,
-                    stats: dict, seconds: dict, enter) -> tuple[int, int]:
-    """Score the band exactly until it is stable, audit outside it; widen and repeat on a flip. (rounds, audits).
+                    stats: dict, seconds: dict, enter, audits: int = 0) -> tuple[int, int]:
+    """Score the band exactly until it is stable, audit outside it; widen and repeat on a flip. (band rounds, audit
+    rounds so far, counting from ``audits``).
 
     ``enter(name, work)`` opens each band and audit pass's progress stage."""
     groups = {g.name: g for g in screened}
-    rounds = audits = 0
+    rounds = 0
     seconds.setdefault("band", 0.0)
     seconds.setdefault("audit", 0.0)
     while True:
@@ -436,7 +513,7 @@ def _audit(state: _State, groups: dict[str, Group], width: dict[str, float], n: 
             chosen.setdefault(pool[i][0], []).append(pool[i][1])
         sides = []  # (selection, item, cut, estimated side) of every item holding a drawn candidate
         for sel in state.sels:
-            tau = _cut(sel, state.best(sel.group)) if sel.group in chosen else None
+            tau = _cut(sel, state.best(sel.group), state.edges) if sel.group in chosen else None
             if tau is None:
                 continue
             items = state.best(sel.group)[sel.items].sum(1)
