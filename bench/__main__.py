@@ -19,7 +19,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS, device_name, run_process, slug  # noqa: E402
 
-SCRIPTS = ("gpu_tests", "kernels", "slicing", "kl_engine", "dimap", "dap", "pruned_speed", "finetune_scale")
+SCRIPTS = ("gpu_tests", "kernels", "slicing", "kl_engine", "dimap", "dap", "pruned_speed", "finetune_scale",
+           "reconstruct", "latency_budget")
 
 
 def main() -> int:

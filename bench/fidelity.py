@@ -12,7 +12,7 @@ fraction of the uniform plan at the same FLOPs and the fine-tuning steps, so it 
 The summary (mean ± standard deviation over runs, and per run the win / tie / loss of each method against
 magnitude on the same trained model and target) is computed from the runs in the results file only.
 
-    python bench/fidelity.py                # 3 seeds x 2 draws, DeiT + Swin, FLOPs 0.5 / 0.3 (42 min on 2 cores)
+    python bench/fidelity.py                # 2 seeds x 2 draws, DeiT + Swin, FLOPs 0.5 / 0.3 (README: its minutes)
     python bench/fidelity.py --readme       # re-render the README table and plot from the results file
 """
 from __future__ import annotations
@@ -37,7 +37,9 @@ from vitprune_fast.demo import DemoConfig  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
-METHODS = ("upvits", "upvits-progressive", "dimap", "magnitude", "random", "taylor", "dap")
+METHODS = ("upvits", "upvits-progressive", "upvits-global", "upvits-global-progressive", "dimap", "magnitude",
+           "magnitude-global", "random", "taylor", "dap")  # rows: vitprune_fast.variants (-global, -progressive)
+REC_FINETUNE = ("upvits", "upvits-global", "magnitude")  # rows fine-tuned after reconstruction too
 BASELINE = "magnitude"
 TIE = 1e-9  # accuracies are multiples of 1/450; equal means equal
 
@@ -50,24 +52,27 @@ class Study:
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of the unpruned models
     draws: tuple[int, ...] = (0, 1)  # proxy-set / random-score / Taylor-batch draws
     targets: tuple[float, ...] = (0.5, 0.3)  # FLOPs fractions kept
-    methods: tuple[str, ...] = METHODS  # registered method names or variant labels
+    methods: tuple[str, ...] = METHODS  # rows: registered methods with -global / -progressive (variants.parse)
     progressive_steps: int = 3
-    demo: DemoConfig = DemoConfig()  # training, proxy size, fine-tuning budget: the demo's
-
-    def variants(self) -> dict[str, tuple[str, dict]]:
-        """Study label -> (registered method, options) for the labels that are not a method's own name."""
-        return {"upvits-progressive": ("upvits", {"steps": self.progressive_steps, "engine": "exact"})}
+    progressive_engine: str = "screened"  # the re-scoring steps (the one-shot scores come from the exact engine)
+    reconstruct: bool = True  # every row also measured after least-squares reconstruction (its "+rec" row)
+    rec_finetune: tuple[str, ...] = REC_FINETUNE  # rows whose reconstructed model is fine-tuned too
+    demo: DemoConfig = DemoConfig(proxy_images=256)  # training, fine-tuning budget: the demo's; proxy: see README
 
     def method(self, label: str):
-        """The method (with its options) a study label runs."""
-        from vitprune_fast.methods import get_method
+        """The method (with its options) a study label runs: one-shot UP-ViTs by the exact engine (its scores serve
+        the uniform and the global plans and the progressive rows' first step), progressive rows' later steps by
+        ``progressive_engine``."""
+        from vitprune_fast.variants import parse
 
-        name, options = self.variants().get(label, (label, {}))
-        return get_method(name, **options)
+        row = parse(label)
+        return row.build(steps=self.progressive_steps,
+                         engine=self.progressive_engine if row.progressive else "exact")
 
 
 TINY = Study(seeds=(0,), draws=(0, 1), targets=(0.5,), progressive_steps=2,
              demo=replace(DemoConfig(), train_steps=20, proxy_images=6, taylor_batches=1, finetune_steps=3))
+STUDY = Study(seeds=(0, 1))  # the committed study: 2 seeds x 2 draws (30 minutes on 2 cores, README)
 DRAWN = frozenset(m for m in METHODS if TINY.method(m).draws)  # the default labels that run once per draw
 
 
@@ -80,10 +85,12 @@ def run_seed(key: str, seed: int, study: Study, cache_dir: Path | None) -> list[
     from vitprune_fast.demo import base_model, proxy_subset
     from vitprune_fast.finetune import DEFAULT_ALPHA, evaluate, train
     from vitprune_fast.methods import MethodData
-    from vitprune_fast.metrics import count_flops, count_params
+    from vitprune_fast.metrics import count_flops, count_params, fidelity
     from vitprune_fast.plan import PlanSpec
     from vitprune_fast.prune import prune_
+    from vitprune_fast.reconstruct import reconstruct_
     from vitprune_fast.targets import keep_for_flops, uniform_fraction
+    from vitprune_fast.variants import parse
 
     cfg = replace(study.demo, seed=seed)
     data = digits()
@@ -111,19 +118,34 @@ def run_seed(key: str, seed: int, study: Study, cache_dir: Path | None) -> list[
                 spec = PlanSpec(params=uniform_fraction(base, ratio, "params")) if trains else PlanSpec(flops=frac)
                 t0 = time.perf_counter()
                 g.manual_seed(seed)  # every method fine-tunes on the same batches
-                result = method.plan(base, mdata, spec)
+                result = method.plan(base, mdata, parse(label).spec(spec))
+                students = {}  # row -> (model, held-out fidelity before fine-tuning)
                 if result.model is not None:  # pruned while fine-tuning
-                    student, before = result.model, None
+                    students[label] = (result.model, None)
                 else:
                     student = prune_(copy.deepcopy(base), result.plan)
-                    before = 100 * evaluate(student, test_loader)
-                    train(student, ft_loader, cfg.finetune_steps, lr=cfg.finetune_lr, alpha=DEFAULT_ALPHA,
-                          progress=False)
-                runs.append({"model": key, "seed": seed, "draw": draw if method.draws else None, "target": target,
-                             "method": label, "dense_acc": dense_acc, "flops_frac": count_flops(student) / dense_flops,
-                             "params_frac": count_params(student) / dense_params, "acc_pruned": before,
-                             "acc_finetuned": 100 * evaluate(student, test_loader),
-                             "seconds": time.perf_counter() - t0})
+                    students[label] = (student, fidelity(base, student, test_loader))
+                    if study.reconstruct:
+                        rec = copy.deepcopy(student)
+                        reconstruct_(rec, base, proxy, result.plan, batch_size=len(proxy), progress=False)
+                        students[f"{label}+rec"] = (rec, fidelity(base, rec, test_loader))
+                seconds = time.perf_counter() - t0
+                for row, (student, fid) in students.items():
+                    tuned = result.model is not None
+                    if not tuned and (row == label or label in study.rec_finetune):
+                        g.manual_seed(seed)
+                        train(student, ft_loader, cfg.finetune_steps, lr=cfg.finetune_lr, alpha=DEFAULT_ALPHA,
+                              progress=False)
+                        tuned = True
+                    runs.append({"model": key, "seed": seed, "draw": draw if method.draws else None,
+                                 "target": target, "method": row, "dense_acc": dense_acc,
+                                 "flops_frac": count_flops(student) / dense_flops,
+                                 "params_frac": count_params(student) / dense_params,
+                                 "acc_pruned": None if fid is None else 100 * fid["top1"],
+                                 "kl_pruned": None if fid is None else fid["kl"],
+                                 "agree_pruned": None if fid is None else 100 * fid["agreement"],
+                                 "acc_finetuned": 100 * evaluate(student, test_loader) if tuned else None,
+                                 "seconds": seconds if row == label else None})
     return runs
 
 
@@ -161,6 +183,9 @@ def summarize(runs: list[dict]) -> list[dict]:
                "seeds": len({r["seed"] for r in rs}),
                "flops_frac": statistics.fmean(r["flops_frac"] for r in rs),
                "dense_acc": _mean_std([r["dense_acc"] for r in rs])}
+        for measure in ("kl_pruned", "agree_pruned"):
+            vals = [r[measure] for r in rs if r.get(measure) is not None]
+            row[measure] = _mean_std(vals) if vals else None
         for phase in ("acc_pruned", "acc_finetuned"):
             vals = [r[phase] for r in rs if r[phase] is not None]
             row[phase] = _mean_std(vals) if vals else None
@@ -175,10 +200,10 @@ def summarize(runs: list[dict]) -> list[dict]:
     return out
 
 
-def _cell(ms, wtl=None) -> str:
+def _cell(ms, wtl=None, digits: int = 1) -> str:
     if ms is None:
         return "—"
-    s = f"{ms[0]:.1f} ± {ms[1]:.1f}"
+    s = f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
     return s + (f" ({wtl['wins']}/{wtl['ties']}/{wtl['losses']})" if wtl else "")
 
 
@@ -186,21 +211,26 @@ def render(doc: dict) -> str:
     """The README block: one table per FLOPs target, from the results document."""
     st = doc["study"]
     lines = [START, "", f"Generated by `python bench/fidelity.py --readme` from `{doc['file']}` ({doc['device']}, "
-             f"{doc['date']}, one study run): {len(st['seeds'])} training seed(s) × {len(st['draws'])} draw(s), "
-             f"{st['demo']['finetune_steps']} fine-tuning steps, progressive UP-ViTs in {st['progressive_steps']} "
-             f"steps; proxy images: {st['demo']['proxy_images']} class-balanced training images per draw, no "
-             f"augmentation. Top-1 % mean ± std over the runs; in brackets the runs that win / tie / lose against "
-             f"magnitude on the same trained model.", ""]
+             f"{doc['date']}, one study run, {doc.get('seconds', 0) / 60:.0f} min): {len(st['seeds'])} training "
+             f"seed(s) × {len(st['draws'])} draw(s), {st['demo']['finetune_steps']} fine-tuning steps, progressive "
+             f"rows in {st['progressive_steps']} steps (later steps by the {st.get('progressive_engine', 'exact')} "
+             f"engine); proxy and calibration images: {st['demo']['proxy_images']} class-balanced training images "
+             "per draw, no augmentation; `+rec`: after least-squares reconstruction on them. Before fine-tuning, on "
+             "the held-out test split: top-1 %, mean KL(unpruned ‖ pruned) and top-1 agreement with the unpruned "
+             "model; mean ± std over the runs; in brackets the runs that win / tie / lose against magnitude on the "
+             "same trained model.", ""]
     rows = doc["summary"]
     for target in st["targets"]:
         lines += [f"**~{100 * target:.0f} % FLOPs**", "",
-                  "| model | method | runs | FLOPs % | top-1 pruned (W/T/L vs magnitude) | top-1 fine-tuned (W/T/L) |",
-                  "|---|---|---|---|---|---|"]
+                  "| model | method | runs | FLOPs % | top-1 pruned (W/T/L vs magnitude) | KL pruned | agreement % | "
+                  "top-1 fine-tuned (W/T/L) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["target"] != target:
                 continue
             lines.append(f"| {r['model']} | {r['method']} | {r['runs']} | {100 * r['flops_frac']:.1f} | "
                          f"{_cell(r['acc_pruned'], r.get(f'acc_pruned_vs_{BASELINE}'))} | "
+                         f"{_cell(r.get('kl_pruned'), digits=3)} | {_cell(r.get('agree_pruned'))} | "
                          f"{_cell(r['acc_finetuned'], r.get(f'acc_finetuned_vs_{BASELINE}'))} |")
         lines.append("")
     lines.append(END)
@@ -213,7 +243,7 @@ def plot(summary: list[dict], path: Path) -> Path | None:
 
     panels: dict[str, dict] = {}
     for r in summary:
-        before, after = r["acc_pruned"] or (math.nan, 0.0), r["acc_finetuned"]
+        before, after = r["acc_pruned"] or (math.nan, 0.0), r["acc_finetuned"] or (math.nan, 0.0)
         panels.setdefault(f"{r['model']} ~{100 * r['target']:.0f} % FLOPs", {})[r["method"]] = {
             "dense": r["dense_acc"][0], "before": before[0], "after": after[0], "before_std": before[1],
             "after_std": after[1]}
@@ -245,7 +275,7 @@ def main() -> None:
         return
     import os
 
-    study = TINY if args.tiny else Study()
+    study = TINY if args.tiny else STUDY
     cache = None if args.no_cache else Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
     t0 = time.perf_counter()
     runs = run(study, cache, args.jobs)

@@ -288,11 +288,15 @@ def test_fidelity_study_summary_comes_from_its_runs(tmp_path):
     runs = fidelity.run(fidelity.TINY, None, jobs=1)
     study = fidelity.TINY
     drawn = [m for m in study.methods if m in fidelity.DRAWN]
-    per_model_target = len(drawn) * len(study.draws) + len(study.methods) - len(drawn)
+    rows = {m: 1 + (study.reconstruct and m != "dap") for m in study.methods}  # a "+rec" row beside each
+    per_model_target = sum(rows[m] * (len(study.draws) if m in drawn else 1) for m in study.methods)
     assert len(runs) == len(study.models) * len(study.seeds) * len(study.targets) * per_model_target
     for r in runs:
-        assert 0 <= r["acc_finetuned"] <= 100 and 0 < r["flops_frac"] < 1
+        fine_tuned = not r["method"].endswith("+rec") or r["method"][:-4] in study.rec_finetune
+        assert (r["acc_finetuned"] is not None) == fine_tuned and 0 < r["flops_frac"] < 1
+        assert r["acc_finetuned"] is None or 0 <= r["acc_finetuned"] <= 100
         assert (r["acc_pruned"] is None) == (r["method"] == "dap")
+        assert r["method"] == "dap" or r["kl_pruned"] >= 0 and 0 <= r["agree_pruned"] <= 100
         if r["method"] != "dap":  # every plan made at the shared ratio / DIMAP's own FLOPs search: near the target
             assert abs(r["flops_frac"] - r["target"]) < 0.05, r
     summary = fidelity.summarize(runs)

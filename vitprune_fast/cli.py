@@ -28,6 +28,9 @@ from .methods import Method, MethodData, MethodResult, get_method, method_names
 from .table import table
 
 FAMILIES = ("ViT/DeiT", "SigLIP", "AIMv2", "EVA/EVA-02", "BEiT", "CaiT", "Swin V1/V2", "PVTv2", "XCiT")
+# UP-ViTs proxy images by default: where the held-out KL of the uniform plan stops falling on the digits DeiT and Swin
+# (bench/proxy_size.py; bench/results/proxy_size-amd-epyc.json: mean KL 0.60 at 16 images, 0.47 at 512, 0.36 at 1024)
+PROXY_KNEE = 1024
 
 
 class UsageError(VitPruneError):
@@ -178,10 +181,19 @@ def _method_data(args, model: nn.Module, data, method: Method) -> MethodData:
         loader = data.loaders(args.batch_size, seed=args.seed, num_workers=args.workers)[0]
         if "images" in method.needs:
             p = next(model.parameters())
-            images = data.proxy(args.proxy, args.seed)[0].to(p.device, p.dtype)
+            n = _n_proxy(args, data)
+            _log(f"proxy: {n} training images (a --seed {args.seed} draw through the evaluation transform)"
+                 + (f"; below the {PROXY_KNEE} the held-out KL measured best with (bench/proxy_size.py): scores "
+                    "are noisier" if n < PROXY_KNEE else ""))
+            images = data.proxy(n, args.seed)[0].to(p.device, p.dtype)
     return MethodData(loader=loader, images=images, proxy=args.proxy, chunk=args.batch_size, batches=args.batches,
                       seed=args.seed, progress="lines" if args.quiet else True, teacher=model,
                       steps=getattr(args, "steps", None) or 100, lr=getattr(args, "lr", 5e-4), log=_log)
+
+
+def _n_proxy(args, data) -> int:
+    """``--proxy``, or the whole training split when it is smaller."""
+    return min(args.proxy, len(data.train_eval if data.train_eval is not None else data.train))
 
 
 def _log(line: str) -> None:
@@ -280,9 +292,9 @@ def cmd_prune(args) -> int:
             raise UsageError("--reconstruct fits on training images: give --data")
         p = next(teacher.parameters())
         if args.calib is None:  # the proxy images (drawn here for a method that needs none)
-            calib = data.proxy(args.proxy, args.seed)[0]
+            calib = data.proxy(_n_proxy(args, data), args.seed)[0]
         else:  # others: a draw that leaves the proxy images out
-            calib = data.proxy(args.calib, args.seed, exclude=data.proxy(args.proxy, args.seed)[2])[0]
+            calib = data.proxy(args.calib, args.seed, exclude=data.proxy(_n_proxy(args, data), args.seed)[2])[0]
         calib = calib.to(p.device, p.dtype)
         rec = reconstruct_(model, teacher, calib, plan, batch_size=args.batch_size, progress=not args.quiet)
         result.report["reconstruct"] = {k: v for k, v in rec.items()}
@@ -591,8 +603,10 @@ def _add_scoring(p: argparse.ArgumentParser, default: str | None, scores_only: b
     p.add_argument("--method", choices=names, default=default, required=default is None,
                    help=" | ".join(f"{n}: {get_method(n).summary}" + (" (needs --data)" if get_method(n).needs else "")
                                    for n in names))
-    p.add_argument("--proxy", type=_positive_int, default=64,
-                   help="UP-ViTs proxy images: a --seed draw from the train split, through the evaluation transform")
+    p.add_argument("--proxy", type=_positive_int, default=PROXY_KNEE,
+                   help="UP-ViTs proxy images: a --seed draw from the train split, through the evaluation transform "
+                        "(all of it when smaller); the default is where the held-out KL stopped falling "
+                        "(bench/proxy_size.py)")
     p.add_argument("--batches", type=_positive_int, default=4, help="Taylor: training batches to accumulate")
 
 
