@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -27,19 +26,29 @@ RESULTS = Path(os.environ.get("VITPRUNE_FAST_BENCH_RESULTS") or Path(__file__).r
 
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (or what ``platform`` knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    return device_name("cpu")
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
-    """Human-readable device: the GPU name, or the CPU model."""
-    device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    """Human-readable device: the GPU name, or the CPU model (the name latency tables are keyed by)."""
+    from vitprune_fast.latency import device_name as name
+
+    return name(torch.device(device))
+
+
+def quick_main(name: str, doc: str, run: Callable[[str, torch.device], dict]) -> None:
+    """A benchmark's ``main``: ``--quick``, the default device (one thread on CPU), ``run(size, device)`` -> the
+    payload, written as ``bench/results/<name>[-quick]-<device>.json``. ``size`` is ``"quick"`` or the device type."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    args = ap.parse_args()
+    device = default_device()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    payload = run("quick" if args.quick else device.type, device)
+    print("->", write_json(name, device, payload, quick=args.quick))
 
 
 def default_device() -> torch.device:

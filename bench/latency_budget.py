@@ -10,7 +10,6 @@ with the same FLOPs. Target: predicted within 10 % of measured.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_device, write_json  # noqa: E402
+from common import quick_main  # noqa: E402
 
 import vitprune_fast as vpf  # noqa: E402
 
@@ -65,18 +64,7 @@ def run(configs, batches, device, target: float = 0.6, repeats: int = 10) -> lis
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    device = default_device()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    key = "quick" if args.quick else device.type
-    rows = run(CONFIGS[key], BATCHES[key], device, repeats=3 if args.quick else 10)
-    print("->", write_json("latency_budget", device, {"rows": rows, "target_predicted_within": 0.10},
-                           quick=args.quick))
-
-
 if __name__ == "__main__":
-    main()
+    quick_main("latency_budget", __doc__, lambda size, device: {
+        "rows": run(CONFIGS[size], BATCHES[size], device, repeats=3 if size == "quick" else 10),
+        "target_predicted_within": 0.10})

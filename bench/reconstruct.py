@@ -9,7 +9,6 @@ Target: reconstruction <= 10 % of the scoring time.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_device, timed, write_json  # noqa: E402
+from common import quick_main, timed  # noqa: E402
 
 import vitprune_fast as vpf  # noqa: E402
 from vitprune_fast.metrics import input_size  # noqa: E402
@@ -66,17 +65,5 @@ def run(configs, device) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    device = default_device()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    configs = CONFIGS["quick" if args.quick else device.type]
-    rows = run(configs, device)
-    print("->", write_json("reconstruct", device, {"rows": rows, "target_share": 0.10}, quick=args.quick))
-
-
 if __name__ == "__main__":
-    main()
+    quick_main("reconstruct", __doc__, lambda size, device: {"rows": run(CONFIGS[size], device), "target_share": 0.10})

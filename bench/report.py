@@ -221,6 +221,27 @@ def _zoo(d: dict) -> list[str]:
     return out
 
 
+def _reconstruct(d: dict) -> list[str]:
+    out = ["| model | images | FLOPs % | exact UP-ViTs scoring (s, extrapolated) | reconstruction (s) | share | "
+           "Linears refit | median rel. output error before → after |", "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['model']} {r['kwargs']} | {r['images']} | {100 * r['flops_frac']:.1f} | "
+            f"{r['upvits_exact_seconds_extrapolated']:.0f} | {r['reconstruct_seconds']:.1f} | "
+            f"{100 * r['reconstruct_share_of_scoring']:.2f} % | {r['layers_refit']} | "
+            f"{r['median_rel_error_before']:.3f} → {r['median_rel_error_after']:.3f} |" for r in d["rows"]]
+    return out + ["", f"Target: reconstruction ≤ {100 * d['target_share']:.0f} % of the scoring time."]
+
+
+def _latency_budget(d: dict) -> list[str]:
+    out = ["| model | batch | dense (ms) | budget | predicted (ms) | measured (ms) | predicted / measured | FLOPs % | "
+           "uniform plan, same FLOPs (ms) | global / uniform |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['model']} {r['kwargs']} | {r['batch']} | {1e3 * r['dense_measured_s']:.2f} | "
+            f"{100 * r['target']:.0f} % | {1e3 * r['predicted_s']:.2f} | {1e3 * r['measured_s']:.2f} | "
+            f"{r['predicted_over_measured']:.2f} | {100 * r['flops_frac']:.1f} | "
+            f"{1e3 * r['uniform_same_flops_measured_s']:.2f} | {r['global_over_uniform_latency']:.2f} |"
+            for r in d["rows"]]
+    return out + ["", f"Target: predicted within {100 * d['target_predicted_within']:.0f} % of measured."]
+
+
 def _generic(d: dict) -> list[str]:
     return ["```json", json.dumps({k: v for k, v in d.items() if k not in ("results",)}, indent=1)[:1500], "```"]
 
@@ -237,7 +258,9 @@ SECTIONS = [("GPU check (bench/gpu_check.sh)", "gpu_check", _gpu_check),
             ("DIMAP scoring + thresholds", "dimap", _dimap),
             ("DAP training step", "dap", _dap),
             ("Triton kernels", "kernels", _kernels),
-            ("Fine-tuning throughput (DDP)", "finetune_scale", _finetune_scale)]
+            ("Fine-tuning throughput (DDP)", "finetune_scale", _finetune_scale),
+            ("Reconstruction vs exact UP-ViTs scoring", "reconstruct", _reconstruct),
+            ("Latency budgets: predicted vs measured", "latency_budget", _latency_budget)]
 
 
 def _runs(results: Path) -> list[dict]:

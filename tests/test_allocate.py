@@ -3,6 +3,7 @@ model it runs on (vitprune_fast.cost) against FlopCounterMode and the pruned mod
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 
@@ -87,6 +88,33 @@ def test_allocation_is_the_enumerated_optimum_within_its_bound(key, rules, measu
         widths = tuple(rep["residual_widths"].values())  # optimal at its own cost, for its residual widths
         assert got <= min(s for _, w, c, s in every if w == widths and c <= rep["achieved"]) + 1e-12
         vpf.prune_(copy.deepcopy(model), plan)  # the plan keeps every rule prune_ checks
+
+
+@pytest.mark.parametrize("key,min_keep", [("vit", 0.5), ("swin", {"residual": 0.5, "mlp": 0.75})])
+def test_min_keep_is_the_enumerated_optimum_over_the_allocations_it_allows(key, min_keep):
+    """``min_keep`` removes the allocations that keep less of some group than it says, and no other."""
+    model = TINY[key].build()
+    space = vpf.describe(model)
+    scores = _scores(space, seed=1)
+    cm = CostModel(model, "flops")
+
+    def floor(g):
+        m = min_keep if isinstance(min_keep, float) else min_keep.get(g.kind, 0.0)
+        return m * g.size
+
+    every = [e for e in _every_allocation(model, space, scores, {}, cm)
+             if all(k >= floor(space.groups[n]) for n, k in e[0].kept_sizes(space).items())]
+    lowest = min(c for _, _, c, _ in every) / cm.dense
+    for frac in (lowest + (1 - lowest) * t for t in (0.1, 0.5)):
+        plan, rep = allocate(model, scores, vpf.PlanSpec(flops=frac, allocation="global", min_keep=min_keep),
+                             cost_model=cm)
+        feasible = [s for _, _, c, s in every if c <= frac * cm.dense]
+        got = removed_score(space, scores, plan)
+        assert min(feasible) - 1e-12 <= got <= min(feasible) + rep["gap_bound"] + 1e-12
+        for n, k in plan.kept_sizes(space).items():
+            assert k >= floor(space.groups[n]), (n, k)
+    unbounded, _ = allocate(model, scores, vpf.PlanSpec(flops=lowest, allocation="global"), cost_model=cm)
+    assert any(k < floor(space.groups[n]) for n, k in unbounded.kept_sizes(space).items())  # the floor binds
 
 
 @pytest.mark.parametrize("key,rules", CASES[:6], ids=[f"{k}-{r}" for k, r in CASES[:6]])
@@ -177,6 +205,13 @@ def test_bad_budgets_are_refused_before_anything_runs():
         allocate(model, scores, vpf.PlanSpec(latency=0.5, allocation="global"))
     with pytest.raises(vpf.PlanError, match="no scores for group"):
         allocate(model, {}, vpf.PlanSpec(flops=0.5, allocation="global"))
+    for bad in (-0.1, 1.5, float("nan"), True, {"mlp": 2.0}):
+        with pytest.raises(vpf.PlanError, match="min_keep must be a fraction"):
+            vpf.PlanSpec(flops=0.5, allocation="global", min_keep=bad)
+    with pytest.raises(vpf.PlanError, match="min_keep bounds a global allocation"):
+        vpf.PlanSpec(flops=0.5, min_keep=0.2)
+    with pytest.raises(vpf.PlanError, match="unreachable"):
+        allocate(model, scores, vpf.PlanSpec(flops=0.5, allocation="global", min_keep=1.0))
 
 
 # ------------------------------------------------------------------------------------------- through the engines
@@ -212,6 +247,12 @@ def test_progressive_global_allocation_spends_the_budget_in_steps():
         first.kept_sizes(vpf.describe(model))
     screened, _ = vpf.upvits_progressive(model, x, spec, steps=2, engine="screened", progress=False)
     assert screened.kept_sizes(vpf.describe(model)) == plan.kept_sizes(vpf.describe(model))
+    space = vpf.describe(model)  # a floor holds for the unpruned model's groups over all steps
+    assert min(k / space.groups[n].size for n, k in plan.kept_sizes(space).items()) < 0.6
+    floored, _ = vpf.upvits_progressive(model, x, dataclasses.replace(spec, min_keep=0.6), steps=2, engine="exact",
+                                        progress=False)
+    assert all(k >= 0.6 * space.groups[n].size for n, k in floored.kept_sizes(space).items())
+    assert exact_cost(model, floored, "flops") <= 0.5 * dense
 
 
 def test_methods_allocate_globally_as_their_registry_entry_says():
@@ -281,9 +322,12 @@ def test_cli_global_allocation(tmp_path, capsys, monkeypatch):
         assert arch["groups"][name]["size"] == len(kept)
     lat = tmp_path / "lat"
     assert cli.main(["prune", *CLI_MODEL, "--data", "digits", "--method", "magnitude", "--quiet", "--allocation",
-                     "global", "--latency", "0.95", "--out", str(lat)]) == 0
+                     "global", "--latency", "0.95", "--min-keep", "0.5", "--out", str(lat)]) == 0
     printed = capsys.readouterr().out
     assert "predicted" in printed and "measured" in printed and list((tmp_path / "cache" / "latency").glob("*.json"))
+    space = vpf.describe(cli.load_model(CLI_MODEL[1], json.loads(CLI_MODEL[3])))
+    lat_plan = vpf.Plan.from_dict(json.loads((lat / "plan.json").read_text()))
+    assert all(k >= space.groups[n].size / 2 for n, k in lat_plan.kept_sizes(space).items())
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -294,6 +338,8 @@ def test_cli_global_allocation(tmp_path, capsys, monkeypatch):
     (["--allocation", "global", "--flops", "0.0001"], "unreachable"),
     (["--allocation", "global", "--keep", "0.5"], "--allocation global spends one budget"),
     (["--latency", "0.5"], "--latency needs --allocation global"),
+    (["--flops", "0.5", "--min-keep", "0.2"], "--min-keep bounds a global allocation"),
+    (["--allocation", "global", "--flops", "0.5", "--min-keep", "1.5"], "fraction must be in [0, 1]"),
     (["--allocation", "global", "--flops", "0.5", "--method", "dimap"], "cannot allocate widths globally"),
 ])
 def test_cli_bad_budgets_give_one_line_and_write_nothing(tmp_path, capsys, args, needle):

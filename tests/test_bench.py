@@ -27,7 +27,9 @@ import fidelity  # noqa: E402
 import finetune_scale  # noqa: E402
 import gpu_tests  # noqa: E402
 import kl_engine  # noqa: E402
+import latency_budget  # noqa: E402
 import pruned_speed  # noqa: E402
+import reconstruct as bench_reconstruct  # noqa: E402
 import report  # noqa: E402
 import slicing  # noqa: E402
 import zoo  # noqa: E402
@@ -68,6 +70,11 @@ def docs(tmp_path_factory):
                     "results": bench_dap._bench_model("deit", ("deit_tiny_patch16_224", dict(TINY_VIT, embed_dim=64)),
                                                       CPU, 2, 1, 2)},
         }
+        payloads["reconstruct"] = {"rows": bench_reconstruct.run(bench_reconstruct.CONFIGS["quick"], CPU),
+                                   "target_share": 0.10}
+        payloads["latency_budget"] = {"rows": latency_budget.run(latency_budget.CONFIGS["quick"], (1, 2), CPU,
+                                                                 target=0.9, repeats=2),
+                                      "target_predicted_within": 0.10}
         # --screened writes the same layout (stock models there); the tiny run above has its screened rows
         payloads["kl_engine_screened"] = payloads["kl_engine"]
         payloads["pruned_speed_families"] = payloads["pruned_speed"]  # --families: the same layout, other models

@@ -14,6 +14,7 @@ Data flows one way: ``model --arch adapter--> PruningSpace --scorer--> scores --
   its plain-torch reference elsewhere) and everything works without triton installed.
 """
 from . import methods, metrics, score
+from .allocate import allocate
 from .arch import describe
 from .dap import DAP, finetune_dap
 from .dap import Schedule as DAPSchedule
@@ -49,7 +50,7 @@ from .targets import (
 from .version import __version__
 
 __all__ = [
-    "CallOrderError", "CheckpointError", "ConfigError", "DAP", "DAPSchedule", "Group", "InputError",
+    "CallOrderError", "CheckpointError", "allocate", "ConfigError", "DAP", "DAPSchedule", "Group", "InputError",
     "KernelUnavailableError", "Method", "MethodData", "MethodResult", "Plan", "PlanError", "PlanSpec", "PruningSpace",
     "TensorSlice", "UnsupportedModelError", "VitPruneError", "__version__", "apply_masks_", "describe", "dimap_masks",
     "dimap_scores", "dimap_structured_plan", "finetune_dap", "get_method", "keep_for_budget", "keep_for_flops",

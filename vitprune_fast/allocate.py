@@ -4,7 +4,7 @@ The uniform rule (:func:`vitprune_fast.targets.resolve_spec`) gives every block 
 in one unit across groups (UP-ViTs: the KL of the model's output) say more: :func:`allocate` chooses every group's
 kept count -- per block and per component -- to minimise the summed scores of what is removed, subject to the
 budget and to the rules ``make_plan`` enforces (equal dims per head / whole heads / the head merge, tied attentions
-following their residual, ``multiple_of``, ``round_to``, at least one unit per group).
+following their residual, ``multiple_of``, ``round_to``, at least one unit per group, and at least ``min_keep`` of it).
 
 Method, and the bound it comes with:
 
@@ -33,7 +33,7 @@ import itertools
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -73,6 +73,26 @@ def _removed(items_scores: torch.Tensor, counts: list[int]) -> list[float]:
     return [float(low[total - k - 1]) if k < total else 0.0 for k in counts]
 
 
+def _floor(g: Group, spec: PlanSpec) -> int:
+    """The fewest channels ``spec.min_keep`` lets group ``g`` keep."""
+    m = spec.min_keep
+    if isinstance(m, Mapping):
+        m = m.get(g.name, m.get(g.kind, 0.0))
+    return math.ceil(m * g.size - 1e-9)
+
+
+def _at_least(lad, kept: list[int], floor: int):
+    """``lad`` without the options that keep fewer than ``floor`` channels (the widest always stays)."""
+    n = max(1, sum(k >= floor for k in kept))
+    for f in fields(lad):
+        v = getattr(lad, f.name)
+        if isinstance(v, list):
+            setattr(lad, f.name, v[:n])
+        elif isinstance(v, dict):
+            setattr(lad, f.name, {k: opts[:n] for k, opts in v.items()})
+    return lad
+
+
 def _sel_ladder(g: Group, sels: list[Selection], s: torch.Tensor, round_to: int, unit: str) -> _Ladder:
     """The ladder of a group whose selections all keep the same count (every head, every merged head, one ranking)."""
     n_items = len(sels[0].items)
@@ -103,7 +123,7 @@ def _ladders(space: PruningSpace, scores: Mapping[str, torch.Tensor], spec: Plan
         sels = _attn_selections(g, 1.0, h, spec.attn_mode, spec.round_to)
         whole = sels[0].items.shape[1] > 1  # whole-head removal: items are heads
         out[g.name] = _sel_ladder(g, sels, s, 1 if whole else spec.round_to, "heads" if whole else "channels")
-    return out
+    return {n: _at_least(lad, lad.kept, _floor(space.groups[n], spec)) for n, lad in out.items()}
 
 
 @dataclass
@@ -145,7 +165,7 @@ def _residuals(space: PruningSpace, scores: Mapping[str, torch.Tensor], spec: Pl
                         removed[i] += v
                 tied[t.name] = [(d * t.num_heads, t.num_heads) for d in per]
             score = [a + b for a, b in zip(score, removed, strict=True)]
-        out.append(_Residual(g.name, widths, score, tied))
+        out.append(_at_least(_Residual(g.name, widths, score, tied), widths, _floor(g, spec)))
     return out
 
 

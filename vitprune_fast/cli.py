@@ -243,8 +243,10 @@ def _spec(args):
         raise UsageError("--allocation global spends one budget: give --flops, --params or --latency")
     if args.latency is not None and args.allocation != "global":
         raise UsageError("--latency needs --allocation global (a latency table prices each block's widths)")
+    if args.min_keep and args.allocation != "global":
+        raise UsageError("--min-keep bounds a global allocation: add --allocation global")
     return PlanSpec(**budgets, heads=args.heads, attn_mode=args.attn_mode, round_to=args.round_to,
-                    allocation=args.allocation)
+                    allocation=args.allocation, min_keep=args.min_keep)
 
 
 def cmd_prune(args) -> int:
@@ -550,6 +552,17 @@ def _ratio(s: str) -> float:
     return r
 
 
+def _fraction(s: str) -> float:
+    """A fraction in [0, 1] (0 allowed: ``--min-keep``)."""
+    try:
+        r = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not 0 <= r <= 1 or math.isnan(r):
+        raise argparse.ArgumentTypeError(f"fraction must be in [0, 1], got {s}")
+    return r
+
+
 def _keep(s: str) -> float | dict[str, float]:
     """``0.5`` or ``residual=0.75,attn=0.5,mlp=0.5`` (kinds and/or group names)."""
     if "=" not in s:
@@ -638,6 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
                    help="uniform: one keep ratio for every block (UP-ViTs' rule); global: every group's width chosen "
                         "to keep the most score under the budget (needs scores comparable across groups)")
+    p.add_argument("--min-keep", type=_fraction, default=0.0, metavar="F",
+                   help="with --allocation global: the smallest fraction of any group kept (Torch-Pruning's "
+                        "max_pruning_ratio is 1 - F); per-group normalised scores (magnitude, taylor, random) can "
+                        "otherwise cut a costly group to one unit")
     p.add_argument("--target", default=None, help="timm model whose widths to reach, e.g. deit_tiny_patch16_224")
     p.add_argument("--heads", type=_positive_int, default=None, help="UP-ViTs head merge: heads per attention")
     p.add_argument("--attn-mode", choices=("dims", "heads"), default="dims",

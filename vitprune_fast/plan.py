@@ -87,6 +87,11 @@ class PlanSpec:
         allocation: how a budget becomes widths: ``"uniform"`` (the UP-ViTs rule: one keep ratio for the residual,
             attention and MLP groups of every block) or ``"global"`` (every group's count chosen to keep the most
             score under the budget, :func:`vitprune_fast.allocate.allocate`; needs scores comparable across groups).
+        min_keep: with ``allocation="global"``: the smallest fraction of every group the allocation may keep, in
+            [0, 1], or a dict keyed by kind and/or group name like ``keep`` (Torch-Pruning's ``max_pruning_ratio`` is
+            ``1 - min_keep``). 0 lets a group go down to one unit, which is right for scores in one unit (UP-ViTs'
+            KL); per-group normalised scores make every group's channels alike and can starve the group whose
+            channels cost the most (README: Global allocation of widths). A tied attention follows its residual's.
     """
 
     keep: float | Mapping[str, float] | None = None
@@ -98,6 +103,7 @@ class PlanSpec:
     attn_mode: str = "dims"
     round_to: int = 1
     allocation: str = "uniform"
+    min_keep: float | Mapping[str, float] = 0.0
 
     def __post_init__(self):
         given = [n for n in ("keep", "flops", "params", "latency", "target") if getattr(self, n) is not None]
@@ -105,7 +111,7 @@ class PlanSpec:
             raise PlanError(f"give one of keep, flops, params, latency or target, not {' and '.join(given)}")
         if not given:
             object.__setattr__(self, "keep", 1.0)
-        for name in ("keep", "heads"):  # a copy: the caller's dict may change later
+        for name in ("keep", "heads", "min_keep"):  # a copy: the caller's dict may change later
             v = getattr(self, name)
             if isinstance(v, Mapping):
                 object.__setattr__(self, name, dict(v))
@@ -119,6 +125,13 @@ class PlanSpec:
                             "round_to at their defaults")
         if self.allocation not in ALLOCATIONS:
             raise PlanError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        floors = self.min_keep.values() if isinstance(self.min_keep, Mapping) else [self.min_keep]
+        for m in floors:
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or math.isnan(m) or not 0 <= m <= 1:
+                raise PlanError(f"min_keep must be a fraction in [0, 1], got {m!r}")
+        if any(floors) and self.allocation != "global":
+            raise PlanError("min_keep bounds a global allocation (allocation='global'); the uniform rule keeps one "
+                            "ratio everywhere")
 
     @property
     def budget(self) -> str:

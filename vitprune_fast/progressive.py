@@ -21,6 +21,7 @@ from .arch import adapter_for
 from .errors import ConfigError, PlanError
 from .plan import Plan, PlanSpec, Selection, as_spec, plan_from_scores, selections
 from .prune import prune_
+from .space import PruningSpace
 
 ENGINES = ("exact", "screened")
 
@@ -157,7 +158,7 @@ def _global(model, images, spec: PlanSpec, steps: int, engine: str, checkpoint, 
         t0 = time.perf_counter()
         cm = CostModel(current, measure)
         share = (dense - (dense - target) * step / steps) / cm.dense  # of the model this step starts from
-        step_spec = dataclasses.replace(spec, **{measure: min(1.0, share)})
+        step_spec = dataclasses.replace(spec, **{measure: min(1.0, share)}, min_keep=_step_floors(space, spec, alive))
         ckpt = None if checkpoint is None else f"{checkpoint}/step{step}"
         rep = None
         if step == 1 and scores is not None:
@@ -182,6 +183,13 @@ def _global(model, images, spec: PlanSpec, steps: int, engine: str, checkpoint, 
     keep = {n: a for n, a in alive.items() if len(a) < space.groups[n].size}
     heads = {n: h for n, h in heads.items() if n in keep or h != space.groups[n].num_heads}
     return Plan.from_space(space, keep, heads), report
+
+
+def _step_floors(space: PruningSpace, spec: PlanSpec, alive: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``spec.min_keep`` of the unpruned model's groups, as fractions of what is left of them."""
+    from .allocate import _floor
+
+    return {n: _floor(g, spec) / len(alive[n]) for n, g in space.groups.items()}
 
 
 def progressive_summary(report: dict) -> str:

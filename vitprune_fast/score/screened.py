@@ -370,7 +370,7 @@ def _allocation_sels(model, space, state: _State, spec: PlanSpec, cost_models: d
     log.append(rep["kept"])
     ratios = {n: 1.0 for n in space.groups if space.groups[n].tied_to is None} | _kept_ratios(space, plan)
     sels = selections(space, replace(spec, keep=ratios, flops=None, params=None, latency=None, allocation="uniform",
-                                     round_to=1))
+                                     min_keep=0.0, round_to=1))
     ranked = {s.group for s in sels}
     for g in space.groups.values():  # groups kept whole: a ranking that keeps everything (its lowest item is an edge)
         if g.name not in ranked and g.tied_to is None and g.name in state.est:
