@@ -125,8 +125,9 @@ def test_options_are_the_methods_own():
 def test_built_in_methods_declare_needs_and_comparability():
     decl = {n: (set(get_method(n).needs), get_method(n).comparable) for n in method_names()}
     assert decl["upvits"] == ({"images"}, "global")  # the KL of the output: one unit across groups
-    assert decl["taylor"] == ({"labels"}, None) and decl["dap"] == ({"labels", "training"}, None)
-    assert decl["magnitude"] == decl["random"] == decl["dimap"] == (set(), None)
+    # baselines: a group's scale says nothing of its importance, so each group is divided by its mean
+    assert decl["taylor"] == ({"labels"}, "mean") and decl["magnitude"] == decl["random"] == (set(), "mean")
+    assert decl["dap"] == ({"labels", "training"}, None) and decl["dimap"] == (set(), None)  # refused
 
 
 def test_each_method_plans_through_the_interface():
