@@ -4,7 +4,8 @@ the same FLOPs.
 Stock DeiT-S and Swin-T widths and depths (random init, magnitude scores normalised per group; CPU: 96 / 64 px, one
 thread), at batch 1 and 64: the latency model is built on this machine (:class:`vitprune_fast.latency.LatencyModel`),
 a global allocation meets 60 % of the predicted dense latency, the pruned model is timed, and so is the uniform plan
-with the same FLOPs. Target: predicted within 10 % of measured.
+with the same FLOPs (every latency the fastest of its runs, the tables' statistic). Target: predicted within 10 %
+of measured.
 
     python bench/latency_budget.py [--quick]
 """
@@ -31,8 +32,8 @@ BATCHES = {"cpu": (1, 64), "quick": (1, 4), "cuda": (1, 64, 256)}
 
 def run(configs, batches, device, target: float = 0.6, repeats: int = 10) -> list[dict]:
     from vitprune_fast.allocate import allocate
-    from vitprune_fast.latency import LatencyModel
-    from vitprune_fast.metrics import count_flops, measure_latency
+    from vitprune_fast.latency import LatencyModel, forward_seconds
+    from vitprune_fast.metrics import count_flops
 
     rows = []
     for name, kw in configs:
@@ -46,12 +47,12 @@ def run(configs, batches, device, target: float = 0.6, repeats: int = 10) -> lis
             lm = LatencyModel.build(model, batch, repeats=repeats)
             plan, rep = allocate(model, scores, vpf.PlanSpec(latency=target, allocation="global"), latency_model=lm)
             pruned = vpf.prune_(copy.deepcopy(model), plan)
-            measured = measure_latency(pruned, batch, repeats=repeats)
             flops = count_flops(pruned) / dense_flops
             r, _ = vpf.keep_for_flops(model, flops)
             uniform = vpf.prune_(copy.deepcopy(model), vpf.make_plan(space, scores, keep=r))
-            uniform_ms = measure_latency(uniform, batch, repeats=repeats)
-            dense = measure_latency(model, batch, repeats=repeats)
+            # the three models in turn, the fastest of three rounds each: the VM's speed drifts between rounds
+            rounds = [[forward_seconds(m, batch, repeats) for m in (pruned, uniform, model)] for _ in range(3)]
+            measured, uniform_ms, dense = (min(col) for col in zip(*rounds, strict=True))
             rows.append({"model": name, "kwargs": kw, "batch": batch, "target": target,
                          "dense_measured_s": dense, "dense_predicted_s": lm.dense,
                          "predicted_s": rep["achieved"], "measured_s": measured,

@@ -282,7 +282,7 @@ def test_latency_model_is_built_cached_reused_and_refused_elsewhere(tmp_path, mo
     model = TINY["vit"].build(torch.float32)
     lm = latency.LatencyModel.build(model, batch=2, cache_dir=tmp_path, repeats=2)
     files = list(tmp_path.glob("latency-*.json"))
-    assert len(files) == 1 and lm.dense == pytest.approx(lm.predict({}))
+    assert len(files) == 1 and lm.dense == pytest.approx(lm.predict({})) == pytest.approx(lm.measured_dense)
     assert set(lm.table["tables"]["stages"]["0"]) == {str(c) for c in (8, 6, 4, 2)}  # the residual grid
     calls = []
     monkeypatch.setattr(latency, "_measure", lambda *a, **k: calls.append(a) or {})
@@ -297,30 +297,35 @@ def test_latency_model_is_built_cached_reused_and_refused_elsewhere(tmp_path, mo
         latency.LatencyModel.load(model, other, batch=2)
 
 
+def test_latency_model_prices_every_block_from_its_own_time():
+    """Swin's shifted-window blocks take longer than the unshifted first block of their stage, whose table prices
+    the stage: each block is scaled by its measured time, so the unpruned prediction is the measured latency."""
+    from vitprune_fast import latency
+
+    lm = latency.LatencyModel.build(TINY["swin"].build(torch.float32), batch=1, repeats=1)
+    full = lm.table["tables"]["blocks_full"]
+    assert len(full) == len(lm._blocks) and len(set(full)) > 1
+    assert lm.predict({}) == pytest.approx(lm.measured_dense, rel=1e-12)
+
+
 @pytest.fixture
 def flop_clock(monkeypatch):
     """A clock by which a forward takes 1e-12 s per FLOP: latency tables that do not depend on the load of the
     machine running the suite (a tiny model's measured times are mostly noise, so a budget may be unreachable)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vitprune_fast import latency, metrics
+    from vitprune_fast import latency
 
     def seconds(fn, *args, **kwargs):
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             fn()
         return 1e-12 * counter.get_total_flops()
 
-    def model_seconds(model, batch=1, warmup=3, repeats=10):
-        p = next(model.parameters())
-        x = torch.randn(batch, *metrics.input_size(model), device=p.device, dtype=p.dtype)
-        return seconds(lambda: model.eval()(x))
-
-    monkeypatch.setattr(latency, "_seconds", seconds)
-    monkeypatch.setattr(metrics, "measure_latency", model_seconds)
+    monkeypatch.setattr(latency, "_seconds", seconds)  # every timing of the tables, and forward_seconds
 
 
 def test_latency_budget_is_met_on_the_model_s_table(flop_clock):
-    from vitprune_fast import latency, metrics
+    from vitprune_fast import latency
 
     model = TINY["vit"].build(torch.float32)
     lm = latency.LatencyModel.build(model, batch=2)
@@ -329,7 +334,7 @@ def test_latency_budget_is_met_on_the_model_s_table(flop_clock):
     assert rep["achieved"] == pytest.approx(lm.predict_plan(plan)) and rep["achieved"] <= 0.6 * lm.dense + 1e-12
     # on a clock that adds up (FLOPs are linear in each width), the model predicts what the pruned model takes
     pruned = vpf.prune_(copy.deepcopy(model), plan)
-    assert rep["achieved"] == pytest.approx(metrics.measure_latency(pruned, 2), rel=1e-9)
+    assert rep["achieved"] == pytest.approx(latency.forward_seconds(pruned, 2), rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI

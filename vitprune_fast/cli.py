@@ -324,9 +324,9 @@ def cmd_prune(args) -> int:
     pct = 100 * after["mflops"] / before["mflops"]
     print(f"FLOPs {pct:.1f} % of dense -> {out}" + (f" (plot {png})" if png else ""))
     if mdata.latency is not None:
-        from .metrics import measure_latency
+        from .latency import forward_seconds
 
-        measured = measure_latency(model, args.latency_batch, repeats=20)
+        measured = forward_seconds(model, args.latency_batch, repeats=20)  # the tables' statistic
         predicted = mdata.latency.predict_plan(plan)
         share = 100 * predicted / mdata.latency.dense
         print(f"latency (batch {args.latency_batch}, {mdata.latency.table['device']}): predicted "

@@ -357,7 +357,8 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, cache_dir:
         fast: tiny step counts (seconds; the test suite runs it).
         cache_dir: trained-model cache (default ``$VITPRUNE_FAST_CACHE`` or ``~/.cache/vitprune_fast/demo``).
         jobs: worker processes (default 2 on a machine with >= 2 cores, 1 with ``fast``).
-        methods: subset / order of ``upvits, dimap, magnitude, random, taylor``.
+        methods: the rows, in order (default :data:`METHODS`): registered method names, each optionally with
+            ``-global``, ``-progressive`` or ``+rec`` (:mod:`vitprune_fast.variants`).
         use_cache: ``False`` retrains (and does not write the cache).
         progress: progress bar and per-step lines.
         config: override every setting (default ``FAST`` or ``FULL``).

@@ -5,7 +5,8 @@ residual width), the first block is timed over a grid of widths -- the residual 
 head_dim, the plan rules' way of narrowing it), the MLP's hidden width -- and the rest of the model (embedding,
 stage entries, head) at each residual level. A block's latency is taken as additive in its two branches
 (``rest(C) + attention(C, A) + mlp(C, H)``: the branches run one after the other), each interpolated linearly
-between grid points, every block of a stage priced like its first. Where latency does not fall with FLOPs (small or
+between grid points, every block of a stage priced like its first, scaled by the two blocks' measured times at full
+width (Swin's shifted-window blocks cost more than the others). Where latency does not fall with FLOPs (small or
 badly aligned widths), the measured table says so and the allocation sees it (it never picks an option that costs
 more than a narrower one).
 
@@ -19,7 +20,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +33,7 @@ from .errors import CheckpointError
 from .files import apply_umask
 from .plan import Plan, PlanSpec
 
-FORMAT = "vitprune_fast.latency/1"
+FORMAT = "vitprune_fast.latency/2"
 LEVELS = (1.0, 0.75, 0.5, 0.25)  # fractions of each width the grid measures (and the smallest allowed width)
 
 
@@ -61,7 +61,19 @@ def _seconds(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
             sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
+
+
+def forward_seconds(model: nn.Module, batch: int = 1, repeats: int = 10) -> float:
+    """The fastest of ``repeats`` forward passes of ``model`` at ``batch`` (after warm-up; CUDA-synchronised): the
+    statistic the tables are measured in. Other load on the machine only adds time, so on a shared machine the
+    minimum is what repeats from one measurement to the next (a median moves with the neighbours' load)."""
+    from .metrics import input_size
+
+    p = next(model.parameters())
+    x = torch.randn(batch, *input_size(model), device=p.device, dtype=p.dtype)
+    model.eval()
+    return _seconds(lambda: model(x), p.device, repeats)
 
 
 def _levels(n: int, step: int = 1) -> list[int]:
@@ -103,13 +115,15 @@ class LatencyModel:
         self.table = table
         self.measured_dense = float(table["dense"])
         adapter = adapter_for(model)
-        self._stage_of = {}  # attn / mlp group of a block -> stage index
-        self._blocks = []  # stage index of every block
+        full = table["tables"]["blocks_full"]  # every block's measured seconds at full width
+        self._stage_of = {}  # attn / mlp group of a block -> (stage index, its block's time over the stage's first)
+        self._blocks = []  # (stage index, that ratio) of every block
         for st in adapter.stages():
             for b in st.blocks:
-                self._blocks.append(st.index)
+                at = (st.index, full[b.index] / full[st.blocks[0].index])
+                self._blocks.append(at)
                 for br in b.branches():
-                    self._stage_of[br.attn] = self._stage_of[br.mlp] = st.index
+                    self._stage_of[br.attn] = self._stage_of[br.mlp] = at
         self._residual = {st.index: st.residual for st in adapter.stages()}
         self.dense = self.predict({})  # budgets are fractions of the model's own prediction (its errors cancel)
 
@@ -138,7 +152,7 @@ class LatencyModel:
             batch: the batch size it will run at.
             rules: the plan rules (``attn_mode``, ``heads``) the allocation will follow.
             cache_dir: where tables are cached (None: not cached).
-            repeats: timed runs per measurement (the median is kept).
+            repeats: timed runs per measurement (the fastest is kept: :func:`forward_seconds`).
         """
         rules = rules or PlanSpec()
         key = cls.key(model, batch, rules)
@@ -200,11 +214,11 @@ class LatencyModel:
         widths = {s: kept.get(r, self.groups[r].size) for s, r in self._residual.items()}
         for s in self._residual:
             total += self._at(s, "rest", widths[s]) - rest_full
-        for s in self._blocks:
-            total += self._at(s, "block", widths[s])
-        for name, s in self._stage_of.items():  # a parallel block's extra branches are priced as its first
+        for s, ratio in self._blocks:
+            total += ratio * self._at(s, "block", widths[s])
+        for name, (s, ratio) in self._stage_of.items():  # a parallel block's extra branches: priced as its first
             g = self.groups[name]
-            total += self._at(s, g.kind, widths[s], kept.get(name, g.size))
+            total += ratio * self._at(s, g.kind, widths[s], kept.get(name, g.size))
         return total
 
     def predict_plan(self, plan: Plan) -> float:
@@ -224,26 +238,25 @@ class LatencyModel:
             if name not in self._stage_of:  # a group outside the blocks (CaiT's class attention): not timed apart
                 out[name] = [0.0] * len(lad.kept)
                 continue
-            g, s = self.groups[name], self._stage_of[name]
+            g, (s, ratio) = self.groups[name], self._stage_of[name]
             full = self._at(s, g.kind, widths[s], g.size)
-            out[name] = [self._at(s, g.kind, widths[s], k) - full for k in lad.kept]
+            out[name] = [ratio * (self._at(s, g.kind, widths[s], k) - full) for k in lad.kept]
         return _OptionCosts(base, out)
 
 
 def _measure(model: nn.Module, batch: int, rules: PlanSpec, repeats: int) -> dict:
     """The tables: per stage and residual level, the stage's first block at full widths (``block``), its attention
     and MLP at each grid width (``attn`` / ``mlp``: seconds above ``block``), and the model outside its blocks with
-    that stage's residual narrowed (``rest``); ``rest_full``, ``dense``."""
-    from .metrics import measure_latency
-
+    that stage's residual narrowed (``rest``); every block at full widths (``blocks_full``), ``rest_full``,
+    ``dense``."""
     adapter = adapter_for(model)
     space = adapter.describe()
     mode = "heads" if any(g.whole_heads and g.tied_to is None for g in space.of_kind("attn")) else rules.attn_mode
     timer = _Timer(model, space, mode, batch, repeats)
-    dense = measure_latency(model, batch, warmup=3, repeats=repeats)
+    dense = forward_seconds(model, batch, repeats)
     per_block = timer.blocks(model)
     rest_full = dense - sum(per_block)
-    out = {"dense": dense, "rest_full": rest_full, "stages": {}}
+    out = {"dense": dense, "rest_full": rest_full, "blocks_full": per_block, "stages": {}}
     for st in adapter.stages():
         if not st.blocks:
             continue
@@ -256,7 +269,7 @@ def _measure(model: nn.Module, batch: int, rules: PlanSpec, repeats: int) -> dic
             else:
                 whole = timer.pruned({st.residual: c})
                 block = timer.block(whole, ref.index)
-                rest = measure_latency(whole, batch, warmup=3, repeats=repeats) - sum(timer.blocks(whole))
+                rest = forward_seconds(whole, batch, repeats) - sum(timer.blocks(whole))
             row = {"block": block, "attn": {}, "mlp": {}, "rest": rest}
             row["attn"][attn.size] = row["mlp"][mlp.size] = 0.0  # both whole: the block itself
             if attn.tied_to is None:
@@ -322,4 +335,4 @@ class _Timer:
         return [_seconds(lambda i=i: trunk.block(i, xs[i]), self.device, self.repeats) for i in range(len(xs))]
 
 
-__all__ = ["LatencyModel", "device_name"]
+__all__ = ["LatencyModel", "device_name", "forward_seconds"]
