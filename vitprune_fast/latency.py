@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import platform
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -50,30 +49,20 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def _seconds(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return min(times)
+def _seconds(fn, device: torch.device, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``fn()``: the tables' statistic (see :func:`forward_seconds`)."""
+    from . import metrics
+
+    return metrics.time_call(fn, device, repeats=repeats, stat="min")
 
 
 def forward_seconds(model: nn.Module, batch: int = 1, repeats: int = 10) -> float:
     """The fastest of ``repeats`` forward passes of ``model`` at ``batch`` (after warm-up; CUDA-synchronised): the
     statistic the tables are measured in. Other load on the machine only adds time, so on a shared machine the
     minimum is what repeats from one measurement to the next (a median moves with the neighbours' load)."""
-    from .metrics import input_size
+    from . import metrics
 
-    p = next(model.parameters())
-    x = torch.randn(batch, *input_size(model), device=p.device, dtype=p.dtype)
-    model.eval()
-    return _seconds(lambda: model(x), p.device, repeats)
+    return metrics.measure_latency(model, batch, repeats=repeats, stat="min")
 
 
 def _levels(n: int, step: int = 1) -> list[int]:
@@ -110,11 +99,11 @@ class LatencyModel:
     """
 
     def __init__(self, model: nn.Module, table: dict):
-        self.space = adapter_for(model).describe()
+        adapter = adapter_for(model)
+        self.space = adapter.describe()
         self.groups = self.space.groups
         self.table = table
         self.measured_dense = float(table["dense"])
-        adapter = adapter_for(model)
         full = table["tables"]["blocks_full"]  # every block's measured seconds at full width
         self._stage_of = {}  # attn / mlp group of a block -> (stage index, its block's time over the stage's first)
         self._blocks = []  # (stage index, that ratio) of every block

@@ -10,7 +10,7 @@ from torch import nn
 from .arch import adapter_for
 from .flops import count_flops
 
-__all__ = ["count_flops", "count_params", "fidelity", "input_size", "measure_latency", "plan_params"]
+__all__ = ["count_flops", "count_params", "fidelity", "input_size", "measure_latency", "plan_params", "time_call"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -23,22 +23,29 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     return adapter_for(model).input_size()
 
 
-def measure_latency(model: nn.Module, batch: int = 1, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall-clock seconds of one forward pass (CUDA-synchronised on GPU)."""
-    p = next(model.parameters())
-    x = torch.randn(batch, *input_size(model), device=p.device, dtype=p.dtype)
-    model.eval()
-    sync = torch.cuda.synchronize if p.is_cuda else (lambda: None)
+def time_call(fn, device: torch.device, warmup: int = 3, repeats: int = 10, stat: str = "median") -> float:
+    """Seconds per call of ``fn()`` (under inference mode, CUDA-synchronised on GPU): the ``"median"`` or the
+    fastest (``"min"``) of ``repeats`` calls after ``warmup``."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
             sync()
             t0 = time.perf_counter()
-            model(x)
+            fn()
             sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return {"median": statistics.median, "min": min}[stat](times)
+
+
+def measure_latency(model: nn.Module, batch: int = 1, warmup: int = 3, repeats: int = 10,
+                    stat: str = "median") -> float:
+    """Wall-clock seconds of one forward pass (:func:`time_call`'s ``stat`` of ``repeats``; CUDA-synchronised)."""
+    p = next(model.parameters())
+    x = torch.randn(batch, *input_size(model), device=p.device, dtype=p.dtype)
+    model.eval()
+    return time_call(lambda: model(x), p.device, warmup, repeats, stat)
 
 
 def plan_params(model: nn.Module, plan) -> int:
