@@ -9,7 +9,12 @@ import timm
 import torch
 
 from vitprune_fast.arch import ViTAdapter, adapter_for, register_adapter, unregister_adapter
-from vitprune_fast.testing import CATALOGUE, TIMM_MODULES, missing_representatives, representatives
+from vitprune_fast.testing import (
+    CATALOGUE,
+    TIMM_MODULES,
+    missing_representatives,
+    timm_representatives,
+)
 
 
 def test_every_registered_adapter_has_a_representative():
@@ -39,10 +44,10 @@ def test_each_representative_is_its_adapters(key):
     rep = CATALOGUE[key]
     with warnings.catch_warnings(), torch.device("meta"):  # module types and shapes only
         warnings.simplefilter("ignore")
-        model = timm.create_model(rep.timm_name, pretrained=False, **rep.kwargs)
+        model = rep.create()
     assert adapter_for(model).arch == rep.adapter
 
 
 def test_census_modules_cover_the_built_in_adapters():
-    assert set(TIMM_MODULES) == {r.adapter for r in representatives()}
+    assert set(TIMM_MODULES) == {r.adapter for r in timm_representatives()}
     assert all(timm.list_models(module=m) for mods in TIMM_MODULES.values() for m in mods)

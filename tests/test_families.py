@@ -14,8 +14,8 @@ import timm
 import torch
 
 import vitprune_fast as vpf
-from tests.models import make_input, randomize_, rel_err
-from vitprune_fast.arch import adapter_for
+from tests.models import make_input, rel_err
+from vitprune_fast.arch import adapter_for, model_output
 from vitprune_fast.dap import DAP, Schedule
 from vitprune_fast.depth import remove_units_
 from vitprune_fast.errors import PlanError
@@ -23,12 +23,11 @@ from vitprune_fast.masked import masked_copy
 from vitprune_fast.score.screened import selection_differences
 from vitprune_fast.testing import representatives
 
-FAMILIES = {r.key: (r.timm_name, r.kwargs, r.what) for r in representatives(core=False)}  # key -> (name, kwargs, what)
+FAMILIES = {r.key: r for r in representatives(core=False)}
 
 
 def _model(key: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
-    name, kw, _ = FAMILIES[key]
-    return randomize_(timm.create_model(name, pretrained=False, **kw).to(dtype), seed).eval()
+    return FAMILIES[key].build(dtype, seed)
 
 
 def _attn_mode(space) -> str:
@@ -59,8 +58,8 @@ def test_removal_equals_masking_every_group_kind(key):
         pruned = copy.deepcopy(model)
         vpf.prune_(pruned, plan)
         with torch.no_grad():
-            want = masked_copy(model, plan)(x)
-            assert rel_err(pruned(x), want) < 1e-9
+            want = model_output(masked_copy(model, plan), x)
+            assert rel_err(model_output(pruned, x), want) < 1e-9
         assert _layout(pruned) == _layout(model)  # still timm's own classes, module for module
         assert vpf.describe(pruned).groups.keys() == space.groups.keys()
         for name, size in plan.kept_sizes(space).items():
@@ -74,10 +73,10 @@ def test_masking_changes_the_function(key):
     space = vpf.describe(model)
     x = make_input(model, 2)
     with torch.no_grad():
-        dense = model(x)
+        dense = model_output(model, x)
         for plan in _plans(space):
             if plan.keep:  # a tied attention (EVA) is not narrowed by keep={"attn": r}
-                assert rel_err(masked_copy(model, plan)(x), dense) > 1e-4
+                assert rel_err(model_output(masked_copy(model, plan), x), dense) > 1e-4
 
 
 @pytest.mark.parametrize("key", list(FAMILIES))
@@ -93,7 +92,7 @@ def test_save_load_round_trip(key, tmp_path):
     assert sd.keys() == sd_back.keys() and all(torch.equal(sd[k], sd_back[k]) for k in sd)
     x = make_input(model, 2)
     with torch.no_grad():
-        assert torch.equal(back(x), model(x))
+        assert torch.equal(model_output(back, x), model_output(model, x))
 
 
 @pytest.mark.parametrize("key", list(FAMILIES))
@@ -117,8 +116,8 @@ def test_dimap_structured_plan(key):
     assert plan.keep
     x = make_input(model, 2)
     with torch.no_grad():
-        want = masked_copy(model, plan)(x)
-        assert rel_err(vpf.prune_(copy.deepcopy(model), plan)(x), want) < 1e-9
+        want = model_output(masked_copy(model, plan), x)
+        assert rel_err(model_output(vpf.prune_(copy.deepcopy(model), plan), x), want) < 1e-9
     scores = vpf.dimap_scores(model, structured=True, attn_mode=mode)
     groups = vpf.describe(model).groups  # DIMAP's modules are the blocks' (a pool's, CaiT's class attention stay whole)
     assert set(scores) == {n for b in adapter_for(model).blocks() for br in b.branches() for n in (br.attn, br.mlp)}
@@ -131,14 +130,15 @@ def test_dap_steps_and_finalize(key):
     model = _model(key, torch.float32).train()
     # the budget over the gated (block) parameters: with frozen attentions (tied widths), CaiT's class attention and
     # PVT's embeddings, 40 % of ALL parameters is more than the gated ones hold
+    headless = not adapter_for(model).classifier_weights()  # a feature model: the probes' classes are the labels'
     dap = DAP(model, target=0.4, schedule=Schedule(0, 2, 3, update_every=1),
-              attn_mode=_attn_mode(vpf.describe(model)), block_params_only=True)
+              attn_mode=_attn_mode(vpf.describe(model)), block_params_only=True, num_classes=10 if headless else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         x = torch.randn(4, 3, 32, 32, generator=g)
         y = torch.randint(0, 10, (4,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x), y) + dap.loss(y)
+        loss = torch.nn.functional.cross_entropy(model_output(model, x), y) + dap.loss(y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -146,7 +146,7 @@ def test_dap_steps_and_finalize(key):
     kept = dap.kept_params()
     dap.finalize(opt)
     assert sum(p.numel() for p in model.parameters()) == kept < sum(p.numel() for p in _model(key).parameters())
-    model(torch.randn(2, 3, 32, 32))
+    model_output(model, torch.randn(2, 3, 32, 32))
 
 
 def test_screened_selection_equals_exact_on_rmsnorm_swiglu():

@@ -6,6 +6,7 @@ import torch
 from models import make_input, make_model, random_scores
 
 import vitprune_fast as vpf
+from vitprune_fast.arch import model_output
 
 PLAN_KW = dict(keep={"residual": 0.5, "attn": 0.5, "mlp": 0.5}, attn_mode="heads")  # no head_dim change
 
@@ -25,7 +26,7 @@ def _reference_slice(state: dict[str, torch.Tensor], space, plan) -> dict[str, t
 
 
 def _loss(model, x):
-    return model(x).square().mean()
+    return model_output(model, x).square().mean()
 
 
 def _train_steps(model, opt, x, n):
@@ -35,7 +36,7 @@ def _train_steps(model, opt, x, n):
         opt.step()
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "vit_layerscale", "swin"])
+@pytest.mark.parametrize("key", ["deit_distilled", "vit_layerscale", "swin", "hf_vit"])
 def test_parameters_keep_identity_and_grads_are_sliced(key):
     model = make_model(key)
     x = make_input(model)
@@ -53,7 +54,7 @@ def test_parameters_keep_identity_and_grads_are_sliced(key):
         assert torch.equal(p.grad, want[n]), n
 
 
-@pytest.mark.parametrize("key", ["deit", "swin"])
+@pytest.mark.parametrize("key", ["deit", "swin", "hf_vit"])
 def test_adamw_step_after_prune_equals_fresh_optimizer_on_sliced_copy(key):
     model = make_model(key)
     x = make_input(model)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from models import make_input, rel_err
 
 import vitprune_fast as vpf
+from vitprune_fast.arch import model_output
 from vitprune_fast.reconstruct import reconstruct_, ridge_fit
 from vitprune_fast.testing import CATALOGUE, Representative, representatives
 
@@ -27,8 +28,8 @@ def _scores(space, seed=0):
 
 def _kl(teacher, student, x) -> float:
     with torch.no_grad():
-        return float(F.kl_div(student(x).log_softmax(-1), teacher(x).log_softmax(-1), log_target=True,
-                              reduction="batchmean"))
+        return float(F.kl_div(model_output(student, x).log_softmax(-1), model_output(teacher, x).log_softmax(-1),
+                              log_target=True, reduction="batchmean"))
 
 
 # ---------------------------------------------------------------------------------------------------- solver
@@ -260,7 +261,7 @@ def test_every_family_reconstructs(key, tmp_path):
     assert _kl(teacher, pruned, x) <= before  # on the calibration images, KL to the teacher does not increase
     back = vpf.load_pruned(vpf.save_pruned(pruned, tmp_path / key))
     with torch.no_grad():
-        assert torch.equal(back(x[:2]), pruned(x[:2]))
+        assert torch.equal(model_output(back, x[:2]), model_output(pruned, x[:2]))
 
 
 # ---------------------------------------------------------------------------------------------------- trained

@@ -25,6 +25,7 @@ from torch import nn
 from .errors import VitPruneError
 from .files import apply_umask
 from .methods import Method, MethodData, MethodResult, get_method, method_names
+from .score.objective import OBJECTIVES
 from .table import table
 
 FAMILIES = ("ViT/DeiT", "SigLIP", "AIMv2", "EVA/EVA-02", "BEiT", "CaiT", "Swin V1/V2", "PVTv2", "XCiT")
@@ -153,7 +154,7 @@ def cmd_score(args) -> int:
     from .arch import describe
     from .plots import plot_score_distributions
 
-    method = get_method(args.method)
+    method = _method(args)
     if not method.has_scores:
         raise UsageError(f"method {args.method!r} plans without a score table; use it with `vitprune-fast prune`")
     model, data = _model_and_data(args, need_data=bool(method.needs))
@@ -176,7 +177,12 @@ def _method_data(args, model: nn.Module, data, method: Method) -> MethodData:
     """What a method reads, from the command's data and settings: the training split's loader, ``--proxy`` training
     images through the evaluation transform (a draw seeded by ``--seed``; for methods that need images), the seed,
     and for a method that trains, the unpruned model as its teacher."""
+    from .arch import adapter_for
+
     loader = images = None
+    if getattr(method, "objective", "") is None and not adapter_for(model).classifier_weights():
+        _log(f"{type(model).__name__} has no classifier: {method.name} scores the distortion of its output features "
+             "(--objective features: squared error over each feature's variance on the proxy images)")
     if data is not None:
         loader = data.loaders(args.batch_size, seed=args.seed, num_workers=args.workers)[0]
         if "images" in method.needs:
@@ -203,11 +209,13 @@ def _log(line: str) -> None:
 
 # CLI flags that set a method option: (flag, option, the option's value from the arguments or None, what it is)
 _OPTION_FLAGS = (
-    ("--screened", "engine", lambda a: "screened" if a.screened else None, "--screened is the UP-ViTs selection "
-                                                                           "engine"),
-    ("--exact", "engine", lambda a: "exact" if a.exact else None, "--exact is the UP-ViTs engine that scores every "
-                                                                  "candidate"),
-    ("--progressive", "steps", lambda a: a.progressive, "--progressive re-scores the model between steps"),
+    ("--screened", "engine", lambda a: "screened" if getattr(a, "screened", False) else None,
+     "--screened is the UP-ViTs selection engine"),
+    ("--exact", "engine", lambda a: "exact" if getattr(a, "exact", False) else None,
+     "--exact is the UP-ViTs engine that scores every candidate"),
+    ("--progressive", "steps", lambda a: getattr(a, "progressive", None),
+     "--progressive re-scores the model between steps"),
+    ("--objective", "objective", lambda a: a.objective, "--objective is what UP-ViTs scores measure"),
 )
 DEFAULT_ENGINE = "screened"  # the CLI's engine for a method with an `engine` option: the exact selection for less
 
@@ -215,7 +223,7 @@ DEFAULT_ENGINE = "screened"  # the CLI's engine for a method with an `engine` op
 def _method(args) -> Method:
     """The ``--method`` with the options its flags set; a flag for an option the method lacks is a usage error. A
     method with an ``engine`` option runs the screened engine unless ``--exact`` says otherwise."""
-    if args.screened and args.exact:
+    if getattr(args, "screened", False) and getattr(args, "exact", False):
         raise UsageError("give --screened or --exact, not both")
     options = {}
     for _flag, option, value, what in _OPTION_FLAGS:
@@ -223,7 +231,7 @@ def _method(args) -> Method:
         if v is None:
             continue
         owners = [n for n in method_names() if option in get_method(n).option_names()]
-        if option not in get_method(args.method).option_names() or args.scores:
+        if option not in get_method(args.method).option_names() or getattr(args, "scores", None):
             raise UsageError(f"{what}: use it with --method {' / '.join(owners)}, without --scores")
         options[option] = v
     if "engine" in get_method(args.method).option_names():
@@ -621,6 +629,10 @@ def _add_scoring(p: argparse.ArgumentParser, default: str | None, scores_only: b
                         "(all of it when smaller); the default is where the held-out KL stopped falling "
                         "(bench/proxy_size.py)")
     p.add_argument("--batches", type=_positive_int, default=4, help="Taylor: training batches to accumulate")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="--method upvits: what a score measures: kl (the logits' KL, the default for a classifier) or "
+                        "features (the output features' squared error over each feature's proxy variance, the default "
+                        "for a model without a classifier, e.g. num_classes=0)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
 from . import distributed
+from .arch import model_output
 from .distributed import dist_info
 from .errors import CheckpointError, ConfigError, InputError
 
@@ -71,7 +72,7 @@ def evaluate(model: nn.Module, loader: Iterable, progress: bool = False, desc: s
         for i, (x, y) in enumerate(tqdm(loader, desc=desc, disable=not progress or rank > 0, leave=False)):
             if i % world != rank:
                 continue
-            pred = model(x.to(p.device, p.dtype)).argmax(-1).cpu()
+            pred = model_output(model, x.to(p.device, p.dtype)).argmax(-1).cpu()
             counts += torch.tensor([int((pred == y).sum()), len(y)], dtype=torch.float64, device=p.device)
     finally:
         model.train(was_training)
@@ -191,8 +192,8 @@ def train(model: nn.Module, loader: Iterable, steps: int, lr: float = 1e-3, weig
                 with contextlib.nullcontext() if sync else net.no_sync(), torch.autocast(**amp):
                     if teacher is not None and t_logits is None:
                         with torch.no_grad():
-                            t_logits = teacher(x)
-                    logits = net(x)
+                            t_logits = model_output(teacher, x)
+                    logits = model_output(net, x)
                     logits = logits.float() if amp_dtype is not None else logits  # loss in fp32 under autocast
                     loss = distillation_loss(logits, y, t_logits, alpha, temperature) / accum_steps
                 loss.backward()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import adapter_for
+from .arch import adapter_class, adapter_for
 from .errors import CheckpointError, UnsupportedModelError
 from .files import apply_umask
 from .version import __version__
@@ -17,13 +17,13 @@ from .version import __version__
 FORMAT = "vitprune_fast.pruned/1"
 WEIGHTS = "model.safetensors"
 ARCH_FILE = "architecture.json"
+NATIVE_DIR = "native"  # where a library's own format of the model goes (transformers: save_pretrained)
 
 
 def _model_name(model: nn.Module, model_name: str | None) -> str:
     if model_name:
         return model_name
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("architecture")
+    name = adapter_for(model).model_name()
     if not name:
         raise CheckpointError("cannot tell the timm model name; pass save_pruned(..., model_name='deit_small_...')")
     return name
@@ -129,21 +129,24 @@ def _architecture(model: nn.Module, model_name: str | None, model_kwargs: dict |
 
 
 def _build(arch: dict, device: str | torch.device = "meta") -> nn.Module:
-    """Build the timm model from the recipe and resize every tensor to the saved shapes (no data)."""
-    import timm
-
+    """Build the model from the recipe (its adapter's :meth:`~vitprune_fast.arch.Adapter.build_model`: timm's
+    create_model, a transformers class from its config) and resize every tensor to the saved shapes (no data)."""
+    try:
+        builder = adapter_class(arch.get("arch", "vit"))
+    except UnsupportedModelError as e:
+        raise CheckpointError(f"architecture.json: {e}") from e
     try:
         with torch.device(device):
-            model = timm.create_model(arch["model_name"], pretrained=False, **arch["model_kwargs"])
-    except Exception as e:  # timm raises many types for bad names/kwargs
-        raise CheckpointError(f"cannot build timm model {arch['model_name']!r} with {arch['model_kwargs']}: {e}") from e
+            model = builder.build_model(arch["model_name"], arch["model_kwargs"])
+    except Exception as e:  # the libraries raise many types for bad names/kwargs
+        raise CheckpointError(f"cannot build model {arch['model_name']!r} with {arch['model_kwargs']}: {e}") from e
     adapter = adapter_for(model)
     space = adapter.describe()
     for name, g in arch["groups"].items():
         if name not in space.groups or space.groups[name].kind != g["kind"]:
             raise CheckpointError(f"architecture.json group {name!r} does not exist in the rebuilt model")
         if g["kind"] == "attn":
-            model.get_submodule(space.groups[name].module).num_heads = int(g["num_heads"])
+            adapter.set_heads(space.groups[name], int(g["num_heads"]))
     sd_names = set(model.state_dict())
     saved = arch["tensors"]
     if sd_names != set(saved):
@@ -215,6 +218,9 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, model_name: str 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS), metadata={"format": FORMAT})
     apply_umask(directory / WEIGHTS)  # safetensors writes 0600
+    native = adapter_for(model).save_native(directory / NATIVE_DIR)
+    if native is not None:  # the library's own format (transformers' save_pretrained), or why it cannot hold it
+        arch["native"] = native
     (directory / ARCH_FILE).write_text(json.dumps(arch, indent=1))
     return directory
 

@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from .arch import adapter_for
+from .arch import adapter_for, model_output
 from .flops import count_flops
 
 __all__ = ["count_flops", "count_params", "fidelity", "input_size", "measure_latency", "plan_params", "time_call"]
@@ -79,7 +79,8 @@ def fidelity(teacher: nn.Module, student: nn.Module, loader) -> dict[str, float]
         with torch.inference_mode():
             for x, y in loader:
                 x, y = x.to(p.device, p.dtype), y.to(p.device)
-                t, s = teacher(x).double().log_softmax(-1), student(x).double().log_softmax(-1)
+                t = model_output(teacher, x).double().log_softmax(-1)
+                s = model_output(student, x).double().log_softmax(-1)
                 kl += float(F.kl_div(s, t, log_target=True, reduction="sum"))
                 agree += float((t.argmax(-1) == s.argmax(-1)).sum())
                 correct += float((s.argmax(-1) == y).sum())

@@ -44,8 +44,8 @@ class Representative:
     Attributes:
         key: a short unique name (``deit``, ``swin_v2``, ...).
         adapter: the ``arch`` name of the adapter that must handle it.
-        timm_name: the timm architecture name.
-        kwargs: ``timm.create_model`` keyword arguments (the small widths).
+        timm_name: the timm architecture name (``library="timm"``), or the ``transformers`` class name.
+        kwargs: ``timm.create_model`` keyword arguments (the small widths), or the ``transformers`` config's.
         what: what it exercises.
         core: one of the engine tests' basic configs (ViT / DeiT / Swin), as opposed to a family's representative.
     """
@@ -56,18 +56,30 @@ class Representative:
     kwargs: dict = field(default_factory=dict)
     what: str = ""
     core: bool = False
+    library: str = "timm"
+
+    def create(self) -> nn.Module:
+        """The model as its library initialises it (on the current default device)."""
+        if self.library == "transformers":
+            import transformers
+
+            klass = getattr(transformers, self.timm_name)
+            return klass(klass.config_class(**self.kwargs))
+        import timm
+
+        return timm.create_model(self.timm_name, pretrained=False, **self.kwargs)
 
     def build(self, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
         """The model at ``dtype``, randomised with ``seed``, in eval mode."""
-        import timm
-
-        return randomize_(timm.create_model(self.timm_name, pretrained=False, **self.kwargs).to(dtype), seed).eval()
+        return randomize_(self.create().to(dtype), seed).eval()
 
 
 _VIT = dict(img_size=32, patch_size=8, num_classes=10)
 _SMALL = dict(img_size=32, patch_size=8, num_classes=10, depth=2, embed_dim=48, num_heads=4)
 _PVT_32 = dict(input_size=(3, 32, 32))  # PVTv2 takes any size; its adapter reads the configured one (DAP's probes)
 _SWIN = dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), num_classes=10)
+_HF_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, num_labels=10)
 
 CATALOGUE: dict[str, Representative] = {r.key: r for r in (
     # the engine tests' basic configs
@@ -143,6 +155,10 @@ CATALOGUE: dict[str, Representative] = {r.key: r for r in (
                    dict(_SMALL, patch_size=16, cls_attn_layers=1, mlp_ratio=2.0),
                    "XCiT: cross-covariance attention (whole heads), LPI depthwise convs + BatchNorm, conv patch "
                    "embedding, class-attention blocks"),
+    Representative("hf_vit", "hf_vit", "ViTForImageClassification", dict(_HF_VIT, attn_implementation="eager"),
+                   "transformers ViT classifier, eager attention", library="transformers"),
+    Representative("hf_vit_sdpa", "hf_vit", "ViTModel", dict(_HF_VIT, attn_implementation="sdpa"),
+                   "transformers ViTModel with its pooler (features), SDPA attention", library="transformers"),
 )}
 
 
@@ -173,10 +189,15 @@ def missing_representatives() -> list[str]:
     return [cls.arch for cls in adapters() if cls.arch not in have]
 
 
+def timm_representatives(**kwargs) -> list[Representative]:
+    """:func:`representatives` of timm models only."""
+    return [r for r in representatives(**kwargs) if r.library == "timm"]
+
+
 def census_modules() -> tuple[str, ...]:
     """Every timm module the built-in adapters cover, in catalogue order (the census's name list)."""
     return tuple(m for mods in TIMM_MODULES.values() for m in mods)
 
 
 __all__ = ["CATALOGUE", "Representative", "TIMM_MODULES", "add_representative", "census_modules",
-           "missing_representatives", "randomize_", "remove_representative", "representatives"]
+           "missing_representatives", "randomize_", "remove_representative", "representatives", "timm_representatives"]

@@ -5,6 +5,7 @@ precedence over earlier ones, so a subclass of a supported model class can bring
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -13,6 +14,7 @@ from .base import Adapter, BlockRef, StageRef, Trunk
 from .beit import BeitAdapter
 from .cait import CaitAdapter
 from .eva import EvaAdapter
+from .hf_vit import HfViTAdapter
 from .pvt_v2 import PvtV2Adapter
 from .relpos import RelPosViTAdapter
 from .swin import SwinAdapter
@@ -22,7 +24,7 @@ from .xcit import XcitAdapter
 
 # checked in order: most specific first
 _ADAPTERS: list[type[Adapter]] = [BeitAdapter, CaitAdapter, EvaAdapter, PvtV2Adapter, RelPosViTAdapter,
-                                  SwinV2CrAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter, XcitAdapter]
+                                  SwinV2CrAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter, XcitAdapter, HfViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -59,8 +61,33 @@ def adapter_for(model: nn.Module) -> Adapter:
     raise UnsupportedModelError(
         f"{type(model).__module__}.{type(model).__name__} is not supported: vitprune_fast prunes timm "
         "VisionTransformer (ViT/DeiT/SigLIP/AIMv2/...), Eva (EVA/EVA-02/...), Swin (V1/V2/V2-CR), BEiT, CaiT, "
-        "PVTv2 and XCiT models"
+        "PVTv2 and XCiT models, and transformers ViTModel / ViTForImageClassification"
     )
+
+
+def adapter_class(arch: str) -> type[Adapter]:
+    """The registered adapter class whose ``arch`` name is ``arch`` (as saved in an architecture file).
+
+    Raises:
+        UnsupportedModelError: no registered adapter has that name.
+    """
+    for cls in _ADAPTERS:
+        if cls.arch == arch:
+            return cls
+    raise UnsupportedModelError(f"no registered adapter is called {arch!r}")
+
+
+def model_output(model: nn.Module, images):
+    """``model(images)`` as a tensor: the logits (or, without a classifier, the features) of any supported model,
+    also of those returning an output object (:meth:`Adapter.output`; a DDP / DataParallel / compiled wrapper is
+    looked through)."""
+    out = model(images)
+    if isinstance(out, torch.Tensor):
+        return out
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        inner = inner.module
+    return adapter_for(inner).output(out)
 
 
 def describe(model: nn.Module) -> PruningSpace:
@@ -79,7 +106,7 @@ def describe(model: nn.Module) -> PruningSpace:
     return adapter_for(model).describe()
 
 
-__all__ = ["Adapter", "BeitAdapter", "BlockRef", "CaitAdapter", "EvaAdapter", "PvtV2Adapter", "RelPosViTAdapter",
-           "StageRef",
-           "SwinAdapter", "SwinV2Adapter", "SwinV2CrAdapter", "Trunk", "ViTAdapter", "adapter_for", "adapters",
-           "XcitAdapter", "describe", "register_adapter", "unregister_adapter"]
+__all__ = ["Adapter", "BeitAdapter", "BlockRef", "CaitAdapter", "EvaAdapter", "HfViTAdapter", "PvtV2Adapter",
+           "RelPosViTAdapter", "StageRef", "SwinAdapter", "SwinV2Adapter", "SwinV2CrAdapter", "Trunk", "ViTAdapter",
+           "XcitAdapter", "adapter_class", "adapter_for", "adapters", "describe", "model_output", "register_adapter",
+           "unregister_adapter"]

@@ -260,6 +260,11 @@ class Adapter(ABC):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the last block -> logits (final norm, pooling, classifier)."""
 
+    def output(self, out) -> torch.Tensor:
+        """The tensor ``model(images)`` stands for: the output itself (timm), or the logits / features in the output
+        object a library's model returns (transformers). Call :func:`vitprune_fast.arch.model_output`."""
+        return out
+
     @abstractmethod
     def embed_modules(self) -> list[nn.Module]:
         """Modules :meth:`embed` runs (a residual LayerNorm among them means scoring starts from the images)."""
@@ -287,6 +292,23 @@ class Adapter(ABC):
 
         The logits move only inside the span of their columns, which is all the screened UP-ViTs engine needs.
         """
+
+    def num_classes(self) -> int:
+        """The classifier's number of classes (timm's ``num_classes``), 0 for a model without one."""
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+    def output_group(self) -> str | None:
+        """The group whose channels are the model's output features one to one, or None.
+
+        A model without a classifier whose head passes its last stage's residual through (a final norm, pooling)
+        outputs that residual's channels: removing channel c removes output feature c (the features objective
+        counts it as 0, as a downstream Linear without its input column sees it). None for a classifier, and where a
+        head of its own width makes the features (timm's attention pool).
+        """
+        if self.classifier_weights():
+            return None
+        stages = self.stages()
+        return stages[-1].residual if stages else None
 
     def trunk(self) -> Trunk:
         """The model as prefix -> blocks -> head (the KL engine's view)."""
@@ -379,6 +401,20 @@ class Adapter(ABC):
         """Derive every size attribute from the tensors (after slicing, or when rebuilding from a checkpoint)."""
 
     # ------------------------------------------------------------------------------------- persistence
+    def model_name(self) -> str | None:
+        """The name :meth:`build_model` rebuilds the model from: timm's architecture name (its ``pretrained_cfg``),
+        or None when the model does not say (the caller must)."""
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        return cfg.get("architecture")
+
+    @classmethod
+    def build_model(cls, model_name: str, kwargs: dict) -> nn.Module:
+        """A fresh model (random weights, on the current default device) from :meth:`model_name` and
+        :meth:`build_recipe`: ``timm.create_model(model_name, pretrained=False, **kwargs)``."""
+        import timm
+
+        return timm.create_model(model_name, pretrained=False, **kwargs)
+
     @abstractmethod
     def build_recipe(self) -> dict:
         """Structural ``timm.create_model`` kwargs that rebuild the module tree (sizes are restored apart)."""
@@ -391,6 +427,12 @@ class Adapter(ABC):
                 differ, an attention width timm ties to another size...), with the reason.
         """
         raise UnsupportedModelError(f"no stock timm recipe for {type(self.model).__name__} models")
+
+    def save_native(self, directory) -> dict | None:
+        """Also write the model in its library's own format when it can express the (pruned) shape: returns what
+        ``architecture.json`` records about it (``{"directory", "load"}`` or ``{"reason"}``), or None when the
+        library has no such format beyond :func:`~vitprune_fast.io.save_pruned`'s (timm: see ``timm_stock``)."""
+        return None
 
     def extra_state(self) -> dict:
         """JSON-able state the recipe cannot express (e.g. Swin's per-block shift layout after depth pruning)."""

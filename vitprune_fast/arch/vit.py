@@ -316,6 +316,10 @@ class ViTAdapter(TimmModelClass, PatchEmbedNormHead, Adapter):
     def embed_modules(self) -> list[nn.Module]:
         return [self.model.patch_embed, self.model.norm_pre]
 
+    def output_group(self) -> str | None:
+        """An attention pool's output width is its own (left whole): then no group's channels are the features."""
+        return None if getattr(self.model, "attn_pool", None) is not None else super().output_group()
+
     def classifier_weights(self) -> list[torch.Tensor]:
         return [h.weight for h in (self.model.head, getattr(self.model, "head_dist", None)) if isinstance(h, nn.Linear)]
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..arch import model_output
 from ..errors import CheckpointError, ConfigError, InputError
 from ..inputs import check_images
 from ..plan import Plan
@@ -111,8 +112,8 @@ def finetune_dap(model: nn.Module, train_loader: Iterable, target: float = 0.5, 
         x, y = x.to(p0.device, p0.dtype), y.to(p0.device)
         with torch.autocast(**amp):
             with torch.no_grad():
-                t_logits = teacher(x) if teacher is not None else None
-            logits = net(x)
+                t_logits = model_output(teacher, x) if teacher is not None else None
+            logits = model_output(net, x)
             logits = logits.float() if amp_dtype is not None else logits  # loss in fp32 under autocast
             loss = distillation_loss(logits, y, t_logits, alpha)
             probe_loss = dap.loss(y)

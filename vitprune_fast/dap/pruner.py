@@ -93,14 +93,14 @@ class DAP:
         self.model = model
         self.space = adapter.describe()  # validates the model (clear error if unsupported)
         check_whole_heads(self.space, cfg.attn_mode)
-        k = num_classes if num_classes is not None else getattr(model, "num_classes", 0)
+        k = num_classes if num_classes is not None else adapter.num_classes()
         if not k:
             raise ConfigError("the model has no classifier: pass num_classes for the probes")
         self.num_classes = k
 
         self.blocks: list[_Block] = []
         self.stages: list[_Stage] = []
-        self._gate_modules: list[nn.Module] = []
+        self._gate_modules: list[list[nn.Module]] = []  # per gated block: the Linears its gate multiplies
         for st in adapter.stages():
             if not st.blocks:
                 continue
@@ -205,8 +205,18 @@ class DAP:
         off = int(sum(b.n for b in self.blocks))
         self.blocks.append(_Block(ref.attn, "attn", n, 0 if frozen else ppm, off, h, hd, frozen))
         self.blocks.append(_Block(ref.mlp, "mlp", mlp.size, adapter.unit_params(mlp)[0], off + n))
-        self._gate_modules += [None if frozen else self.model.get_submodule(ref.qkv),
-                               self.model.get_submodule(ref.fc2)]
+        self._gate_modules += [[] if frozen else self._qkv_linears(attn), [self.model.get_submodule(ref.fc2)]]
+
+    def _qkv_linears(self, attn) -> list[nn.Module]:
+        """The Linears whose output rows make q, k and v of attention group ``attn``: a fused qkv, or one per
+        projection (transformers' query / key / value); the gate multiplies each of them."""
+        out = []
+        for sl in attn.slices:
+            path, _, pname = sl.name.rpartition(".")
+            mod = self.model.get_submodule(path)
+            if pname == "weight" and sl.dim == 0 and isinstance(mod, nn.Linear) and mod not in out:
+                out.append(mod)
+        return out
 
     def _install_hooks(self) -> None:
         model = self.model
@@ -222,20 +232,20 @@ class DAP:
                     _capture(feats, 2 * li + 1)))
                 self._hooks.append(model.get_submodule(ref.path).register_forward_hook(
                     _capture(feats, 2 * li + 2, output=True)))
-        for b, mod in zip(self.blocks, self._gate_modules, strict=True):
-            if mod is None:  # frozen
-                continue
-            if b.kind == "attn":
-                self._hooks.append(mod.register_forward_hook(self._attn_gate_hook(b)))
-            else:
-                self._hooks.append(mod.register_forward_pre_hook(self._mlp_gate_hook(b)))
+        for b, mods in zip(self.blocks, self._gate_modules, strict=True):
+            for mod in mods:  # none: frozen
+                if b.kind == "attn":
+                    self._hooks.append(mod.register_forward_hook(self._attn_gate_hook(b)))
+                else:
+                    self._hooks.append(mod.register_forward_pre_hook(self._mlp_gate_hook(b)))
 
     def _attn_gate_hook(self, b: _Block):
-        def hook(_mod, _args, out):  # out: [..., 3 * H * hd] laid out as (q|k|v, head, dim)
+        def hook(_mod, _args, out):  # out: [..., r * H * hd] laid out as (q|k|v, head, dim): r = 3 fused, 1 separate
             if not self._gates_on:
                 return None
             g = self.gate[b.sl]
-            full = g.repeat(3 * b.num_heads) if self.attn_mode == "dims" else g.repeat_interleave(b.head_dim).repeat(3)
+            r = out.shape[-1] // (b.num_heads * b.head_dim)
+            full = g.repeat(r * b.num_heads) if self.attn_mode == "dims" else g.repeat_interleave(b.head_dim).repeat(r)
             return out * full.to(out.dtype)
 
         return hook

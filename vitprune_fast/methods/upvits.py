@@ -8,6 +8,7 @@ from torch import nn
 from ..allocate import allocation_summary
 from ..errors import ConfigError
 from ..plan import PlanSpec, as_spec
+from ..score.objective import OBJECTIVES
 from .base import Method, MethodData, MethodResult, cost_models, proxy_images
 
 ENGINES = ("exact", "screened")
@@ -24,10 +25,14 @@ class UpvitsMethod(Method):
         steps: reach the widths in that many steps, re-scoring the partly pruned model between them
             (:func:`~vitprune_fast.upvits_progressive`, each step by ``engine``; 1 gives the one-shot plan with the
             progressive report); None: one shot.
+        objective: what a score measures (:mod:`vitprune_fast.score.objective`): ``"kl"`` of the logits,
+            ``"features"`` (output features' squared error over their variance) or None: KL for a classifier, the
+            features objective for a model without one.
     """
 
     engine: str = "exact"
     steps: int | None = None
+    objective: str | None = None
 
     name = "upvits"
     summary = "UP-ViTs KL of the model without each channel (exact, batched engine)"
@@ -40,9 +45,12 @@ class UpvitsMethod(Method):
         if self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool)
                                        or self.steps < 1):
             raise ConfigError(f"upvits: steps must be None or an int >= 1, got {self.steps!r}")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ConfigError(f"upvits: objective must be None or one of {OBJECTIVES}, got {self.objective!r}")
 
     def score_key(self) -> str:
-        return self.name  # the one-shot exact scores, whatever the engine and steps
+        # the one-shot exact scores, whatever the engine and steps (of one objective)
+        return self.name if self.objective is None else f"{self.name}.{self.objective}"
 
     def scores(self, model: nn.Module, data: MethodData):
         from ..score.upvits import upvits_scores
@@ -55,7 +63,7 @@ class UpvitsMethod(Method):
             data.log(f"UP-ViTs exact engine: {n} candidates on {len(images)} proxy images, every one scored exactly; "
                      "the screened engine (engine='screened', CLI --screened) gives the same selection scoring "
                      "exactly only those near each cut")
-        return upvits_scores(model, images, batch_size=data.chunk, progress=data.progress)
+        return upvits_scores(model, images, batch_size=data.chunk, progress=data.progress, objective=self.objective)
 
     def plan(self, model: nn.Module, data: MethodData, spec: PlanSpec) -> MethodResult:
         spec = as_spec(spec)
@@ -70,7 +78,7 @@ class UpvitsMethod(Method):
             first = data.cache.get(("scores", self.score_key()))  # the first step scores the unpruned model
             plan, rep = upvits_progressive(model, proxy_images(model, data), spec, steps=self.steps,
                                            engine=self.engine, batch_size=data.chunk, progress=data.progress,
-                                           scores=first)
+                                           scores=first, objective=self.objective)
             notes += [allocation_summary(s["allocation"]) for s in rep["per_step"] if "allocation" in s][-1:]
             rep["notes"] = notes
             return MethodResult(plan, report={"progressive": rep}, notes=[*notes, progressive_summary(rep)])
@@ -78,6 +86,6 @@ class UpvitsMethod(Method):
 
         self.check_data(data)
         plan, rep = upvits_select(model, proxy_images(model, data), spec, batch_size=data.chunk,
-                                  progress=data.progress, **costs)
+                                  progress=data.progress, objective=self.objective, **costs)
         rep["notes"] = notes = notes + rep["notes"]
         return MethodResult(plan, report={"screened": rep}, notes=[*notes, screened_summary(rep)])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import describe
+from ..arch import describe, model_output
 from ..errors import ConfigError, InputError
 from ..space import Group, tensor_of
 
@@ -109,7 +109,7 @@ def taylor_scores(
             t.requires_grad_(True)
         it = batches if num_batches is None else itertools.islice(batches, num_batches)
         for x, y in tqdm(it, desc="Taylor", total=num_batches, disable=not progress, leave=False):
-            loss = loss_fn(model(x.to(device, dtype)), y.to(device))
+            loss = loss_fn(model_output(model, x.to(device, dtype)), y.to(device))
             grads = dict(zip(names, torch.autograd.grad(loss, tensors), strict=True))
             with torch.no_grad():
                 w_grad = {k: params[k] * gr for k, gr in grads.items()}  # w ⊙ ∂L/∂w per tensor

@@ -46,7 +46,7 @@ from ..progress import stage
 from ..space import Group
 from .second_order import second_order_screen
 from .store import ScoreStore, fingerprint
-from .upvits import FastEngine, _auto_rows, _chunks, _Work
+from .upvits import FastEngine, _auto_rows, _chunks, _Work, fitted_objective
 
 _TINY = 1e-300  # floor under scores before taking logs (exact KLs can round to 0 or below)
 NEAR = math.log(1.1)  # "near the cut": within +-10 %, where the report's screen-error quantiles are taken
@@ -91,7 +91,7 @@ class _Exact:
 
 
 def _screen(model: nn.Module, groups: list[Group], chunks: list[torch.Tensor], store: ScoreStore | None,
-            screen_batch: int, eps: float, max_rank: int | None, bar) -> dict[str, torch.Tensor]:
+            screen_batch: int, eps: float, max_rank: int | None, bar, objective=None) -> dict[str, torch.Tensor]:
     """Second-order estimates of ``groups``, summed over every image (chunks sharded over ranks); ``bar`` counts
     this rank's images."""
     rank, world = dist_info()
@@ -106,7 +106,8 @@ def _screen(model: nn.Module, groups: list[Group], chunks: list[torch.Tensor], s
             continue
         est = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
         for sub in x.split(screen_batch):
-            for name, v in second_order_screen(model, sub, groups, eps=eps, max_rank=max_rank).items():
+            for name, v in second_order_screen(model, sub, groups, eps=eps, max_rank=max_rank,
+                                                 objective=objective).items():
                 est[name] += v.detach().double().cpu()
             bar.update(len(sub))
         parts[i] = est
@@ -214,6 +215,7 @@ def upvits_select(
         seed: int = 0,
         cost_model=None,
         latency_model=None,
+        objective=None,
 ) -> tuple[Plan, dict]:
     """The UP-ViTs Plan (``make_plan`` of the exact KL scores) for a small share of the exact engine's cost.
 
@@ -239,6 +241,8 @@ def upvits_select(
         seed: the calibration and audit draws.
         cost_model, latency_model: a global allocation's cost model (:func:`vitprune_fast.allocate.allocate`; a
             :class:`~vitprune_fast.cost.CostModel` is built for a FLOPs or parameter budget when None).
+        objective: what the scores measure, as for :func:`~vitprune_fast.upvits_scores` (None: KL for a
+            classifier, the features objective for a model without one); the screen factors its second-order term.
 
     With ``spec.allocation == "global"`` the rankings are the global allocation's: it runs on the screen (and the
     exact residual scores), the band is scored around every group's cut (a group kept whole: around its lowest item,
@@ -280,14 +284,19 @@ def upvits_select(
         raise ConfigError("safety must be >= 1, min_width > 0, calibration and audit >= 0")
     chunks = _chunks(images, batch_size, model)
     in_blocks = ({b.mlp for b in adapter.blocks() if not b.post_norm}
-                 | {b.attn for b in adapter.blocks() if b.taps is None and not b.qkv_functional and not b.post_norm})
+                 | {b.attn for b in adapter.blocks() if b.taps is None and not b.qkv_functional and not b.post_norm
+                    and _fused_qkv(model, b, space.groups[b.attn])})
     screened = [space.groups[n] for n in deciding if _screenable(model, space.groups[n], in_blocks)]
     exact_only = [space.groups[n] for n in deciding if not _screenable(model, space.groups[n], in_blocks)]
     kernels = chunks[0].is_cuda and HAS_TRITON if use_kernels is None else bool(use_kernels)
+    amp = (torch.autocast(chunks[0].device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    obj = fitted_objective(model, chunks, objective, amp)
     settings = {"selected": "screened", "plan": [spec.keep, spec.heads, spec.attn_mode, spec.round_to]
                 + ([spec.to_dict()] if global_ else []),
                 "dtype": str(autocast_dtype), "kernels": kernels, "screen": [eps, max_rank, screen_batch],
-                "draws": [calibration, audit, seed], "band": [safety, min_width]}
+                "draws": [calibration, audit, seed], "band": [safety, min_width]} | (
+                    {} if obj.name == "kl" else obj.settings())
     store = None
     if checkpoint is not None:
         store = ScoreStore(checkpoint, fingerprint(model, chunks, {"settings": repr(settings)}),
@@ -296,8 +305,6 @@ def upvits_select(
     seconds = {}
     was_training = model.training
     model.eval()
-    amp = (torch.autocast(chunks[0].device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
     total = sum(g.size for g in space.groups.values() if g.name in deciding)
     rank, world = dist_info()
     n_images = sum(len(c) for i, c in enumerate(chunks) if i % world == rank)  # this rank's share of the screen
@@ -313,7 +320,7 @@ def upvits_select(
 
     try:
         with torch.no_grad(), amp:
-            engine = FastEngine(model, space, max_rows or _auto_rows(model, chunks[0]), kernels)
+            engine = FastEngine(model, space, max_rows or _auto_rows(model, chunks[0]), kernels, obj)
             exact = _Exact(engine, chunks, store)
             t0 = time.perf_counter()
             enter("exact residual", sum(g.size for g in exact_only))
@@ -322,7 +329,8 @@ def upvits_select(
             seconds["exact_residual"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         bar = enter("screen", n_images * bool(screened), "img")
-        estimates = _screen(model, screened, chunks, store, screen_batch, eps, max_rank, bar) if screened else {}
+        estimates = _screen(model, screened, chunks, store, screen_batch, eps, max_rank, bar,
+                            obj) if screened else {}
         seconds["screen"] = time.perf_counter() - t0
         with torch.no_grad(), amp:
             state = _State(space, sels, estimates, exact, edges=global_)
@@ -533,11 +541,17 @@ def _audit(state: _State, groups: dict[str, Group], width: dict[str, float], n: 
     return flipped
 
 
+def _fused_qkv(model: nn.Module, ref, group: Group) -> bool:
+    """Whether block ``ref``'s ``qkv`` Linear makes q, k and v together (the screen recomputes the heads from its
+    output; transformers' separate query / key / value Linears do not)."""
+    return model.get_submodule(ref.qkv).weight.shape[0] == 3 * group.size
+
+
 def _screenable(model: nn.Module, group, in_blocks: set[str]) -> bool:
     """The screen models an attention dim / MLP unit of a plain block; a norm over the group's channels (scale-norm,
     MLP sub-norm), per-head q/k norms (whole heads only), a width tied to the residual, q / k / v without a called
-    fused qkv Linear (EVA) or a group outside the blocks (an attention pool's) make its local change something
-    else: scored exactly."""
+    fused qkv Linear (EVA, transformers) or a group outside the blocks (an attention pool's) make its local change
+    something else: scored exactly."""
     return (group.name in in_blocks and not group.whole_heads and group.tied_to is None
             and not group_norms(model, group))
 

@@ -101,8 +101,8 @@ class _Capture:
 
 
 def second_order_screen(model: nn.Module, images: torch.Tensor, groups: Sequence[Group], *, eps: float = 1e-3,
-                        max_rank: int | None = None, dim_chunk: int = 8, rank_bytes: int | None = None
-                        ) -> dict[str, torch.Tensor]:
+                        max_rank: int | None = None, dim_chunk: int = 8, rank_bytes: int | None = None,
+                        objective=None) -> dict[str, torch.Tensor]:
     """Second-order estimates of the UP-ViTs scores of every candidate of the attention and MLP ``groups``.
 
     Args:
@@ -115,6 +115,9 @@ def second_order_screen(model: nn.Module, images: torch.Tensor, groups: Sequence
         dim_chunk: attention dims whose softmax is recomputed together (bounds memory).
         rank_bytes: memory for the gradients of one backward pass: as many cotangents as fit go through it at once
             (default: an eighth of the free GPU memory on CUDA, 256 MiB on CPU).
+        objective: the measure the scores are of (a fitted :class:`~vitprune_fast.score.objective.Objective`; KL of
+            the logits by default): its :meth:`~vitprune_fast.score.objective.Objective.cotangents` factor the
+            second-order term.
 
     Returns:
         ``{group name: [size] estimates}``, summed over the images, in the model's dtype.
@@ -131,7 +134,9 @@ def second_order_screen(model: nn.Module, images: torch.Tensor, groups: Sequence
     with torch.enable_grad(), _Capture(model, refs, attn_blocks, mlp_blocks) as cap:
         x0 = trunk.prefix(images).detach().requires_grad_(True)
         logits = trunk.run(x0, 0)
-        u = fisher_cotangents(logits, adapter.classifier_weights(), eps, max_rank)  # [R, n, C]
+        classifier = adapter.classifier_weights()
+        u = (fisher_cotangents(logits, classifier, eps, max_rank) if objective is None
+             else objective.cotangents(logits, classifier, eps, max_rank))  # [R, n, C]
         sites = [cap.o[b] for b in attn_sorted] + [cap.a[b] for b in sorted(mlp_blocks)]
         n = images.shape[0]
         per_r = sum(t.numel() * t.element_size() for t in sites)  # bytes of one cotangent's gradients

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..arch import BlockRef, adapter_for
+from ..arch import BlockRef, adapter_for, model_output
 from ..distributed import dist_info, gather_objects
 from ..errors import ConfigError, InputError, PlanError
 from ..inputs import check_images
 from ..kernels.expand_ln import expand_ln
-from ..kernels.kl_div import kl_per_candidate
 from ..kernels.utils import HAS_TRITON, resolve_backend
 from ..masked import masked_copy
 from ..norms import group_norms, masked_norm
@@ -36,13 +35,11 @@ from ..plan import Plan
 from ..progress import stage
 from ..prune import prune_
 from ..space import PruningSpace, tensor_of
+from .objective import FeatureObjective, KLObjective, Objective, objective_for
 from .store import ScoreStore, fingerprint
 
 COMPONENTS = ("residual", "attn", "mlp", "blocks")
 UNIT_KINDS = ("block", "attn", "mlp", "hybrid")  # whole block i; MSA_i; FFN_i; FFN_i + MSA_{i+1}
-# Scores are second-order differences of first-order terms: summed in float64 whatever the model's dtype (in
-# float32 their rounding noise was 8 % of the median score of an untrained DeiT-T's late blocks, 60 % at worst).
-_KL_ACC = torch.float64
 
 
 @dataclass(frozen=True)
@@ -126,6 +123,13 @@ def _masked_norm_forwards(norms, cands: torch.Tensor, device, backend: str):
             for n, sl in norms]
 
 
+def _without_features(out: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """Outputs ``[K * n, F]`` (candidate-major) with candidate k's own output feature ``cands[k]`` zeroed: a removed
+    channel of the group the features are (:meth:`~vitprune_fast.arch.Adapter.output_group`)."""
+    keep = _removal_masks(out.shape[-1], cands, lambda c: c).to(out.device)
+    return out.reshape(len(cands), -1, out.shape[-1]).masked_fill(~keep[:, None, :], 0).reshape(out.shape)
+
+
 def _repeat(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.repeat(k, *([1] * (x.dim() - 1)))
 
@@ -140,10 +144,14 @@ class FastEngine:
         max_rows: images × candidates per pass.
         use_kernels: the Triton kernels (fused KL, masked LayerNorm, expansion + LayerNorm) instead of their
             plain-torch references.
+        objective: what a candidate's score measures (:mod:`.objective`; default KL of the logits), fitted.
     """
 
-    def __init__(self, model: nn.Module, space: PruningSpace, max_rows: int, use_kernels: bool = False):
+    def __init__(self, model: nn.Module, space: PruningSpace, max_rows: int, use_kernels: bool = False,
+                 objective: Objective | None = None):
         adapter = adapter_for(model)
+        self.objective = objective or KLObjective()
+        self.out_group = adapter.output_group() if isinstance(self.objective, FeatureObjective) else None
         self.model, self.space, self.trunk = model, space, adapter.trunk()
         self.refs, self.stages = adapter.blocks(), adapter.stages()
         self.embed_modules = adapter.embed_modules()
@@ -176,7 +184,7 @@ class FastEngine:
         return torch.cat(out) if out else torch.zeros(0, dtype=logits.dtype)
 
     def _suffix_kl(self, y: torch.Tensor, b: int, logits: torch.Tensor, k: int) -> torch.Tensor:
-        return kl_per_candidate(logits, self.trunk.run(y, b + 1), k, backend=self.backend, accumulate=_KL_ACC)
+        return self.objective(logits, self.trunk.run(y, b + 1), k, self.backend)
 
     def _mlp(self, work, cands, x, inputs, logits):
         """Removing hidden unit j changes block b's output by −h_j ⊗ (γ ⊙ W2[:, j]) (exact; h = fc2's input)."""
@@ -288,7 +296,7 @@ class FastEngine:
         with replaced_output(self._zeroed_linear(work, cands, y.device)), \
                 replaced_input(self._zeroed_linear(work, cands, y.device, dim=1)):
             out = trunk.head(_repeat(y, k))
-        return kl_per_candidate(logits, out, k, backend=self.backend, accumulate=_KL_ACC)
+        return self.objective(logits, out, k, self.backend)
 
     def _zeroed_linear(self, work, cands, device, dim: int = 0) -> list:
         """(Linear, fn) pairs zeroing each candidate's entries of every Linear the group slices along ``dim`` (0:
@@ -325,7 +333,9 @@ class FastEngine:
                 keep = _removal_masks(work.size, cands, lambda c: c).to(start.device, non_blocking=True)
                 start = start.reshape(k, -1, work.size).masked_fill(~keep[:, None, :], 0).reshape(start.shape)
             out = trunk.run(start, s)
-        return kl_per_candidate(logits, out, k, backend=self.backend, accumulate=_KL_ACC)
+        if group.name == self.out_group:  # the model no longer outputs feature c (a norm-free head still would)
+            out = _without_features(out, cands)
+        return self.objective(logits, out, k, self.backend)
 
     def _in_prefix(self, ln: nn.Module) -> bool:
         return any(ln is sub for m in self.embed_modules for sub in m.modules())
@@ -341,7 +351,7 @@ class FastEngine:
             else:
                 with replaced_output([(m, _zero) for m in _unit_branches(self.model, self.refs, kind, i)]):
                     y = trunk.run(inputs[i], i)
-            out.append(kl_per_candidate(logits, y, 1, backend=self.backend, accumulate=_KL_ACC))
+            out.append(self.objective(logits, y, 1, self.backend))
         return torch.cat(out)
 
 
@@ -349,21 +359,27 @@ class FastEngine:
 class ReferenceEngine:
     """The published loop: one full forward of the candidate model (and optionally of the teacher) each."""
 
-    def __init__(self, model: nn.Module, space: PruningSpace, teacher: str = "cached"):
+    def __init__(self, model: nn.Module, space: PruningSpace, teacher: str = "cached",
+                 objective: Objective | None = None):
         if teacher not in ("cached", "recompute"):
             raise ConfigError(f"teacher must be 'cached' or 'recompute', got {teacher!r}")
         self.model, self.space, self.refs, self.teacher_mode = model, space, adapter_for(model).blocks(), teacher
+        self.objective = objective or KLObjective()
+        self.out_group = (adapter_for(model).output_group() if isinstance(self.objective, FeatureObjective)
+                          else None)
         self._cache_key, self._logits = None, None
 
     def score(self, work: _Work, x: torch.Tensor, key, progress) -> torch.Tensor:
         if self.teacher_mode == "cached" and self._cache_key != key:
-            self._logits, self._cache_key = self.model(x), key
+            self._logits, self._cache_key = model_output(self.model, x), key
         out = []
         for c in range(work.size):
             with self._candidate(work, c) as cand:
-                student = cand(x)
-            teacher = self._logits if self.teacher_mode == "cached" else self.model(x)
-            out.append(kl_per_candidate(teacher, student, 1, backend="torch", accumulate=_KL_ACC))
+                student = model_output(cand, x)
+            teacher = self._logits if self.teacher_mode == "cached" else model_output(self.model, x)
+            if student.shape[-1] != teacher.shape[-1] and work.name == self.out_group:  # feature c removed: 0
+                student = torch.cat([student[..., :c], torch.zeros_like(student[..., :1]), student[..., c:]], -1)
+            out.append(self.objective(teacher, student, 1, "torch"))
             progress(1)
         return torch.cat(out)
 
@@ -432,6 +448,22 @@ def _auto_rows(model: nn.Module, x: torch.Tensor) -> int:
     return max(1, int(0.5 * (free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / per_row))
 
 
+def fitted_objective(model: nn.Module, chunks: Sequence[torch.Tensor], objective: str | Objective | None,
+                     amp=None) -> Objective:
+    """The objective ``objective`` names (None: by the model, :func:`.objective.objective_for`), fitted on the
+    model's outputs for every proxy chunk (the features objective's variances; nothing to fit for KL)."""
+    obj = objective_for(objective, adapter_for(model).classifier_weights())
+    if isinstance(obj, FeatureObjective) and obj.var is None:  # a user's fitted objective is kept as it is
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), amp or contextlib.nullcontext():
+                obj.fit([model_output(model, x) for x in chunks])
+        finally:
+            model.train(was_training)
+    return obj
+
+
 def upvits_scores(
         model: nn.Module,
         images,
@@ -445,8 +477,9 @@ def upvits_scores(
         teacher: str = "cached",
         use_kernels: bool | None = None,
         groups: Sequence[str] | None = None,
+        objective: str | Objective | None = None,
 ) -> dict[str, torch.Tensor]:
-    """UP-ViTs KL importance of every channel of the chosen components (higher = more important).
+    """UP-ViTs importance of every channel of the chosen components (higher = more important).
 
     Args:
         model: timm VisionTransformer / SwinTransformer (used in eval mode; not modified).
@@ -467,6 +500,10 @@ def upvits_scores(
             instead of their plain-torch references. Default: on CUDA when triton is installed. On CPU they need
             ``TRITON_INTERPRET=1`` (tests use that); without triton, ``True`` raises ``KernelUnavailableError``.
         groups: optional subset of group names (and ``units.*`` names) to score.
+        objective: what a score measures (:mod:`vitprune_fast.score.objective`): ``"kl"`` (UP-ViTs' KL of the
+            logits), ``"features"`` (squared error of the output features over the teacher's per-feature variance on
+            the proxy images) or None: KL for a model with a classifier, features for one without (timm
+            ``num_classes=0``).
 
     Returns:
         ``{group name: [size] scores}`` with group names as in ``describe``; with ``blocks``, also
@@ -495,8 +532,11 @@ def upvits_scores(
     kernels = chunks[0].is_cuda and HAS_TRITON if use_kernels is None else bool(use_kernels)
     if kernels and engine == "fast":
         resolve_backend("triton", chunks[0])  # a clear error now if the kernels cannot run here
+    amp = (torch.autocast(chunks[0].device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    obj = fitted_objective(model, chunks, objective, amp)
     settings = {"components": sorted(components), "dtype": str(autocast_dtype), "kernels": kernels,
-                "groups": sorted(w.name for w in work)}
+                "groups": sorted(w.name for w in work)} | ({} if obj.name == "kl" else obj.settings())
     store = None
     if checkpoint is not None:
         job = fingerprint(model, chunks, settings)
@@ -509,14 +549,12 @@ def upvits_scores(
     for i, w in mine:
         if store is not None and store.has(_key(i, w)):
             results[_key(i, w)] = store.load(_key(i, w))
-    amp = (torch.autocast(chunks[0].device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
     try:
         with torch.no_grad(), amp:
             if pending:
                 rows = max_rows or _auto_rows(model, chunks[0])
-                eng = (FastEngine(model, space, rows, kernels) if engine == "fast"
-                       else ReferenceEngine(model, space, teacher))
+                eng = (FastEngine(model, space, rows, kernels, obj) if engine == "fast"
+                       else ReferenceEngine(model, space, teacher, obj))
                 total = sum(w.size for _, w in pending)
                 with stage(progress, f"UP-ViTs {engine}", "exact scores", total) as bar:
                     for i, w in pending:
@@ -539,4 +577,4 @@ def _key(i: int, w: _Work) -> str:
     return f"{i:05d}.{w.name}"
 
 
-__all__ = ["COMPONENTS", "FastEngine", "ReferenceEngine", "UNIT_KINDS", "upvits_scores"]
+__all__ = ["COMPONENTS", "FastEngine", "ReferenceEngine", "UNIT_KINDS", "fitted_objective", "upvits_scores"]
