@@ -33,7 +33,6 @@ class HfViTAdapter(Adapter):
     """``transformers`` ``ViTModel`` / ``ViTForImageClassification`` (eager and SDPA attention)."""
 
     arch = "hf_vit"
-    library = "transformers"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

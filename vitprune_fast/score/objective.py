@@ -75,6 +75,9 @@ class KLObjective(Objective):
     def cotangents(self, teacher, classifier, eps, max_rank):
         return fisher_cotangents(teacher, classifier, eps, max_rank)
 
+    def settings(self):
+        return {}  # the default objective: checkpoints fingerprint as they did before there was a choice
+
 
 class FeatureObjective(Objective):
     """Squared error of the output features over the teacher's per-feature variance (module docstring).

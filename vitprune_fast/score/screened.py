@@ -295,8 +295,7 @@ def upvits_select(
     settings = {"selected": "screened", "plan": [spec.keep, spec.heads, spec.attn_mode, spec.round_to]
                 + ([spec.to_dict()] if global_ else []),
                 "dtype": str(autocast_dtype), "kernels": kernels, "screen": [eps, max_rank, screen_batch],
-                "draws": [calibration, audit, seed], "band": [safety, min_width]} | (
-                    {} if obj.name == "kl" else obj.settings())
+                "draws": [calibration, audit, seed], "band": [safety, min_width]} | obj.settings()
     store = None
     if checkpoint is not None:
         store = ScoreStore(checkpoint, fingerprint(model, chunks, {"settings": repr(settings)}),

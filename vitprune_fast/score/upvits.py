@@ -536,7 +536,7 @@ def upvits_scores(
            else contextlib.nullcontext())
     obj = fitted_objective(model, chunks, objective, amp)
     settings = {"components": sorted(components), "dtype": str(autocast_dtype), "kernels": kernels,
-                "groups": sorted(w.name for w in work)} | ({} if obj.name == "kl" else obj.settings())
+                "groups": sorted(w.name for w in work)} | obj.settings()
     store = None
     if checkpoint is not None:
         job = fingerprint(model, chunks, settings)
