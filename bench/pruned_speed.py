@@ -10,8 +10,12 @@ in fp32 at batch 1 / 8 with one intra-op thread, the models of a case timed roun
 medians of per-round ratios (``--quick``: smaller models, fewer repeats).
 
 * ``--families``: a SigLIP-style (attention-pool head) and an EVA-02-style (rotary, SwiGLU) ViT-B at keep 0.7.
+* ``--libraries``: a transformers ``ViTForImageClassification`` of the ViT-B/16 shape (SDPA attention) and timm's
+  ``vit_base_patch16_224``, each pruned at keep 0.7 (~50 % FLOPs), all four timed round-robin: each library's
+  speedup vs its own dense model, and the transformers speedup over the timm one (target: within 5 %). torchvision
+  models are not supported yet: no row.
 
-    python bench/pruned_speed.py [--quick | --check | --families]   # --check: the GPU check's rows, 3 rounds
+    python bench/pruned_speed.py [--quick | --check | --families | --libraries]   # --check: the GPU check's rows
 """
 from __future__ import annotations
 
@@ -154,6 +158,57 @@ def run(quick: bool, device: torch.device | None = None, cases=None, batches=Non
     return {"dtype": str(dtype), "batches": list(batches), "rows": rows}
 
 
+VIT_B_HF = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224,
+                patch_size=16, num_labels=1000)
+LIBRARIES = (("vit_base_patch16_224", {}), VIT_B_HF, 0.7)  # (timm model, transformers ViTConfig, keep)
+
+
+def _pruned_model(model: torch.nn.Module, keep: float) -> torch.nn.Module:
+    space = vpf.describe(model)
+    return vpf.prune_(model, vpf.make_plan(space, magnitude_scores(model), keep=keep))
+
+
+def run_libraries(device: torch.device | None = None, case=LIBRARIES, batches=None, repeats=None) -> dict:
+    """transformers vs timm ViT of one shape, dense and pruned at one keep ratio (module docstring)."""
+    import transformers
+
+    device = device or default_device()
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    batches = batches or ((1, 64, 256) if cuda else (1, 8))
+    repeats = repeats or 7
+    (timm_name, timm_kwargs), hf_config, keep = case
+    torch.manual_seed(0)
+    build = {"timm": lambda: timm.create_model(timm_name, **timm_kwargs).eval(),
+             "transformers": lambda: transformers.ViTForImageClassification(
+                 transformers.ViTConfig(**hf_config, attn_implementation="sdpa")).eval()}
+    models, rows = {}, []
+    for lib, make in build.items():
+        models[f"{lib} dense"] = make()
+        models[f"{lib} pruned (keep {keep})"] = _pruned_model(make(), keep)
+    for name, m in models.items():
+        rows.append({"model": name, "library": name.split()[0], "kind": name.split()[1],
+                     "params": count_params(m), "flops": count_flops(m)})
+        m.to(device, dtype)
+    speed = _speed(models, device, dtype, batches, repeats)
+    for r in rows:
+        r.update(speed[r["model"]])
+    out = {r["library"]: {} for r in rows}
+    for r in rows:
+        if r["kind"] == "pruned":
+            dense = next(d for d in rows if d["library"] == r["library"] and d["kind"] == "dense")
+            r["flops_ratio_vs_dense"] = dense["flops"] / r["flops"]
+            r["speedup_vs_dense"] = _ratio(speed[dense["model"]], speed[r["model"]])
+            out[r["library"]] = r
+    hf, tm = out["transformers"], out["timm"]
+    summary = {"same_shape": hf["params"] == tm["params"] and hf["flops"] == tm["flops"],
+               "speedup_transformers_over_timm": {b: hf["speedup_vs_dense"][b] / tm["speedup_vs_dense"][b]
+                                                  for b in hf["speedup_vs_dense"]}}
+    summary["within_5pct"] = all(abs(v - 1) <= 0.05 for v in summary["speedup_transformers_over_timm"].values())
+    return {"dtype": str(dtype), "batches": list(batches), "rows": rows, "summary": summary,
+            "torchvision": "not supported yet: no row"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -162,9 +217,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: on a shared box, multi-threaded OpenMP stalls dominate timings)")
     ap.add_argument("--families", action="store_true", help="SigLIP-style and EVA-02-style rows only")
+    ap.add_argument("--libraries", action="store_true", help="transformers vs timm ViT-B rows only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = default_device()
+    if args.libraries:
+        res = run_libraries(dev)
+        print(f"transformers vs timm ViT-B on {device_name(dev)} ({res['dtype']})")
+        for r in res["rows"]:
+            sp = (", speedup " + ", ".join(f"{k} x{v:.2f}" for k, v in r["speedup_vs_dense"].items())
+                  if "speedup_vs_dense" in r else "")
+            print(f"{r['model']:<34}{r['params']:>12,}{r['flops'] / 1e9:>8.2f} GFLOPs"
+                  + "".join(f"{1e3 * r[f'bs{b}']['seconds']:>10.1f} ms" for b in res["batches"]) + sp)
+        print("transformers speedup / timm speedup:", {k: round(v, 3) for k, v in
+                                                        res["summary"]["speedup_transformers_over_timm"].items()},
+              "within 5 %:", res["summary"]["within_5pct"])
+        print("wrote", write_json("pruned_speed_libraries", dev, res))
+        return
     if args.check:
         res = run(args.quick, dev, cases=CHECK, repeats=3, onnx=False)
     elif args.families:

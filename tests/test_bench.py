@@ -360,3 +360,20 @@ def test_pruned_speed_family_rows():
     assert len(pruned) == 2
     for r in pruned:
         assert r["flops_ratio_vs_dense"] > 1.2 and r["speedup_vs_dense"]["bs1"] > 0
+
+
+def test_pruned_speed_library_rows():
+    """transformers vs timm rows: the two libraries' models of one shape prune to the same parameter and FLOP counts,
+    each timed against its own dense model, and the ratio of their speedups is the summary's."""
+    case = (("vit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=4,
+                                          num_classes=10)),
+            dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+                 patch_size=8, num_labels=10), 0.5)
+    res = pruned_speed.run_libraries(CPU, case, batches=(1,), repeats=1)
+    rows = {(r["library"], r["kind"]): r for r in res["rows"]}
+    assert set(rows) == {(lib, k) for lib in ("timm", "transformers") for k in ("dense", "pruned")}
+    assert res["summary"]["same_shape"]
+    for lib in ("timm", "transformers"):
+        assert rows[lib, "pruned"]["flops_ratio_vs_dense"] > 2 and rows[lib, "pruned"]["speedup_vs_dense"]["bs1"] > 0
+    assert res["summary"]["speedup_transformers_over_timm"]["bs1"] == pytest.approx(
+        rows["transformers", "pruned"]["speedup_vs_dense"]["bs1"] / rows["timm", "pruned"]["speedup_vs_dense"]["bs1"])

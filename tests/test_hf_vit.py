@@ -14,7 +14,7 @@ import transformers
 import vitprune_fast as vpf
 from tests.models import make_input, rel_err
 from vitprune_fast.arch import adapter_for, model_output
-from vitprune_fast.errors import UnsupportedModelError
+from vitprune_fast.errors import CheckpointError, UnsupportedModelError
 from vitprune_fast.masked import masked_copy
 from vitprune_fast.score.screened import selection_differences
 from vitprune_fast.testing import CATALOGUE
@@ -34,14 +34,17 @@ def test_uniform_pruned_model_loads_with_from_pretrained(key, tmp_path):
     model = CATALOGUE[key].build()
     space = vpf.describe(model)
     vpf.prune_(model, vpf.make_plan(space, _scores(space), keep=0.5))
-    att = adapter_for(model)._layers()[0].attention.attention
-    assert (att.num_attention_heads, att.attention_head_size, att.all_head_size) == (4, 4, 16)
+    adapter = adapter_for(model)
+    att = adapter._attention(0)
+    assert (att.num_attention_heads, getattr(att, adapter._parts()[0].head_size), att.scaling) == (4, 4, 0.5)
+    assert getattr(att, "all_head_size", 16) == 16
     assert model.config.hidden_size == 16 and model.config.intermediate_size == 32
     vpf.save_pruned(model, tmp_path / "m")
     arch = json.loads((tmp_path / "m" / "architecture.json").read_text())
     assert arch["native"]["directory"] == "native" and "from_pretrained" in arch["native"]["load"]
     klass = getattr(transformers, type(model).__name__)
-    back = klass.from_pretrained(str(tmp_path / "m" / "native")).double().eval()
+    back = klass.from_pretrained(str(tmp_path / "m" / "native"), dtype="auto",
+                                attn_implementation=model.config._attn_implementation).eval()
     x = make_input(model, 2)
     with torch.no_grad():
         assert rel_err(model_output(back, x), model_output(model, x)) < 1e-12
@@ -52,17 +55,51 @@ def test_uniform_pruned_model_loads_with_from_pretrained(key, tmp_path):
 
 
 def test_non_uniform_shapes_save_without_a_from_pretrained_directory(tmp_path):
-    """Attention narrower than hidden_size is not expressible in ViTConfig: said in architecture.json, and the
-    vitprune_fast files still round-trip."""
+    """Layers of different widths are not expressible in ViTConfig: said in architecture.json, and the vitprune_fast
+    files still round-trip."""
+    model = CATALOGUE["hf_vit"].build()
+    space = vpf.describe(model)
+    mlps = [n for n, g in space.groups.items() if g.kind == "mlp"]
+    vpf.prune_(model, vpf.make_plan(space, _scores(space), keep={mlps[0]: 0.5, mlps[1]: 0.75}))
+    vpf.save_pruned(model, tmp_path / "m")
+    arch = json.loads((tmp_path / "m" / "architecture.json").read_text())
+    assert "layers differ" in arch["native"]["reason"] and not (tmp_path / "m" / "native").exists()
+    x = make_input(model, 2)
+    with torch.no_grad():
+        assert torch.equal(model_output(vpf.load_pruned(tmp_path / "m"), x), model_output(model, x))
+
+
+def test_attention_narrower_than_hidden_size_loads_with_from_pretrained_where_the_config_has_head_dim(tmp_path):
+    """transformers >= 5.9 reads ``head_dim`` from the config: the pruned model loads with equal outputs; before, the
+    config ties the widths and architecture.json says so."""
     model = CATALOGUE["hf_vit"].build()
     space = vpf.describe(model)
     vpf.prune_(model, vpf.make_plan(space, _scores(space), keep={"attn": 0.5}))
     vpf.save_pruned(model, tmp_path / "m")
-    arch = json.loads((tmp_path / "m" / "architecture.json").read_text())
-    assert "ties them" in arch["native"]["reason"] and not (tmp_path / "m" / "native").exists()
+    native = json.loads((tmp_path / "m" / "architecture.json").read_text())["native"]
     x = make_input(model, 2)
+    if not adapter_for(model)._has_head_dim():
+        assert "ties them" in native["reason"] and not (tmp_path / "m" / "native").exists()
+        return
+    assert native["directory"] == "native" and model.config.head_dim == 4
+    back = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "m" / "native"), dtype="auto",
+                                attn_implementation=model.config._attn_implementation).eval()
     with torch.no_grad():
-        assert torch.equal(model_output(vpf.load_pruned(tmp_path / "m"), x), model_output(model, x))
+        assert rel_err(model_output(back, x), model_output(model, x)) < 1e-12
+
+
+def test_a_model_saved_with_the_other_layer_layout_is_refused_naming_both(tmp_path):
+    """A recipe from a transformers that names the layers differently (5.9 renamed encoder.layer to layers) gets a
+    CheckpointError naming the versions, not a tensor-name mismatch."""
+    model = CATALOGUE["hf_vit"].build()
+    vpf.save_pruned(model, tmp_path / "m")
+    path = tmp_path / "m" / "architecture.json"
+    arch = json.loads(path.read_text())
+    other = "5.0" if arch["model_kwargs"]["layout"] == "5.9" else "5.9"
+    arch["model_kwargs"]["layout"] = other
+    path.write_text(json.dumps(arch))
+    with pytest.raises(CheckpointError, match=f"the {other} layout.*renamed in 5\\.9"):
+        vpf.load_pruned(tmp_path / "m")
 
 
 @pytest.mark.parametrize("key", ["hf_vit", "hf_vit_sdpa"])
@@ -76,7 +113,7 @@ def test_head_merge_and_whole_heads_equal_masking(key):
         with torch.no_grad():
             assert rel_err(model_output(pruned, x), model_output(masked_copy(model, plan), x)) < 1e-9, kw
             assert rel_err(model_output(pruned, x), model_output(model, x)) > 1e-4, kw
-        heads = {m.num_attention_heads for m in pruned.modules() if hasattr(m, "attention_head_size")}
+        heads = {m.num_attention_heads for m in pruned.modules() if hasattr(m, "scaling")}
         assert heads == {2}, kw
 
 
@@ -94,7 +131,9 @@ def test_screened_selection_equals_exact_on_hf_vit():
 def test_group_names_are_the_library_module_paths():
     model = CATALOGUE["hf_vit"].build()
     names = set(vpf.describe(model).groups)
-    layers = {f"vit.encoder.layer.{i}.{p}" for i in range(2) for p in ("attention", "intermediate")}
+    adapter = adapter_for(model)
+    mlp = "mlp" if adapter._has_head_dim() else "intermediate"
+    layers = {f"vit.{adapter._layers_path}.{i}.{p}" for i in range(2) for p in ("attention", mlp)}
     assert names == {"residual"} | layers
     assert all(model.get_submodule(n) is not None for n in names - {"residual"})
 
@@ -113,3 +152,31 @@ def test_timm_models_do_not_import_transformers():
             "patch_size=8, depth=1); v.describe(m); print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_cli_prunes_a_transformers_class_and_a_save_pretrained_directory(tmp_path, capsys):
+    """``--model hf:<class>`` (config from --model-args, classes and size from the data) and ``hf:<directory>``
+    (its config and weights): the pruned directory loads with load_pruned and with from_pretrained."""
+    from vitprune_fast import cli
+
+    args = json.dumps({"patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "intermediate_size": 64})
+    out = tmp_path / "p"
+    assert cli.main(["prune", "--model", "hf:ViTForImageClassification", "--model-args", args, "--data", "digits",
+                     "--method", "upvits", "--proxy", "6", "--keep", "0.5", "--quiet", "--out", str(out)]) == 0
+    pruned = vpf.load_pruned(out)
+    assert type(pruned) is transformers.ViTForImageClassification and pruned.config.hidden_size == 16
+    assert pruned.config.num_labels == 10 and pruned.config.image_size == 32
+    back = transformers.ViTForImageClassification.from_pretrained(str(out / "native"))
+    assert back.config.hidden_size == 16
+    snapshot = tmp_path / "snap"
+    CATALOGUE["hf_vit"].build(torch.float32).save_pretrained(str(snapshot))
+    assert cli.main(["score", "--model", f"hf:{snapshot}", "--data", "digits", "--method", "upvits", "--proxy", "6",
+                     "--quiet", "--out", str(tmp_path / "s.safetensors")]) == 0
+    assert set(cli.load_scores(tmp_path / "s.safetensors")) >= {"residual"}
+    for spec, says in ((f"hf:{tmp_path / 'nothing'}", "neither a directory nor a transformers model class"),
+                       ("hf:ViTForImageClassification", "cannot create hf:ViTForImageClassification")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["score", "--model", spec, "--model-args", json.dumps({"hidden_size": "wide"}), "--data",
+                      "digits", "--method", "magnitude", "--quiet", "--out", str(tmp_path / "t.safetensors")])
+        assert e.value.code == 2 and says in capsys.readouterr().err

@@ -13,7 +13,7 @@ from vitprune_fast.arch import adapter_for
 from vitprune_fast.errors import ConfigError
 from vitprune_fast.score.objective import FeatureObjective, KLObjective, objective_for
 from vitprune_fast.score.screened import selection_differences
-from vitprune_fast.testing import randomize_
+from vitprune_fast.testing import CATALOGUE, randomize_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,6 +28,8 @@ HEADLESS = {
 
 
 def _headless(key: str, seed: int = 0) -> torch.nn.Module:
+    if key == "hf_dinov2":  # transformers Dinov2Model: its pooler_output (the final class token), SDPA attention
+        return CATALOGUE[key].build(seed=seed)
     name, kwargs = HEADLESS[key]
     return randomize_(timm.create_model(name, pretrained=False, **kwargs).double(), seed).eval()
 
@@ -36,10 +38,11 @@ def _images(n: int = 5, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("key", sorted(HEADLESS))
+@pytest.mark.parametrize("key", [*sorted(HEADLESS), "hf_dinov2"])
 def test_features_fast_engine_equals_reference_in_float64(key):
     """Every component, on headless models: pooled cls token, average pool without a final norm (the removed
-    residual channel still reaches the output: zeroed as removal leaves it), a two-stage Swin."""
+    residual channel still reaches the output: zeroed as removal leaves it), a two-stage Swin, transformers'
+    Dinov2Model (layer scale on both branches)."""
     model, x = _headless(key), _images()
     fast = vpf.upvits_scores(model, x, components=ALL, progress=False, batch_size=3)
     ref = vpf.upvits_scores(model, x, components=ALL, engine="reference", progress=False, batch_size=3)

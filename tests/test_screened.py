@@ -55,8 +55,9 @@ def case(request):
     return get
 
 
-@pytest.mark.parametrize("keep", KEEPS)
-@pytest.mark.parametrize("key", RANDOM + TRAINED)
+# every keep on the random-init models; the trained ones (peaked softmaxes, the hard case for the screen) at 0.5 with
+# every rule (their 0.25 / 0.75 rows took 3 of CI's 15 minutes; the random-init models cover those cuts)
+@pytest.mark.parametrize("key,keep", [(k, r) for k in RANDOM for r in KEEPS] + [(k, 0.5) for k in TRAINED])
 def test_screened_plan_is_the_exact_plan(case, key, keep):
     model, x, exact = case(key)
     space = vpf.describe(model)

@@ -41,11 +41,13 @@ class UsageError(VitPruneError):
 # ------------------------------------------------------------------------------------------------------ models
 def load_model(spec: str, model_args: Mapping | None = None, pretrained: bool = False,
                defaults: Mapping | None = None, seed: int = 0) -> nn.Module:
-    """A timm model by name (random init unless ``pretrained``) or a directory written by ``save_pruned``.
+    """A timm model by name (random init unless ``pretrained``), a directory written by ``save_pruned``, or a
+    transformers model: ``hf:<directory>`` (a ``save_pretrained`` / hub snapshot directory, loaded with its weights)
+    or ``hf:<class>`` (e.g. ``hf:ViTForImageClassification``, random init from a config of ``model_args``).
 
     Args:
-        spec: timm model name or directory.
-        model_args: extra keyword arguments for timm ``create_model``.
+        spec: timm model name, directory, or ``hf:<directory or class>``.
+        model_args: extra keyword arguments for timm ``create_model`` (the config's, for ``hf:<class>``).
         pretrained: load timm's pretrained weights (must be available locally: no download is attempted
             beyond what timm/huggingface_hub do, and a failure is a clear error).
         defaults: kwargs used unless ``model_args`` sets them (e.g. ``num_classes`` from the data).
@@ -59,6 +61,8 @@ def load_model(spec: str, model_args: Mapping | None = None, pretrained: bool = 
 
     from .io import load_pruned
 
+    if spec.startswith(HF_PREFIX):
+        return _load_transformers(spec.removeprefix(HF_PREFIX), model_args, pretrained, defaults, seed)
     if Path(spec).is_dir():
         if model_args or pretrained:
             raise UsageError(f"--model-args/--pretrained do not apply to a saved model directory ({spec})")
@@ -74,9 +78,50 @@ def load_model(spec: str, model_args: Mapping | None = None, pretrained: bool = 
         raise UsageError(f"cannot create {spec!r} ({what}): {type(e).__name__}: {e}") from e
 
 
+HF_PREFIX = "hf:"
+_HF_DEFAULTS = {"num_classes": "num_labels", "img_size": "image_size"}  # the data's defaults, in config names
+
+
+def _load_transformers(target: str, model_args: Mapping | None, pretrained: bool, defaults: Mapping | None,
+                       seed: int) -> nn.Module:
+    """``hf:<directory>``: the class its config names (``architectures``), loaded with the directory's weights
+    (local files only); ``hf:<class>``: that class from a config of ``model_args`` (the data's class count and image
+    size unless they set them), random init seeded by ``seed``."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise UsageError(f"hf:{target} needs transformers: pip install -e '.[hf]'") from e
+    torch.manual_seed(seed)
+    if Path(target).is_dir():
+        if model_args or pretrained:
+            raise UsageError(f"--model-args/--pretrained do not apply to hf:<directory> ({target}): its config and "
+                             "weights are the directory's")
+        try:
+            config = transformers.AutoConfig.from_pretrained(target, local_files_only=True)
+            name = (config.architectures or [None])[0]
+            klass = getattr(transformers, name or "", None)
+            if klass is None:
+                raise UsageError(f"hf:{target}: its config.json names no transformers class ({name!r})")
+            return klass.from_pretrained(target, local_files_only=True).eval()
+        except UsageError:
+            raise
+        except Exception as e:  # transformers raises OSError / ValueError / its own types
+            raise UsageError(f"cannot load hf:{target}: {type(e).__name__}: {e}") from e
+    klass = getattr(transformers, target, None)
+    if klass is None or not hasattr(klass, "config_class"):
+        raise UsageError(f"hf:{target}: neither a directory nor a transformers model class")
+    if pretrained:
+        raise UsageError(f"--pretrained does not apply to hf:{target}: pass hf:<directory> of a local snapshot")
+    kwargs = {_HF_DEFAULTS.get(k, k): v for k, v in (defaults or {}).items()} | dict(model_args or {})
+    try:
+        return klass(klass.config_class(**kwargs)).eval()
+    except Exception as e:
+        raise UsageError(f"cannot create hf:{target} with {kwargs}: {type(e).__name__}: {e}") from e
+
+
 def _data_defaults(data: str | None, model_spec: str) -> dict:
     """create_model defaults implied by the data: its class count, and 32-px inputs for ``digits``."""
-    if data is None or Path(model_spec).is_dir():
+    if data is None or Path(model_spec).is_dir() or Path(model_spec.removeprefix(HF_PREFIX)).is_dir():
         return {}
     from .data import DIGITS, DIGITS_CLASSES, DIGITS_SIZE
 
@@ -605,7 +650,8 @@ def _json_dict(s: str) -> dict:
 
 
 def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--model", required=True, help="timm model name, or a directory written by save_pruned / prune")
+    p.add_argument("--model", required=True, help="timm model name, a directory written by save_pruned / prune, or "
+                   "hf:<save_pretrained directory> / hf:<transformers class> (config from --model-args)")
     p.add_argument("--model-args", type=_json_dict, default=None, metavar="JSON",
                    help='timm create_model kwargs, e.g. \'{"depth": 4, "embed_dim": 96}\'')
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (must be available locally)")

@@ -80,6 +80,8 @@ _PVT_32 = dict(input_size=(3, 32, 32))  # PVTv2 takes any size; its adapter read
 _SWIN = dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), num_classes=10)
 _HF_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=64, num_labels=10)
+_HF_DINOV2 = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  mlp_ratio=2)
 
 CATALOGUE: dict[str, Representative] = {r.key: r for r in (
     # the engine tests' basic configs
@@ -159,6 +161,13 @@ CATALOGUE: dict[str, Representative] = {r.key: r for r in (
                    "transformers ViT classifier, eager attention", library="transformers"),
     Representative("hf_vit_sdpa", "hf_vit", "ViTModel", dict(_HF_VIT, attn_implementation="sdpa"),
                    "transformers ViTModel with its pooler (features), SDPA attention", library="transformers"),
+    Representative("hf_dinov2", "hf_dinov2", "Dinov2Model", dict(_HF_DINOV2, attn_implementation="sdpa"),
+                   "transformers Dinov2Model (features), layer scale, SDPA attention", library="transformers"),
+    Representative("hf_dinov2_reg", "hf_dinov2", "Dinov2WithRegistersForImageClassification",
+                   dict(_HF_DINOV2, use_swiglu_ffn=True, num_register_tokens=2, num_labels=10,
+                        attn_implementation="eager"),
+                   "transformers DINOv2 with 2 registers, SwiGLU MLP, [class | patch mean] classifier, eager "
+                   "attention", library="transformers"),
 )}
 
 

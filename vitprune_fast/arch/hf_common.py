@@ -1,0 +1,384 @@
+"""What transformers' pre-norm ViT encoders share (ViT, DINOv2): one layer list, a layer of ``norm -> attention ->
+[layer scale] -> + residual``, ``norm -> MLP -> [layer scale] -> + residual``, a final ``layernorm``.
+
+transformers has written these layers two ways, and both are read, per layer, from the modules present
+(:func:`layer_parts`):
+
+- up to 5.8: ``encoder.layer.{i}``, ``attention.attention.query / key / value`` (the head attributes
+  ``attention_head_size`` / ``all_head_size`` live there) and ``attention.output.dense``; ViT's MLP is
+  ``intermediate.dense -> act -> output.dense`` (``ViTOutput`` adds the residual itself);
+- from 5.9: ``q_proj / k_proj / v_proj / o_proj`` directly in ``attention`` (head attribute ``head_dim``, which the
+  config may carry), ViT's layers at ``layers.{i}`` and its MLP ``mlp.fc1 -> act -> mlp.fc2``.
+
+DINOv2's MLP is ``fc1 / fc2``, or SwiGLU: one packed ``weights_in`` (rows ``[x1 | x2]``, ``silu(x1) * x2``) up to 5.8,
+``gate_proj / up_proj / down_proj`` from 5.9. Groups are named by the library's module paths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..space import Group, PruningSpace, TensorSlice
+from .base import Adapter, BlockRef, StageRef
+from .common import QRows, linear_q_rows, linear_slices, norm_slices, separate_qkv_rows, sync_generic_attributes
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``transformers`` class (checked by module name: nothing is imported)."""
+    return type(model).__module__.startswith("transformers.")
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """Where one layer keeps its parts (paths relative to the layer).
+
+    Attributes:
+        norm1, norm2: the LayerNorms in front of the attention and the MLP.
+        attn: the module holding the q / k / v Linears and the head attributes.
+        projs: the q / k / v Linears' names in ``attn``.
+        out: the attention's output Linear.
+        mlp: the MLP group's module; fc1: the Linear whose rows make the hidden unit's value (SwiGLU: ``up_proj``, or
+            the packed ``weights_in``); gates: other Linears whose rows a unit also owns (``gate_proj``); act: the
+            activation module; fc2: the output Linear (its input is the unit).
+        packed: ``fc1`` holds two rows per unit (``[x1 | x2]``: a packed SwiGLU).
+        ls1, ls2: the layer-scale modules (``lambda1`` per channel) or None.
+        head_size: the attention attribute holding the head size.
+    """
+
+    norm1: str
+    norm2: str
+    attn: str
+    projs: tuple[str, str, str]
+    out: str
+    mlp: str
+    fc1: str
+    gates: tuple[str, ...]
+    act: str
+    fc2: str
+    packed: bool
+    ls1: str | None
+    ls2: str | None
+    head_size: str
+
+    @property
+    def attn_output(self) -> str:
+        """The module whose output is the attention branch's contribution (the attention returns a tuple)."""
+        return self.ls1 or self.out
+
+    @property
+    def mlp_output(self) -> str:
+        return self.ls2 or self.fc2
+
+
+def layer_parts(layer: nn.Module) -> LayerParts:
+    """Read a layer's :class:`LayerParts` from the modules it has (module docstring); an unknown shape is an error."""
+    norms = ("layernorm_before", "layernorm_after") if hasattr(layer, "layernorm_before") else ("norm1", "norm2")
+    nested = hasattr(layer.attention, "attention")
+    attn = "attention.attention" if nested else "attention"
+    att = layer.get_submodule(attn)
+    projs = ("query", "key", "value") if hasattr(att, "query") else ("q_proj", "k_proj", "v_proj")
+    out = "attention.output.dense" if hasattr(layer.attention, "output") else "attention.o_proj"
+    gates: tuple[str, ...] = ()
+    packed = False
+    if hasattr(layer, "intermediate"):
+        mlp, fc1, act, fc2 = "intermediate", "intermediate.dense", "intermediate.intermediate_act_fn", "output.dense"
+    elif hasattr(layer.mlp, "fc1"):
+        act = "mlp.activation_fn" if hasattr(layer.mlp, "activation_fn") else "mlp.activation"
+        mlp, fc1, fc2 = "mlp", "mlp.fc1", "mlp.fc2"
+    elif hasattr(layer.mlp, "weights_in"):
+        mlp, fc1, act, fc2, packed = "mlp", "mlp.weights_in", "mlp", "mlp.weights_out", True
+    elif hasattr(layer.mlp, "up_proj"):
+        mlp, fc1, gates, act, fc2 = "mlp", "mlp.up_proj", ("mlp.gate_proj",), "mlp.act_fn", "mlp.down_proj"
+    else:
+        raise UnsupportedModelError(f"{type(layer).__name__}: an MLP of {type(layer.mlp).__name__} is not supported")
+    for path in (*(f"{attn}.{p}" for p in projs), out, fc1, *gates, fc2):
+        if not isinstance(layer.get_submodule(path), nn.Linear):
+            raise UnsupportedModelError(f"{type(layer).__name__}.{path} is not an nn.Linear")
+    ls = tuple(n if hasattr(layer, n) else None for n in ("layer_scale1", "layer_scale2"))
+    head_size = "attention_head_size" if hasattr(att, "attention_head_size") else "head_dim"
+    return LayerParts(*norms, attn, projs, out, mlp, fc1, gates, act, fc2, packed, *ls, head_size)
+
+
+class HfEncoderAdapter(Adapter):
+    """The shared part of transformers pre-norm ViT encoders: subclasses name the classes, the inner model's
+    attribute, the head, the config and what ``from_pretrained`` can express."""
+
+    #: transformers class names this adapter takes
+    classes: tuple[str, ...] = ()
+    #: the attribute holding the encoder model inside a task model (``vit``, ``dinov2``)
+    base_attr: str = ""
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return is_transformers_model(model) and type(model).__name__ in cls.classes
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def _base(self) -> str:
+        """Path prefix of the encoder model inside the model (``"vit."`` in a classifier)."""
+        return f"{self.base_attr}." if hasattr(self.model, self.base_attr) else ""
+
+    @property
+    def _enc(self) -> nn.Module:
+        return getattr(self.model, self.base_attr, self.model)
+
+    @property
+    def _layers_path(self) -> str:
+        return "layers" if hasattr(self._enc, "layers") else "encoder.layer"
+
+    def _layers(self) -> list[nn.Module]:
+        return list(self._enc.get_submodule(self._layers_path))
+
+    def _layer_path(self, i: int) -> str:
+        return f"{self._base}{self._layers_path}.{i}"
+
+    def _parts(self) -> list[LayerParts]:
+        return [layer_parts(ly) for ly in self._layers()]
+
+    def _layers_with_parts(self) -> list[tuple[nn.Module, LayerParts]]:
+        return [(ly, layer_parts(ly)) for ly in self._layers()]
+
+    def _attention(self, i: int) -> nn.Module:
+        return self._layers()[i].get_submodule(self._parts()[i].attn)
+
+    def _check(self) -> None:
+        if not isinstance(self._enc.embeddings.patch_embeddings.projection, nn.Conv2d):
+            raise UnsupportedModelError("embeddings.patch_embeddings.projection must be a Conv2d")
+        clf = getattr(self.model, "classifier", None)
+        if clf is not None and not isinstance(clf, (nn.Linear, nn.Identity)):
+            raise UnsupportedModelError(f"classifier: {type(clf).__name__} is not supported")
+
+    # ------------------------------------------------------------------------------------------ structure
+    def describe(self) -> PruningSpace:
+        """``residual``, ``{layer}.attention`` (q / k / v rows, output Linear columns) and the MLP group (its input
+        Linears' rows, output Linear's columns) of every layer."""
+        self._check()
+        m, b = self.model, self._base
+        emb = self._enc.embeddings
+        proj = f"{b}embeddings.patch_embeddings.projection"
+        res = [TensorSlice(f"{proj}.weight", 0)] + ([TensorSlice(f"{proj}.bias", 0)]
+                                                    if emb.patch_embeddings.projection.bias is not None else [])
+        res += [TensorSlice(f"{b}embeddings.{t}", getattr(emb, t).ndim - 1) for t in self._token_names()
+                if getattr(emb, t, None) is not None]
+        groups: dict[str, Group] = {}
+        for i, (layer, lp) in enumerate(self._layers_with_parts()):
+            p = self._layer_path(i)
+            sa = f"{p}.{lp.attn}"
+            res += norm_slices(m, f"{p}.{lp.norm1}") + norm_slices(m, f"{p}.{lp.norm2}")
+            res += [s for n in lp.projs for s in linear_slices(m, f"{sa}.{n}", "in")]
+            res += linear_slices(m, f"{p}.{lp.out}", "out")
+            res += [s for n in (lp.fc1, *lp.gates) for s in linear_slices(m, f"{p}.{n}", "in")]
+            res += linear_slices(m, f"{p}.{lp.fc2}", "out")
+            res += [TensorSlice(f"{p}.{ls}.lambda1", 0) for ls in (lp.ls1, lp.ls2) if ls is not None]
+            att = layer.get_submodule(lp.attn)
+            width = getattr(att, lp.projs[0]).out_features
+            groups[f"{p}.attention"] = Group(
+                f"{p}.attention", "attn", width,
+                separate_qkv_rows(m, sa, lp.projs) + linear_slices(m, f"{p}.{lp.out}", "in"),
+                num_heads=att.num_attention_heads, head_dim=width // att.num_attention_heads, module=sa)
+            hidden = layer.get_submodule(lp.fc2).in_features
+            rows = (linear_slices(m, f"{p}.{lp.fc1}", "out", repeats=2, stride=hidden) if lp.packed
+                    else [s for n in (lp.fc1, *lp.gates) for s in linear_slices(m, f"{p}.{n}", "out")])
+            groups[f"{p}.{lp.mlp}"] = Group(f"{p}.{lp.mlp}", "mlp", hidden,
+                                            rows + linear_slices(m, f"{p}.{lp.fc2}", "in"), module=f"{p}.{lp.mlp}")
+        res += norm_slices(m, f"{b}layernorm") + self._head_slices()
+        residual = Group("residual", "residual", self._enc.config.hidden_size, res, module="")
+        return PruningSpace(self.arch, {"residual": residual} | groups)
+
+    def _token_names(self) -> tuple[str, ...]:
+        """The embeddings' parameters with one entry per residual channel on their last dim."""
+        return "cls_token", "mask_token", "register_tokens", "position_embeddings"
+
+    def _head_slices(self) -> list[TensorSlice]:
+        """The residual's slices after the final ``layernorm`` (a classifier's input columns)."""
+        if isinstance(getattr(self.model, "classifier", None), nn.Linear):
+            return linear_slices(self.model, "classifier", "in")
+        return []
+
+    def stages(self) -> list[StageRef]:
+        refs = []
+        for i, lp in enumerate(self._parts()):
+            p = self._layer_path(i)
+            ls = [f"{p}.{n}.lambda1" if n else None for n in (lp.ls1, lp.ls2)]
+            outs = (f"{p}.{lp.attn_output}", f"{p}.{lp.mlp_output}")
+            refs.append(BlockRef(i, 0, p, f"{p}.attention", f"{p}.{lp.mlp}", f"{p}.{lp.norm1}", f"{p}.{lp.norm2}",
+                                 f"{p}.{lp.attn}.{lp.projs[0]}", f"{p}.{lp.out}", f"{p}.{lp.fc1}", f"{p}.{lp.act}",
+                                 f"{p}.{lp.fc2}", *ls, branch_outputs=outs))
+        emb = self._enc.embeddings
+        _, h, w = self.input_size()
+        ps = emb.patch_embeddings.patch_size
+        ps = ps if isinstance(ps, (tuple, list)) else (ps, ps)
+        grid = (h // ps[0], w // ps[1])
+        prefix = 1 + (emb.register_tokens.shape[1] if getattr(emb, "register_tokens", None) is not None else 0)
+        return [StageRef(0, tuple(refs), "residual", None, emb.patch_embeddings.projection.out_channels, grid,
+                         prefix, True)]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self._enc.embeddings(images.to(self._enc.embeddings.patch_embeddings.projection.weight.dtype))
+
+    def embed_modules(self) -> list[nn.Module]:
+        return [self._enc.embeddings]
+
+    def input_size(self) -> tuple[int, int, int]:
+        cfg = self._enc.config
+        size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size, cfg.image_size)
+        return cfg.num_channels, int(size[0]), int(size[1])
+
+    def accepts_size(self, h: int, w: int) -> bool:
+        return (h, w) == tuple(self.input_size()[1:])
+
+    def classifier_weights(self) -> list[torch.Tensor]:
+        clf = getattr(self.model, "classifier", None)
+        return [clf.weight] if isinstance(clf, nn.Linear) else []
+
+    def num_classes(self) -> int:
+        return self.model.config.num_labels if self.classifier_weights() else 0
+
+    def q_rows(self, group: Group) -> QRows:
+        i = self._group_layer(group)
+        return linear_q_rows(self.model, f"{group.module}.{self._parts()[i].projs[0]}")
+
+    def _group_layer(self, group: Group) -> int:
+        return int(group.name.removeprefix(f"{self._base}{self._layers_path}.").split(".")[0])
+
+    # ---------------------------------------------------------------------------------------- mutation
+    def set_heads(self, group: Group, heads: int) -> None:
+        self.model.get_submodule(group.module).num_attention_heads = heads
+
+    def regroup_heads_masked(self, group: Group, heads: int) -> None:
+        att = self.model.get_submodule(group.module)
+        att.num_attention_heads = heads
+        setattr(att, self._parts()[self._group_layer(group)].head_size, group.size // heads)
+        att.scaling = group.head_dim ** -0.5  # the per-dim scale of the original heads (eager and SDPA read it)
+
+    def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
+        if stage != 0:
+            raise IndexError(f"a ViT encoder has one stage, got stage {stage}")
+        path, _, name = self._layers_path.rpartition(".")
+        setattr(self._enc.get_submodule(path) if path else self._enc, name, nn.ModuleList(blocks))
+        self._sync_config()
+
+    def sync_attributes(self) -> None:
+        """Linear / LayerNorm sizes, every attention's head size (``all_head_size`` too in the older layout) and
+        ``scaling``, and the config's sizes where the shape is uniform (:meth:`_sync_config`)."""
+        sync_generic_attributes(self.model)
+        for layer, lp in self._layers_with_parts():
+            att = layer.get_submodule(lp.attn)
+            width = getattr(att, lp.projs[0]).out_features
+            if hasattr(att, "all_head_size"):
+                att.all_head_size = width
+            setattr(att, lp.head_size, width // att.num_attention_heads)
+            att.scaling = (width // att.num_attention_heads) ** -0.5
+        self._sync_config()
+
+    def _sync_config(self) -> None:
+        """``hidden_size`` always (the residual is one width); ``num_hidden_layers``; where every layer has the same
+        shape, the head count, ``head_dim`` where the config carries one (5.9 on) and the MLP width
+        (:meth:`_set_mlp_width`); else the config keeps the unpruned values, and :meth:`pretrained_refusal` says why
+        ``from_pretrained`` cannot rebuild the model."""
+        cfg = self._enc.config
+        cfg.hidden_size = self._enc.embeddings.patch_embeddings.projection.out_channels
+        cfg.num_hidden_layers = len(self._layers())
+        shapes = self._layer_shapes()
+        if len(shapes) == 1:
+            heads, width, hidden = next(iter(shapes))
+            cfg.num_attention_heads = heads
+            if self._has_head_dim():
+                cfg.head_dim = width // heads
+            self._set_mlp_width(cfg, hidden)
+
+    def _has_head_dim(self) -> bool:
+        """Whether the attention reads its head size from the config's ``head_dim`` (the 5.9 layout)."""
+        return all(lp.head_size == "head_dim" for lp in self._parts())
+
+    def _set_mlp_width(self, cfg, hidden: int) -> None:
+        """Write the config's MLP width (``intermediate_size`` by default)."""
+        cfg.intermediate_size = hidden
+
+    def _layer_shapes(self) -> set[tuple[int, int, int]]:
+        """(heads, attention width, MLP width) of every layer."""
+        out = set()
+        for layer, lp in self._layers_with_parts():
+            att = layer.get_submodule(lp.attn)
+            out.add((att.num_attention_heads, getattr(att, lp.projs[0]).out_features,
+                     layer.get_submodule(lp.fc2).in_features))
+        return out
+
+    # ------------------------------------------------------------------------------------- persistence
+    def build_recipe(self) -> dict:
+        """The model's config (``to_dict``) and the layer layout: its class is rebuilt from them by
+        :meth:`build_model`."""
+        takes_pooler = self.model is self._enc and hasattr(self._enc, "pooler")  # ViTModel(config, add_pooling_layer)
+        extra = {"add_pooling_layer": self._enc.pooler is not None} if takes_pooler else {}
+        return {"config": self._enc.config.to_dict(), "attn_implementation": self._enc.config._attn_implementation,
+                "layout": self._layout_name()} | extra
+
+    def _layout_name(self) -> str:
+        """``"5.9"`` for the q_proj / o_proj layout, ``"5.0"`` for the earlier one."""
+        return "5.9" if self._has_head_dim() else "5.0"
+
+    def model_name(self) -> str:
+        return f"transformers.{type(self.model).__name__}"
+
+    @classmethod
+    def config_class(cls, name: str):
+        """The transformers config class of class ``name``."""
+        raise NotImplementedError
+
+    @classmethod
+    def build_model(cls, model_name: str, kwargs: dict) -> nn.Module:
+        """``transformers.<class>(<Config>(**config))``; refused when the installed transformers writes the layers
+        another way than the one that saved them."""
+        import transformers
+
+        name = model_name.removeprefix("transformers.")
+        if name not in cls.classes:
+            raise UnsupportedModelError(f"{model_name} is not a class {cls.__name__} builds")
+        cfg = {k: v for k, v in kwargs["config"].items() if k not in ("transformers_version", "model_type")}
+        if cfg["hidden_size"] % cfg["num_attention_heads"]:  # the config's check; the saved head counts come after
+            cfg["num_attention_heads"] = 1
+        config = cls.config_class(name)(**cfg, attn_implementation=kwargs.get("attn_implementation"))
+        klass = getattr(transformers, name)
+        model = (klass(config, add_pooling_layer=kwargs["add_pooling_layer"]) if "add_pooling_layer" in kwargs
+                 else klass(config))
+        saved, built = kwargs.get("layout", "5.0"), cls(model)._layout_name()
+        if saved != built:
+            version = kwargs["config"].get("transformers_version", "?")
+            raise UnsupportedModelError(
+                f"saved with transformers {version}, whose layers have the {saved} layout; the installed "
+                f"transformers {transformers.__version__} has the {built} one (q/k/v Linears and layer paths were "
+                f"renamed in 5.9): load it with a transformers {'<' if saved == '5.0' else '>='} 5.9")
+        return model
+
+    def save_native(self, directory) -> dict:
+        """``save_pretrained(directory)`` where the config expresses the shape (:meth:`pretrained_refusal`)."""
+        why = self.pretrained_refusal()
+        if why is not None:
+            return {"reason": why}
+        self.model.save_pretrained(str(directory))
+        return {"directory": Path(directory).name,
+                "load": f"transformers.{type(self.model).__name__}.from_pretrained({str(directory)!r})"}
+
+    def pretrained_refusal(self) -> str | None:
+        """Why ``from_pretrained`` of the config cannot rebuild this model, or None: one head count and MLP width
+        for every layer, and before 5.9 an attention width tied to ``hidden_size`` (``head_dim = hidden_size /
+        num_attention_heads``; later configs carry a ``head_dim``)."""
+        shapes = self._layer_shapes()
+        d = self._enc.config.hidden_size
+        if len(shapes) > 1:
+            return f"layers differ in (heads, attention width, MLP width) {sorted(shapes)}"
+        if not shapes:
+            return None
+        _, width, hidden = next(iter(shapes))
+        if width != d and not self._has_head_dim():
+            return (f"attention width {width} differs from hidden_size {d}: transformers before 5.9 ties them "
+                    "(head_dim = hidden_size / num_attention_heads)")
+        return self._mlp_refusal(hidden)
+
+    def _mlp_refusal(self, hidden: int) -> str | None:
+        """Why the config cannot express MLP width ``hidden``, or None."""
+        return None
