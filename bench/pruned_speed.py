@@ -10,10 +10,10 @@ in fp32 at batch 1 / 8 with one intra-op thread, the models of a case timed roun
 medians of per-round ratios (``--quick``: smaller models, fewer repeats).
 
 * ``--families``: a SigLIP-style (attention-pool head) and an EVA-02-style (rotary, SwiGLU) ViT-B at keep 0.7.
-* ``--libraries``: a transformers ``ViTForImageClassification`` of the ViT-B/16 shape (SDPA attention) and timm's
-  ``vit_base_patch16_224``, each pruned at keep 0.7 (~50 % FLOPs), all four timed round-robin: each library's
-  speedup vs its own dense model, and the transformers speedup over the timm one (target: within 5 %). torchvision
-  models are not supported yet: no row.
+* ``--libraries``: timm's ``vit_base_patch16_224``, a transformers ``ViTForImageClassification`` of its shape (SDPA
+  attention) and torchvision's ``vit_b_16``, each pruned at keep 0.7 of every width (~50 % FLOPs), all six timed
+  round-robin: each library's speedup vs its own dense model, and each one's over timm's (target: within 5 %).
+  torchvision's attention keeps the residual's width, so its pruned shape differs a little from the others'.
 
     python bench/pruned_speed.py [--quick | --check | --families | --libraries]   # --check: the GPU check's rows
 """
@@ -158,9 +158,12 @@ def run(quick: bool, device: torch.device | None = None, cases=None, batches=Non
     return {"dtype": str(dtype), "batches": list(batches), "rows": rows}
 
 
-VIT_B_HF = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224,
-                patch_size=16, num_labels=1000)
-LIBRARIES = (("vit_base_patch16_224", {}), VIT_B_HF, 0.7)  # (timm model, transformers ViTConfig, keep)
+VIT_B = {"timm": ("vit_base_patch16_224", {}),
+         "transformers": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                              image_size=224, patch_size=16, num_labels=1000),
+         "torchvision": dict(image_size=224, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072,
+                             num_classes=1000),  # = torchvision.models.vit_b_16()
+         "keep": 0.7}
 
 
 def _pruned_model(model: torch.nn.Module, keep: float) -> torch.nn.Module:
@@ -168,22 +171,30 @@ def _pruned_model(model: torch.nn.Module, keep: float) -> torch.nn.Module:
     return vpf.prune_(model, vpf.make_plan(space, magnitude_scores(model), keep=keep))
 
 
-def run_libraries(device: torch.device | None = None, case=LIBRARIES, batches=None, repeats=None) -> dict:
-    """transformers vs timm ViT of one shape, dense and pruned at one keep ratio (module docstring)."""
+def _library_builders(case: dict) -> dict:
+    """Library name -> a function building its dense ViT of the case's shape (random init)."""
+    import torchvision
     import transformers
 
+    name, kwargs = case["timm"]
+    return {"timm": lambda: timm.create_model(name, **kwargs).eval(),
+            "transformers": lambda: transformers.ViTForImageClassification(
+                transformers.ViTConfig(**case["transformers"], attn_implementation="sdpa")).eval(),
+            "torchvision": lambda: torchvision.models.VisionTransformer(**case["torchvision"]).eval()}
+
+
+def run_libraries(device: torch.device | None = None, case: dict = VIT_B, batches=None, repeats=None) -> dict:
+    """timm, transformers and torchvision ViTs of one shape, dense and pruned at one keep ratio, all timed
+    round-robin (module docstring)."""
     device = device or default_device()
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     batches = batches or ((1, 64, 256) if cuda else (1, 8))
     repeats = repeats or 7
-    (timm_name, timm_kwargs), hf_config, keep = case
+    keep = case["keep"]
     torch.manual_seed(0)
-    build = {"timm": lambda: timm.create_model(timm_name, **timm_kwargs).eval(),
-             "transformers": lambda: transformers.ViTForImageClassification(
-                 transformers.ViTConfig(**hf_config, attn_implementation="sdpa")).eval()}
     models, rows = {}, []
-    for lib, make in build.items():
+    for lib, make in _library_builders(case).items():
         models[f"{lib} dense"] = make()
         models[f"{lib} pruned (keep {keep})"] = _pruned_model(make(), keep)
     for name, m in models.items():
@@ -191,22 +202,23 @@ def run_libraries(device: torch.device | None = None, case=LIBRARIES, batches=No
                      "params": count_params(m), "flops": count_flops(m)})
         m.to(device, dtype)
     speed = _speed(models, device, dtype, batches, repeats)
+    pruned = {}
     for r in rows:
         r.update(speed[r["model"]])
-    out = {r["library"]: {} for r in rows}
-    for r in rows:
         if r["kind"] == "pruned":
             dense = next(d for d in rows if d["library"] == r["library"] and d["kind"] == "dense")
             r["flops_ratio_vs_dense"] = dense["flops"] / r["flops"]
             r["speedup_vs_dense"] = _ratio(speed[dense["model"]], speed[r["model"]])
-            out[r["library"]] = r
-    hf, tm = out["transformers"], out["timm"]
-    summary = {"same_shape": hf["params"] == tm["params"] and hf["flops"] == tm["flops"],
-               "speedup_transformers_over_timm": {b: hf["speedup_vs_dense"][b] / tm["speedup_vs_dense"][b]
-                                                  for b in hf["speedup_vs_dense"]}}
-    summary["within_5pct"] = all(abs(v - 1) <= 0.05 for v in summary["speedup_transformers_over_timm"].values())
-    return {"dtype": str(dtype), "batches": list(batches), "rows": rows, "summary": summary,
-            "torchvision": "not supported yet: no row"}
+            pruned[r["library"]] = r
+    tm = pruned["timm"]
+    summary = {}
+    for lib in ("transformers", "torchvision"):
+        r = pruned[lib]
+        ratio = {b: r["speedup_vs_dense"][b] / tm["speedup_vs_dense"][b] for b in r["speedup_vs_dense"]}
+        summary[lib] = {"same_shape_as_timm": r["params"] == tm["params"] and r["flops"] == tm["flops"],
+                        "speedup_over_timm_speedup": ratio,
+                        "within_5pct": all(abs(v - 1) <= 0.05 for v in ratio.values())}
+    return {"dtype": str(dtype), "batches": list(batches), "keep": keep, "rows": rows, "summary": summary}
 
 
 def main() -> None:
@@ -217,21 +229,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: on a shared box, multi-threaded OpenMP stalls dominate timings)")
     ap.add_argument("--families", action="store_true", help="SigLIP-style and EVA-02-style rows only")
-    ap.add_argument("--libraries", action="store_true", help="transformers vs timm ViT-B rows only")
+    ap.add_argument("--libraries", action="store_true", help="timm vs transformers vs torchvision ViT-B rows only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = default_device()
     if args.libraries:
         res = run_libraries(dev)
-        print(f"transformers vs timm ViT-B on {device_name(dev)} ({res['dtype']})")
+        print(f"timm vs transformers vs torchvision ViT-B on {device_name(dev)} ({res['dtype']})")
         for r in res["rows"]:
             sp = (", speedup " + ", ".join(f"{k} x{v:.2f}" for k, v in r["speedup_vs_dense"].items())
                   if "speedup_vs_dense" in r else "")
             print(f"{r['model']:<34}{r['params']:>12,}{r['flops'] / 1e9:>8.2f} GFLOPs"
                   + "".join(f"{1e3 * r[f'bs{b}']['seconds']:>10.1f} ms" for b in res["batches"]) + sp)
-        print("transformers speedup / timm speedup:", {k: round(v, 3) for k, v in
-                                                        res["summary"]["speedup_transformers_over_timm"].items()},
-              "within 5 %:", res["summary"]["within_5pct"])
+        for lib, s in res["summary"].items():
+            print(f"{lib} speedup / timm speedup:", {k: round(v, 3) for k, v in s["speedup_over_timm_speedup"].items()},
+                  "within 5 %:", s["within_5pct"], "same shape:", s["same_shape_as_timm"])
         print("wrote", write_json("pruned_speed_libraries", dev, res))
         return
     if args.check:

@@ -244,6 +244,22 @@ def _latency_budget(d: dict) -> list[str]:
     return out + ["", f"Target: predicted within {100 * d['target_predicted_within']:.0f} % of measured."]
 
 
+def _libraries(d: dict) -> list[str]:
+    bs = [f"bs{b}" for b in d["batches"]]
+    out = ["| model | params | GFLOPs | " + " | ".join(f"{b} ms" for b in bs) + " | speedup vs its dense |",
+           "|---|---|---|" + "---|" * len(bs) + "---|"]
+    for r in d["rows"]:
+        sp = ", ".join(f"{k} ×{v:.2f}" for k, v in r.get("speedup_vs_dense", {}).items()) or "—"
+        out.append(f"| {r['model']} | {r['params']:,} | {r['flops'] / 1e9:.2f} | "
+                   + " | ".join(f"{1e3 * r[b]['seconds']:.1f}" for b in bs) + f" | {sp} |")
+    notes = []
+    for lib, sm in d["summary"].items():
+        ratio = ", ".join(f"{k} {v:.3f}" for k, v in sm["speedup_over_timm_speedup"].items())
+        notes.append(f"{lib} speedup / timm speedup: {ratio} (within 5 %: {'met' if sm['within_5pct'] else 'not met'};"
+                     f" same shape as timm's: {sm['same_shape_as_timm']})")
+    return out + [""] + [f"{n}." if i == len(notes) - 1 else f"{n};" for i, n in enumerate(notes)]
+
+
 def _generic(d: dict) -> list[str]:
     return ["```json", json.dumps({k: v for k, v in d.items() if k not in ("results",)}, indent=1)[:1500], "```"]
 
@@ -256,6 +272,8 @@ SECTIONS = [("GPU check (bench/gpu_check.sh)", "gpu_check", _gpu_check),
              _kl_screened),
             ("Pruned-model speed", "pruned_speed", _pruned),
             ("Pruned-model speed: SigLIP-style and EVA-02-style ViT-B", "pruned_speed_families", _pruned),
+            ("Pruned-model speed: timm vs transformers vs torchvision ViT-B at keep 0.7", "pruned_speed_libraries",
+             _libraries),
             ("Zoo census (bench/zoo.py)", "zoo", _zoo),
             ("DIMAP scoring + thresholds", "dimap", _dimap),
             ("DAP training step", "dap", _dap),

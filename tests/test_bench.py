@@ -363,17 +363,21 @@ def test_pruned_speed_family_rows():
 
 
 def test_pruned_speed_library_rows():
-    """transformers vs timm rows: the two libraries' models of one shape prune to the same parameter and FLOP counts,
-    each timed against its own dense model, and the ratio of their speedups is the summary's."""
-    case = (("vit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=4,
-                                          num_classes=10)),
-            dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
-                 patch_size=8, num_labels=10), 0.5)
+    """timm, transformers and torchvision rows: the first two libraries' models of one shape prune to the same
+    parameter and FLOP counts, each is timed against its own dense model, and the summary's ratios are theirs."""
+    case = {"timm": ("vit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=4,
+                                                  num_classes=10)),
+            "transformers": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                 image_size=32, patch_size=8, num_labels=10),
+            "torchvision": dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=128,
+                                num_classes=10), "keep": 0.5}
     res = pruned_speed.run_libraries(CPU, case, batches=(1,), repeats=1)
     rows = {(r["library"], r["kind"]): r for r in res["rows"]}
-    assert set(rows) == {(lib, k) for lib in ("timm", "transformers") for k in ("dense", "pruned")}
-    assert res["summary"]["same_shape"]
-    for lib in ("timm", "transformers"):
+    libs = ("timm", "transformers", "torchvision")
+    assert set(rows) == {(lib, k) for lib in libs for k in ("dense", "pruned")}
+    assert res["summary"]["transformers"]["same_shape_as_timm"]
+    for lib in libs:
         assert rows[lib, "pruned"]["flops_ratio_vs_dense"] > 2 and rows[lib, "pruned"]["speedup_vs_dense"]["bs1"] > 0
-    assert res["summary"]["speedup_transformers_over_timm"]["bs1"] == pytest.approx(
-        rows["transformers", "pruned"]["speedup_vs_dense"]["bs1"] / rows["timm", "pruned"]["speedup_vs_dense"]["bs1"])
+    for lib in libs[1:]:
+        assert res["summary"][lib]["speedup_over_timm_speedup"]["bs1"] == pytest.approx(
+            rows[lib, "pruned"]["speedup_vs_dense"]["bs1"] / rows["timm", "pruned"]["speedup_vs_dense"]["bs1"])

@@ -1,5 +1,6 @@
 """In place (README, 'Python API', prune_) — same Parameters, sliced .grad and optimizer state, no rebuild needed."""
 import copy
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from models import make_input, make_model, random_scores
 import vitprune_fast as vpf
 from vitprune_fast.arch import model_output
 
-PLAN_KW = dict(keep={"residual": 0.5, "attn": 0.5, "mlp": 0.5}, attn_mode="heads")  # no head_dim change
+PLAN_KW = dict(keep={"residual": 0.5, "attn": 0.5, "mlp": 0.5}, attn_mode="heads")  # head_dim kept unless tied
 
 
 def _reference_slice(state: dict[str, torch.Tensor], space, plan) -> dict[str, torch.Tensor]:
@@ -27,6 +28,20 @@ def _reference_slice(state: dict[str, torch.Tensor], space, plan) -> dict[str, t
     return out
 
 
+def _folded_grads(grads: dict[str, torch.Tensor], space, plan) -> dict[str, torch.Tensor]:
+    """An attention whose head size shrinks (tied to the residual: torchvision's MultiheadAttention) gets q scaled by
+    f = sqrt(new / old head size), its gradient by 1 / f: q's rows are the first third of a packed q|k|v tensor."""
+    for name, keep in plan.keep.items():
+        g = space.groups[name]
+        if g.kind != "attn" or len(keep) // plan.heads[name] == g.head_dim:
+            continue
+        f = math.sqrt(len(keep) // plan.heads[name] / g.head_dim)
+        for sl in g.slices:
+            if sl.dim == 0 and sl.repeats == 3:
+                grads[sl.name][: len(keep)] /= f
+    return grads
+
+
 def _loss(model, x):
     return model_output(model, x).square().mean()
 
@@ -38,7 +53,7 @@ def _train_steps(model, opt, x, n):
         opt.step()
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "vit_layerscale", "swin", "hf_vit", "hf_dinov2_reg"])
+@pytest.mark.parametrize("key", ["deit_distilled", "vit_layerscale", "swin", "hf_vit", "hf_dinov2_reg", "tv_vit"])
 def test_parameters_keep_identity_and_grads_are_sliced(key):
     model = make_model(key)
     x = make_input(model)
@@ -49,7 +64,7 @@ def test_parameters_keep_identity_and_grads_are_sliced(key):
     plan = vpf.make_plan(space, random_scores(space), **PLAN_KW)
     grads = {n: p.grad for n, p in params.items() if p.grad is not None}  # DINOv2's mask_token has none
     assert len(grads) >= len(params) - 1
-    want = _reference_slice(grads, space, plan)
+    want = _folded_grads(_reference_slice(grads, space, plan), space, plan)
     vpf.prune_(model, plan)
     after = dict(model.named_parameters())
     assert {n: id(p) for n, p in after.items()} == ids

@@ -7,6 +7,7 @@ import torch
 from models import SWIN_KEYS, VIT_KEYS, make_input, make_model, random_scores
 
 import vitprune_fast as vpf
+from vitprune_fast.arch import model_output
 from vitprune_fast.io import load_pruned, save_pruned
 
 
@@ -90,8 +91,9 @@ def test_missing_directory(tmp_path):
         load_pruned(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "swin"])
+@pytest.mark.parametrize("key", ["deit_distilled", "swin", "hf_vit", "tv_vit"])
 def test_onnx_export_matches_onnxruntime(tmp_path, key):
+    """Pruned timm, transformers (its output object's first tensor: the logits) and torchvision models export."""
     import onnxruntime as ort  # in the [test] extra: a missing install fails loudly
     model = _pruned(key)
     x = make_input(model, batch=2)
@@ -99,5 +101,5 @@ def test_onnx_export_matches_onnxruntime(tmp_path, key):
     torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["logits"], dynamo=True)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"x": x.numpy()})[0]
-    want = model(x).detach().numpy()
+    want = model_output(model, x).detach().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -63,6 +63,8 @@ def load_model(spec: str, model_args: Mapping | None = None, pretrained: bool = 
 
     if spec.startswith(HF_PREFIX):
         return _load_transformers(spec.removeprefix(HF_PREFIX), model_args, pretrained, defaults, seed)
+    if spec.startswith(TV_PREFIX):
+        return _load_torchvision(spec.removeprefix(TV_PREFIX), model_args, pretrained, defaults, seed)
     if Path(spec).is_dir():
         if model_args or pretrained:
             raise UsageError(f"--model-args/--pretrained do not apply to a saved model directory ({spec})")
@@ -117,6 +119,36 @@ def _load_transformers(target: str, model_args: Mapping | None, pretrained: bool
         return klass(klass.config_class(**kwargs)).eval()
     except Exception as e:
         raise UsageError(f"cannot create hf:{target} with {kwargs}: {type(e).__name__}: {e}") from e
+
+
+TV_PREFIX = "tv:"
+
+
+def _load_torchvision(name: str, model_args: Mapping | None, pretrained: bool, defaults: Mapping | None,
+                      seed: int) -> nn.Module:
+    """``tv:<builder>`` (``tv:vit_b_16``: ``torchvision.models.get_model``, its weights with ``--pretrained``) or
+    ``tv:VisionTransformer`` (the class, from ``model_args``); the data's class count and image size unless
+    ``model_args`` sets them; random init seeded by ``seed``."""
+    import torchvision
+
+    kwargs = {{"img_size": "image_size"}.get(k, k): v for k, v in (defaults or {}).items()} | dict(model_args or {})
+    torch.manual_seed(seed)
+    try:
+        if name == "VisionTransformer":
+            if pretrained:
+                raise UsageError("--pretrained needs a builder name (tv:vit_b_16), not the class")
+            return torchvision.models.VisionTransformer(**kwargs).eval()
+        if name not in torchvision.models.list_models():
+            raise UsageError(f"tv:{name}: not a torchvision model builder nor VisionTransformer")
+        weights = "DEFAULT" if pretrained else None
+        if pretrained:  # the weights define the classes and the size
+            kwargs = dict(model_args or {})
+        return torchvision.models.get_model(name, weights=weights, **kwargs).eval()
+    except UsageError:
+        raise
+    except Exception as e:  # torchvision raises TypeError / ValueError for kwargs, URLError offline, ...
+        what = "pretrained weights are not available locally" if pretrained else "bad model arguments"
+        raise UsageError(f"cannot create tv:{name} ({what}): {type(e).__name__}: {e}") from e
 
 
 def _data_defaults(data: str | None, model_spec: str) -> dict:
@@ -650,8 +682,9 @@ def _json_dict(s: str) -> dict:
 
 
 def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--model", required=True, help="timm model name, a directory written by save_pruned / prune, or "
-                   "hf:<save_pretrained directory> / hf:<transformers class> (config from --model-args)")
+    p.add_argument("--model", required=True, help="timm model name, a directory written by save_pruned / prune, "
+                   "hf:<save_pretrained directory> / hf:<transformers class> (config from --model-args), or "
+                   "tv:<torchvision builder> / tv:VisionTransformer")
     p.add_argument("--model-args", type=_json_dict, default=None, metavar="JSON",
                    help='timm create_model kwargs, e.g. \'{"depth": 4, "embed_dim": 96}\'')
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (must be available locally)")

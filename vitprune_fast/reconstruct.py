@@ -201,7 +201,8 @@ def reconstruct_(model: nn.Module, teacher: nn.Module, images, plan: Plan, *, da
     teacher.eval()
     layers: list[dict] = []
     try:
-        with torch.no_grad():
+        # scoring_context: torchvision's attention then calls its out_proj as a module, which the refit captures
+        with torch.no_grad(), adapter_for(model).scoring_context(), adapter_for(teacher).scoring_context():
             pt, tt = adapter_for(model).trunk(), adapter_for(teacher).trunk()
             x_p = [pt.prefix(x.to(p.device, p.dtype)) for x in chunks]
             x_t = [tt.prefix(x) for x in chunks]

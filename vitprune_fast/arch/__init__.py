@@ -20,13 +20,14 @@ from .pvt_v2 import PvtV2Adapter
 from .relpos import RelPosViTAdapter
 from .swin import SwinAdapter
 from .swin_v2 import SwinV2Adapter, SwinV2CrAdapter
+from .tv_vit import TvViTAdapter
 from .vit import ViTAdapter
 from .xcit import XcitAdapter
 
 # checked in order: most specific first
 _ADAPTERS: list[type[Adapter]] = [BeitAdapter, CaitAdapter, EvaAdapter, PvtV2Adapter, RelPosViTAdapter,
                                   SwinV2CrAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter, XcitAdapter, HfViTAdapter,
-                                  HfDinov2Adapter]
+                                  HfDinov2Adapter, TvViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -64,7 +65,7 @@ def adapter_for(model: nn.Module) -> Adapter:
         f"{type(model).__module__}.{type(model).__name__} is not supported: vitprune_fast prunes timm "
         "VisionTransformer (ViT/DeiT/SigLIP/AIMv2/...), Eva (EVA/EVA-02/...), Swin (V1/V2/V2-CR), BEiT, CaiT, "
         "PVTv2 and XCiT models, and transformers ViT (ViTModel / ViTForImageClassification) and DINOv2 (Dinov2Model / "
-        "Dinov2ForImageClassification, with or without registers)"
+        "Dinov2ForImageClassification, with or without registers), and torchvision VisionTransformer (vit_b_16, ...)"
     )
 
 

@@ -20,6 +20,7 @@ patch interaction: the engines rerun whole blocks). A family whose blocks differ
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -322,6 +323,11 @@ class Adapter(ABC):
     def block_kwargs(self) -> dict:
         """Keyword arguments the model's forward gives every block besides its input (EVA: ``rope``)."""
         return {}
+
+    def scoring_context(self):
+        """A context the UP-ViTs engines and reconstruction run the model in (torchvision's ViT: its attention
+        written out, so that its ``F.linear`` calls can be tapped and its ``out_proj`` hooked); none by default."""
+        return contextlib.nullcontext()
 
     def hybrid_refusal(self) -> str | None:
         """Why this model's hybrid depth units (FFN_i + MSA_{i+1}, re-packed into one block) cannot be removed, or

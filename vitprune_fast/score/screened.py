@@ -318,7 +318,7 @@ def upvits_select(
         return current[0]
 
     try:
-        with torch.no_grad(), amp:
+        with torch.no_grad(), amp, adapter_for(model).scoring_context():
             engine = FastEngine(model, space, max_rows or _auto_rows(model, chunks[0]), kernels, obj)
             exact = _Exact(engine, chunks, store)
             t0 = time.perf_counter()
@@ -328,10 +328,11 @@ def upvits_select(
             seconds["exact_residual"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         bar = enter("screen", n_images * bool(screened), "img")
-        estimates = _screen(model, screened, chunks, store, screen_batch, eps, max_rank, bar,
-                            obj) if screened else {}
+        with adapter_for(model).scoring_context():
+            estimates = _screen(model, screened, chunks, store, screen_batch, eps, max_rank, bar,
+                                obj) if screened else {}
         seconds["screen"] = time.perf_counter() - t0
-        with torch.no_grad(), amp:
+        with torch.no_grad(), amp, adapter_for(model).scoring_context():
             state = _State(space, sels, estimates, exact, edges=global_)
             allocations = []
             if global_:  # the first allocation, by the screen: its rankings decide what calibration looks at

@@ -160,7 +160,9 @@ def second_order_screen(model: nn.Module, images: torch.Tensor, groups: Sequence
     with torch.no_grad():
         for g in groups:
             b, kind = by_path[g.name]
-            if kind == "mlp":
+            if not len(u):  # no cotangent: the objective has no second-order term (a zero classifier at init)
+                out[g.name] = torch.zeros(g.size, dtype=logits.dtype, device=logits.device)
+            elif kind == "mlp":
                 out[g.name] = 0.5 * mlp_sq[b]
             else:
                 delta = _attention_deltas(adapter, refs[b], g, cap.qkv[b].detach(), cap.o[b].detach(),

@@ -245,8 +245,8 @@ class FastEngine:
             with replaced_input(cols):
                 return self._rerun(work, cands, inputs, logits, rows)
         with contextlib.ExitStack() as stack:
-            for lin, fn in rows:
-                stack.enter_context(replaced_linear_output(lin.weight, fn))
+            for weight, fn in self._zeroed_weight_rows(work, cands, inputs[0].device):
+                stack.enter_context(replaced_linear_output(weight, fn))
             stack.enter_context(replaced_input(cols))
             return self._rerun(work, cands, inputs, logits)
 
@@ -310,6 +310,19 @@ class FastEngine:
                 width = lin.out_features if dim == 0 else lin.in_features
                 keep = _removal_masks(width, cands, sl.indices).to(device, non_blocking=True)
                 out.append((lin, lambda y, keep=keep: y.reshape(k, -1, keep.shape[1]).masked_fill(
+                    ~keep[:, None, :], 0).reshape(y.shape)))
+        return out
+
+    def _zeroed_weight_rows(self, work, cands, device) -> list:
+        """(weight, fn) pairs zeroing each candidate's output rows of every weight matrix the group slices by row,
+        for :func:`replaced_linear_output`: a Linear's ``weight``, or one applied functionally (BEiT's fused qkv,
+        ``nn.MultiheadAttention``'s ``in_proj_weight``)."""
+        k, out = len(cands), []
+        for sl in self.space.groups[work.name].slices:
+            w = tensor_of(self.model, sl.name)
+            if sl.name.endswith("weight") and sl.dim == 0 and w.dim() == 2:
+                keep = _removal_masks(w.shape[0], cands, sl.indices).to(device, non_blocking=True)
+                out.append((w, lambda y, keep=keep: y.reshape(k, -1, keep.shape[1]).masked_fill(
                     ~keep[:, None, :], 0).reshape(y.shape)))
         return out
 
@@ -550,7 +563,7 @@ def upvits_scores(
         if store is not None and store.has(_key(i, w)):
             results[_key(i, w)] = store.load(_key(i, w))
     try:
-        with torch.no_grad(), amp:
+        with torch.no_grad(), amp, adapter_for(model).scoring_context():
             if pending:
                 rows = max_rows or _auto_rows(model, chunks[0])
                 eng = (FastEngine(model, space, rows, kernels, obj) if engine == "fast"

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...arch import adapter_for
 from ...errors import UnsupportedModelError
-from ...space import Group
+from ...space import Group, tensor_of
 
 MODULES = ("qkv", "proj", "mlp")  # QKV-M, PRJ-M, MLP-M
 
@@ -69,11 +69,12 @@ def find_blocks(model: nn.Module) -> list[DimapBlock]:
 
 def _linear_weights(model: nn.Module, group: Group) -> tuple[tuple[str, int, int, int, int, int], ...]:
     out = []
-    for sl in group.slices:
+    for sl in group.slices:  # a Linear's weight, or a matrix applied with F.linear (MultiheadAttention's in_proj)
         path, _, pname = sl.name.rpartition(".")
-        lin = model.get_submodule(path)
-        if pname == "weight" and isinstance(lin, nn.Linear):
-            out.append((sl.name, sl.dim, sl.repeats, sl.stride, sl.offset, lin.weight.shape[sl.dim]))
+        w = tensor_of(model, sl.name)
+        if (pname == "weight" and isinstance(model.get_submodule(path), nn.Linear)) or (
+                pname.endswith("_weight") and w.dim() == 2):
+            out.append((sl.name, sl.dim, sl.repeats, sl.stride, sl.offset, w.shape[sl.dim]))
     return tuple(out)
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ...errors import PlanError
 from ...kernels.dimap_metric import dimap_metric
+from ...space import tensor_of
 from .blocks import DimapBlock, find_blocks, prunable_weights
 
 MODES = ("module", "model", "layer")
@@ -97,7 +98,7 @@ def _group_norms2(model: nn.Module, block: DimapBlock, attn_mode: str, dtype) ->
 
     An attention channel owns its q, k, v rows and proj column; an MLP unit its fc1 row(s) and fc2 column.
     """
-    acc = dtype or acc_dtype(model.get_submodule(block.qkv).weight)
+    acc = dtype or acc_dtype(tensor_of(model, (block.attn_linears or block.mlp_linears)[0][0]))
     attn = _unit_norms2(model, block.attn_linears, block.attn_dim, acc)
     if attn_mode == "heads":
         attn = attn.view(block.num_heads, block.head_dim).sum(1)  # [H]
