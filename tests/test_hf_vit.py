@@ -1,4 +1,5 @@
-"""transformers ViT (``ViTModel`` / ``ViTForImageClassification``) beyond the per-family suite of test_families.py
+"""transformers ViT (``ViTModel`` / ``ViTForImageClassification``; DeiT, whose layers are ViT's, where it says so)
+beyond the per-family suite of test_families.py
 (removal == masking for every group kind with eager and SDPA attention, save / load, UP-ViTs fast == reference, DIMAP,
 DAP): the ``from_pretrained`` round trip, the head merge, the screened selection, clear refusals and the optional
 import."""
@@ -27,7 +28,7 @@ def _scores(space, seed=0):
     return {n: torch.rand(gr.size, generator=g, dtype=torch.float64) for n, gr in space.groups.items()}
 
 
-@pytest.mark.parametrize("key", ["hf_vit", "hf_vit_sdpa"])
+@pytest.mark.parametrize("key", ["hf_vit", "hf_vit_sdpa", "hf_deit"])
 def test_uniform_pruned_model_loads_with_from_pretrained(key, tmp_path):
     """A uniform plan keeps attention width == hidden_size: the library's own directory loads with equal outputs,
     and the attributes transformers reads follow the tensors."""
@@ -180,3 +181,15 @@ def test_cli_prunes_a_transformers_class_and_a_save_pretrained_directory(tmp_pat
             cli.main(["score", "--model", spec, "--model-args", json.dumps({"hidden_size": "wide"}), "--data",
                       "digits", "--method", "magnitude", "--quiet", "--out", str(tmp_path / "t.safetensors")])
         assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_deit_teacher_heads_and_distillation_token_follow_the_residual():
+    """Both classifiers read the residual; the logits are their mean, and the distillation token is sliced."""
+    model = CATALOGUE["hf_deit"].build()
+    space = vpf.describe(model)
+    names = {sl.name for sl in space.groups["residual"].slices}
+    assert {"cls_classifier.weight", "distillation_classifier.weight", "deit.embeddings.distillation_token"} <= names
+    assert len(adapter_for(model).classifier_weights()) == 2
+    vpf.prune_(model, vpf.make_plan(space, _scores(space), keep={"residual": 0.5}))
+    assert model.deit.embeddings.distillation_token.shape == (1, 1, 16)
+    assert model.cls_classifier.in_features == model.distillation_classifier.in_features == 16

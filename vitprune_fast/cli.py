@@ -718,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .finetune import DEFAULT_ALPHA
 
     ap = _Parser(prog="vitprune-fast", description="Structured pruning for timm vision transformers "
-                                                   f"({', '.join(FAMILIES)}, ...).")
+                                                   f"({', '.join(FAMILIES)}, ...), and transformers ViT / "
+                                                   "DeiT / DINOv2 (hf:) and torchvision ViT (tv:) models.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("score", help="channel scores of a model, written as safetensors")

@@ -172,6 +172,10 @@ CATALOGUE: dict[str, Representative] = {r.key: r for r in (
                         attn_implementation="eager"),
                    "transformers DINOv2 with 2 registers, SwiGLU MLP, [class | patch mean] classifier, eager "
                    "attention", library="transformers"),
+    Representative("hf_deit", "hf_deit", "DeiTForImageClassificationWithTeacher",
+                   dict(_HF_VIT, attn_implementation="sdpa"),
+                   "transformers DeiT with its teacher head (class and distillation tokens, two classifiers), SDPA "
+                   "attention", library="transformers"),
     Representative("tv_vit", "tv_vit", "VisionTransformer",
                    dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
                         num_classes=10), "torchvision VisionTransformer (nn.MultiheadAttention, packed in_proj)",

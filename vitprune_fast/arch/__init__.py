@@ -14,6 +14,7 @@ from .base import Adapter, BlockRef, StageRef, Trunk
 from .beit import BeitAdapter
 from .cait import CaitAdapter
 from .eva import EvaAdapter
+from .hf_deit import HfDeiTAdapter
 from .hf_dinov2 import HfDinov2Adapter
 from .hf_vit import HfViTAdapter
 from .pvt_v2 import PvtV2Adapter
@@ -27,7 +28,7 @@ from .xcit import XcitAdapter
 # checked in order: most specific first
 _ADAPTERS: list[type[Adapter]] = [BeitAdapter, CaitAdapter, EvaAdapter, PvtV2Adapter, RelPosViTAdapter,
                                   SwinV2CrAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter, XcitAdapter, HfViTAdapter,
-                                  HfDinov2Adapter, TvViTAdapter]
+                                  HfDinov2Adapter, HfDeiTAdapter, TvViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -64,8 +65,9 @@ def adapter_for(model: nn.Module) -> Adapter:
     raise UnsupportedModelError(
         f"{type(model).__module__}.{type(model).__name__} is not supported: vitprune_fast prunes timm "
         "VisionTransformer (ViT/DeiT/SigLIP/AIMv2/...), Eva (EVA/EVA-02/...), Swin (V1/V2/V2-CR), BEiT, CaiT, "
-        "PVTv2 and XCiT models, and transformers ViT (ViTModel / ViTForImageClassification) and DINOv2 (Dinov2Model / "
-        "Dinov2ForImageClassification, with or without registers), and torchvision VisionTransformer (vit_b_16, ...)"
+        "PVTv2 and XCiT models, transformers ViT (ViTModel / ViTForImageClassification), DeiT (DeiTModel / "
+        "DeiTForImageClassification[WithTeacher]) and DINOv2 (Dinov2Model / Dinov2ForImageClassification, with or "
+        "without registers), and torchvision VisionTransformer (vit_b_16, ...)"
     )
 
 

@@ -213,9 +213,13 @@ class HfEncoderAdapter(Adapter):
         ps = emb.patch_embeddings.patch_size
         ps = ps if isinstance(ps, (tuple, list)) else (ps, ps)
         grid = (h // ps[0], w // ps[1])
-        prefix = 1 + (emb.register_tokens.shape[1] if getattr(emb, "register_tokens", None) is not None else 0)
         return [StageRef(0, tuple(refs), "residual", None, emb.patch_embeddings.projection.out_channels, grid,
-                         prefix, True)]
+                         self._prefix_tokens(), True)]
+
+    def _prefix_tokens(self) -> int:
+        """Tokens in front of the patches: the class token and any register tokens."""
+        regs = getattr(self._enc.embeddings, "register_tokens", None)
+        return 1 + (regs.shape[1] if regs is not None else 0)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self._enc.embeddings(images.to(self._enc.embeddings.patch_embeddings.projection.weight.dtype))

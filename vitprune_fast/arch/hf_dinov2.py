@@ -46,10 +46,6 @@ class HfDinov2Adapter(HfEncoderAdapter):
         d = self._enc.config.hidden_size
         return [TensorSlice("classifier.weight", 1, repeats=2, stride=d)]
 
-    def _prefix_tokens(self) -> int:
-        regs = getattr(self._enc.embeddings, "register_tokens", None)
-        return 1 + (regs.shape[1] if regs is not None else 0)
-
     def head(self, x: torch.Tensor) -> torch.Tensor:
         x = self._enc.layernorm(x)
         if self.model is self._enc:
