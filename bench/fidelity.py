@@ -70,7 +70,7 @@ class Study:
                          engine=self.progressive_engine if row.progressive else "exact")
 
 
-TINY = Study(seeds=(0,), draws=(0, 1), targets=(0.5,), progressive_steps=2,
+TINY = Study(models=("deit",), seeds=(0,), draws=(0, 1), targets=(0.5,), progressive_steps=2,  # CI's size
              demo=replace(DemoConfig(), train_steps=20, proxy_images=6, taylor_batches=1, finetune_steps=3))
 STUDY = Study(seeds=(0, 1))  # the committed study: 2 seeds x 2 draws (30 minutes on 2 cores, README)
 DRAWN = frozenset(m for m in METHODS if TINY.method(m).draws)  # the default labels that run once per draw
@@ -261,7 +261,7 @@ def main() -> None:
     from vitprune_fast.demo import CACHE_ENV, DEFAULT_CACHE
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="the CI size: 1 seed, a few steps")
+    ap.add_argument("--tiny", action="store_true", help="the CI size: DeiT only, 1 seed, a few steps")
     ap.add_argument("--readme", action="store_true", help="only re-render the README table from the results file")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--no-cache", action="store_true", help="retrain the unpruned models")

@@ -301,7 +301,7 @@ def test_seconds_statistics():
 
 
 def test_fidelity_study_summary_comes_from_its_runs(tmp_path):
-    """The fidelity study at CI size (1 seed, 2 draws, a few steps): every run made, the summary computed from
+    """The fidelity study at CI size (DeiT, 1 seed, 2 draws, a few steps): every run made, the summary computed from
     them (changing one run's number changes its cell and its wins), the README table and plot rendered."""
     runs = fidelity.run(fidelity.TINY, None, jobs=1)
     study = fidelity.TINY
@@ -339,7 +339,7 @@ def test_fidelity_study_summary_comes_from_its_runs(tmp_path):
     doc = {"study": dataclasses.asdict(study), "summary": summary, "file": "x.json", "device": "cpu", "date": "d"}
     text = fidelity.render(doc)
     assert text.startswith(fidelity.START) and text.endswith(fidelity.END)
-    assert all(f"| deit | {m} |" in text and f"| swin | {m} |" in text for m in study.methods)
+    assert all(f"| {k} | {m} |" in text for k in study.models for m in study.methods)
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{fidelity.START}\nold\n{fidelity.END}\nb\n")
     fidelity.update_readme(doc, readme)
