@@ -43,11 +43,13 @@ def load_model(spec: str, model_args: Mapping | None = None, pretrained: bool = 
                defaults: Mapping | None = None, seed: int = 0) -> nn.Module:
     """A timm model by name (random init unless ``pretrained``), a directory written by ``save_pruned``, or a
     transformers model: ``hf:<directory>`` (a ``save_pretrained`` / hub snapshot directory, loaded with its weights)
-    or ``hf:<class>`` (e.g. ``hf:ViTForImageClassification``, random init from a config of ``model_args``).
+    or ``hf:<class>`` (e.g. ``hf:ViTForImageClassification``, random init from a config of ``model_args``), or a
+    torchvision one: ``tv:<builder>`` (``tv:vit_b_16``) or ``tv:VisionTransformer``.
 
     Args:
-        spec: timm model name, directory, or ``hf:<directory or class>``.
-        model_args: extra keyword arguments for timm ``create_model`` (the config's, for ``hf:<class>``).
+        spec: timm model name, directory, ``hf:<directory or class>`` or ``tv:<builder or VisionTransformer>``.
+        model_args: extra keyword arguments for timm ``create_model`` (the config's for ``hf:<class>``, the
+            builder's or constructor's for ``tv:``).
         pretrained: load timm's pretrained weights (must be available locally: no download is attempted
             beyond what timm/huggingface_hub do, and a failure is a clear error).
         defaults: kwargs used unless ``model_args`` sets them (e.g. ``num_classes`` from the data).

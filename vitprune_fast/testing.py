@@ -44,8 +44,10 @@ class Representative:
     Attributes:
         key: a short unique name (``deit``, ``swin_v2``, ...).
         adapter: the ``arch`` name of the adapter that must handle it.
-        timm_name: the timm architecture name (``library="timm"``), or the ``transformers`` class name.
-        kwargs: ``timm.create_model`` keyword arguments (the small widths), or the ``transformers`` config's.
+        timm_name: the timm architecture name (``library="timm"``), or the ``transformers`` / ``torchvision``
+            class name.
+        kwargs: ``timm.create_model`` keyword arguments (the small widths), the ``transformers`` config's, or the
+            torchvision ``VisionTransformer`` constructor's.
         what: what it exercises.
         core: one of the engine tests' basic configs (ViT / DeiT / Swin), as opposed to a family's representative.
     """
