@@ -33,4 +33,14 @@ def random_scores(space, seed: int = 0) -> dict[str, torch.Tensor]:
     return {n: torch.rand(gr.size, generator=g) for n, gr in space.groups.items()}
 
 
-__all__ = ["CONFIGS", "SWIN_KEYS", "VIT_KEYS", "make_input", "make_model", "random_scores", "randomize_", "rel_err"]
+def kept_features(model: torch.nn.Module, plan, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (the unpruned or masked model's output) at the features the pruned model still outputs: a model whose
+    outputs are a group's channels (no classifier; ``Adapter.output_group``) loses the removed ones."""
+    from vitprune_fast.arch import adapter_for
+
+    group = adapter_for(model).output_group()
+    return out[:, plan.keep[group]] if group is not None and group in plan.keep else out
+
+
+__all__ = ["CONFIGS", "SWIN_KEYS", "VIT_KEYS", "kept_features", "make_input", "make_model", "random_scores",
+           "randomize_", "rel_err"]

@@ -1,8 +1,7 @@
 """transformers DINOv2 (``Dinov2Model``, ``Dinov2WithRegistersForImageClassification``) beyond the per-family suite
 of test_families.py (removal == masking with SDPA and eager attention, SwiGLU, layer scale and registers, save /
-load, UP-ViTs fast == reference -- the features objective on ``Dinov2Model`` --, DIMAP, DAP): the
-``from_pretrained`` round trip, the head merge, the group names and the refusals."""
-import copy
+load, UP-ViTs fast == reference -- the features objective on ``Dinov2Model`` --, DIMAP, DAP) and the head merge
+(test_hf_vit.py): the ``from_pretrained`` round trip, the group names and the refusals."""
 import json
 
 import pytest
@@ -10,20 +9,15 @@ import torch
 import transformers
 
 import vitprune_fast as vpf
-from tests.models import make_input, rel_err
-from vitprune_fast.arch import adapter_for, model_output
+from tests.models import make_input, random_scores, rel_err
+from vitprune_fast.arch import model_output
 from vitprune_fast.arch.hf_dinov2 import _config_takes
 from vitprune_fast.errors import UnsupportedModelError
-from vitprune_fast.masked import masked_copy
 from vitprune_fast.testing import CATALOGUE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEYS = ["hf_dinov2", "hf_dinov2_reg"]
 
-
-def _scores(space, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(gr.size, generator=g, dtype=torch.float64) for n, gr in space.groups.items()}
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -32,7 +26,7 @@ def test_uniform_pruned_model_loads_with_from_pretrained(key, tmp_path):
     to 8) rebuild the model, whose own directory loads with equal outputs."""
     model = CATALOGUE[key].build()
     space = vpf.describe(model)
-    vpf.prune_(model, vpf.make_plan(space, _scores(space), keep=0.5))
+    vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep=0.5))
     vpf.save_pruned(model, tmp_path / "m")
     arch = json.loads((tmp_path / "m" / "architecture.json").read_text())
     assert arch["native"]["directory"] == "native", arch["native"]
@@ -51,7 +45,7 @@ def test_an_mlp_width_that_is_not_a_multiple_of_hidden_size_needs_a_float_mlp_ra
     round-trip either way."""
     model = CATALOGUE["hf_dinov2"].build()
     space = vpf.describe(model)
-    vpf.prune_(model, vpf.make_plan(space, _scores(space), keep={"mlp": 0.3}))
+    vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep={"mlp": 0.3}))
     assert {g.size for g in vpf.describe(model).of_kind("mlp")} == {19}
     vpf.save_pruned(model, tmp_path / "m")
     native = json.loads((tmp_path / "m" / "architecture.json").read_text())["native"]
@@ -68,23 +62,6 @@ def test_an_mlp_width_that_is_not_a_multiple_of_hidden_size_needs_a_float_mlp_ra
         assert torch.equal(model_output(vpf.load_pruned(tmp_path / "m"), x), model_output(model, x))
 
 
-@pytest.mark.parametrize("key", KEYS)
-def test_head_merge_and_whole_heads_equal_masking(key):
-    model = CATALOGUE[key].build()
-    space = vpf.describe(model)
-    x = make_input(model, 2)
-    for kw in (dict(keep=0.5, heads=2), dict(keep={"attn": 0.5}, attn_mode="heads")):
-        plan = vpf.make_plan(space, _scores(space), **kw)
-        pruned = vpf.prune_(copy.deepcopy(model), plan)
-        with torch.no_grad():
-            want = model_output(masked_copy(model, plan), x)
-            if "residual" in plan.keep and adapter_for(model).output_group() == "residual":
-                want = want[:, plan.keep["residual"]]
-            assert rel_err(model_output(pruned, x), want) < 1e-9, kw
-        heads = {m.num_attention_heads for m in pruned.modules() if hasattr(m, "scaling")}
-        assert heads == {2}, kw
-
-
 def test_group_names_are_the_library_module_paths():
     for key, base in (("hf_dinov2", ""), ("hf_dinov2_reg", "dinov2_with_registers.")):
         model = CATALOGUE[key].build()
@@ -99,7 +76,7 @@ def test_registers_and_layer_scales_follow_the_residual():
     names = {s.name for s in space.groups["residual"].slices}
     base = "dinov2_with_registers."
     assert {f"{base}embeddings.register_tokens", f"{base}encoder.layer.1.layer_scale2.lambda1"} <= names
-    vpf.prune_(model, vpf.make_plan(space, _scores(space), keep={"residual": 0.5}))
+    vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep={"residual": 0.5}))
     assert model.dinov2_with_registers.embeddings.register_tokens.shape == (1, 2, 16)
     assert model.classifier.in_features == 32  # [class token | patch mean] of 16 channels
 

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import vitprune_fast as vpf
-from tests.models import make_input, rel_err
+from tests.models import kept_features, make_input, random_scores, rel_err
 from vitprune_fast.arch import adapter_for, model_output
 from vitprune_fast.errors import CheckpointError, UnsupportedModelError
 from vitprune_fast.masked import masked_copy
@@ -23,10 +23,6 @@ from vitprune_fast.testing import CATALOGUE
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _scores(space, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(gr.size, generator=g, dtype=torch.float64) for n, gr in space.groups.items()}
-
 
 @pytest.mark.parametrize("key", ["hf_vit", "hf_vit_sdpa", "hf_deit"])
 def test_uniform_pruned_model_loads_with_from_pretrained(key, tmp_path):
@@ -34,10 +30,11 @@ def test_uniform_pruned_model_loads_with_from_pretrained(key, tmp_path):
     and the attributes transformers reads follow the tensors."""
     model = CATALOGUE[key].build()
     space = vpf.describe(model)
-    vpf.prune_(model, vpf.make_plan(space, _scores(space), keep=0.5))
+    vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep=0.5))
     adapter = adapter_for(model)
-    att = adapter._attention(0)
-    assert (att.num_attention_heads, getattr(att, adapter._parts()[0].head_size), att.scaling) == (4, 4, 0.5)
+    parts = adapter._layer_parts(0)
+    att = adapter._layers()[0].get_submodule(parts.attn)
+    assert (att.num_attention_heads, getattr(att, parts.head_size), att.scaling) == (4, 4, 0.5)
     assert getattr(att, "all_head_size", 16) == 16
     assert model.config.hidden_size == 16 and model.config.intermediate_size == 32
     vpf.save_pruned(model, tmp_path / "m")
@@ -61,7 +58,7 @@ def test_non_uniform_shapes_save_without_a_from_pretrained_directory(tmp_path):
     model = CATALOGUE["hf_vit"].build()
     space = vpf.describe(model)
     mlps = [n for n, g in space.groups.items() if g.kind == "mlp"]
-    vpf.prune_(model, vpf.make_plan(space, _scores(space), keep={mlps[0]: 0.5, mlps[1]: 0.75}))
+    vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep={mlps[0]: 0.5, mlps[1]: 0.75}))
     vpf.save_pruned(model, tmp_path / "m")
     arch = json.loads((tmp_path / "m" / "architecture.json").read_text())
     assert "layers differ" in arch["native"]["reason"] and not (tmp_path / "m" / "native").exists()
@@ -75,7 +72,7 @@ def test_attention_narrower_than_hidden_size_loads_with_from_pretrained_where_th
     config ties the widths and architecture.json says so."""
     model = CATALOGUE["hf_vit"].build()
     space = vpf.describe(model)
-    vpf.prune_(model, vpf.make_plan(space, _scores(space), keep={"attn": 0.5}))
+    vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep={"attn": 0.5}))
     vpf.save_pruned(model, tmp_path / "m")
     native = json.loads((tmp_path / "m" / "architecture.json").read_text())["native"]
     x = make_input(model, 2)
@@ -103,17 +100,19 @@ def test_a_model_saved_with_the_other_layer_layout_is_refused_naming_both(tmp_pa
         vpf.load_pruned(tmp_path / "m")
 
 
-@pytest.mark.parametrize("key", ["hf_vit", "hf_vit_sdpa"])
+@pytest.mark.parametrize("key", ["hf_vit", "hf_vit_sdpa", "hf_dinov2", "hf_dinov2_reg"])
 def test_head_merge_and_whole_heads_equal_masking(key):
+    """ViT and DINOv2 (its Dinov2Model outputs residual channels: compared at the kept ones)."""
     model = CATALOGUE[key].build()
     space = vpf.describe(model)
     x = make_input(model, 2)
     for kw in (dict(keep=0.5, heads=2), dict(keep={"attn": 0.5}, attn_mode="heads")):
-        plan = vpf.make_plan(space, _scores(space), **kw)
+        plan = vpf.make_plan(space, random_scores(space), **kw)
         pruned = vpf.prune_(copy.deepcopy(model), plan)
         with torch.no_grad():
-            assert rel_err(model_output(pruned, x), model_output(masked_copy(model, plan), x)) < 1e-9, kw
-            assert rel_err(model_output(pruned, x), model_output(model, x)) > 1e-4, kw
+            got = model_output(pruned, x)
+            assert rel_err(got, kept_features(model, plan, model_output(masked_copy(model, plan), x))) < 1e-9, kw
+            assert rel_err(got, kept_features(model, plan, model_output(model, x))) > 1e-4, kw
         heads = {m.num_attention_heads for m in pruned.modules() if hasattr(m, "scaling")}
         assert heads == {2}, kw
 
@@ -190,6 +189,6 @@ def test_deit_teacher_heads_and_distillation_token_follow_the_residual():
     names = {sl.name for sl in space.groups["residual"].slices}
     assert {"cls_classifier.weight", "distillation_classifier.weight", "deit.embeddings.distillation_token"} <= names
     assert len(adapter_for(model).classifier_weights()) == 2
-    vpf.prune_(model, vpf.make_plan(space, _scores(space), keep={"residual": 0.5}))
+    vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep={"residual": 0.5}))
     assert model.deit.embeddings.distillation_token.shape == (1, 1, 16)
     assert model.cls_classifier.in_features == model.distillation_classifier.in_features == 16

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from models import make_input, rel_err
+from models import kept_features, make_input, rel_err
 
 import vitprune_fast as vpf
 from vitprune_fast.arch import adapter_for, model_output
@@ -255,13 +255,12 @@ def test_every_family_reconstructs(key, tmp_path):
     pruned = vpf.prune_(copy.deepcopy(teacher), plan)
     layout = [(n, type(m)) for n, m in pruned.named_modules()]
     x = make_input(teacher, 16)
-    out_group = adapter_for(teacher).output_group()  # features = these channels: the kept ones are compared
-
-    def distance():
-        if out_group is None:
+    def distance():  # KL of a classifier's logits; squared error of the kept features of a model without one
+        if adapter_for(teacher).output_group() is None:
             return _kl(teacher, pruned, x)
         with torch.no_grad():
-            return float((model_output(pruned, x) - model_output(teacher, x)[:, plan.keep[out_group]]).square().mean())
+            return float((model_output(pruned, x) - kept_features(teacher, plan, model_output(teacher, x))).square()
+                         .mean())
 
     before = distance()
     report = reconstruct_(pruned, teacher, x, plan, progress=False)

@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import vitprune_fast as vpf
-from tests.models import make_input, rel_err
+from tests.models import make_input, random_scores, rel_err
 from vitprune_fast import cli
 from vitprune_fast.arch import adapter_for
 from vitprune_fast.arch.tv_vit import explicit_attention
@@ -20,10 +20,6 @@ from vitprune_fast.testing import CATALOGUE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _scores(space, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(gr.size, generator=g, dtype=torch.float64) for n, gr in space.groups.items()}
 
 
 def _forward(model, x, fastpath: bool):
@@ -53,7 +49,7 @@ def test_pruned_model_equals_masking_on_the_fused_and_the_explicit_path(fastpath
     model = CATALOGUE["tv_vit"].build(dtype)
     space = vpf.describe(model)
     x = make_input(model, 3)
-    plan = vpf.make_plan(space, _scores(space), keep={"residual": 0.5, "mlp": 0.4})
+    plan = vpf.make_plan(space, random_scores(space), keep={"residual": 0.5, "mlp": 0.4})
     pruned = vpf.prune_(copy.deepcopy(model), plan)
     got, fused = _forward(pruned, x, fastpath)
     want, _ = _forward(masked_copy(model, plan), x, False)
@@ -80,7 +76,7 @@ def test_group_names_are_module_paths_and_the_attention_is_tied():
     layers = [f"encoder.layers.encoder_layer_{i}" for i in range(2)]
     assert set(space.groups) == {"residual"} | {f"{p}.{n}" for p in layers for n in ("self_attention", "mlp")}
     assert all(space.groups[f"{p}.self_attention"].tied_to == "residual" for p in layers)
-    plan = vpf.make_plan(space, _scores(space), keep=0.5, heads=2)  # tied: every head stays, narrower
+    plan = vpf.make_plan(space, random_scores(space), keep=0.5, heads=2)  # tied: every head stays, narrower
     assert set(plan.heads.values()) == {4}
     with pytest.raises(UnsupportedModelError, match="head merge"):  # what a merge would need, refused
         adapter_for(model).regroup_heads_masked(space.groups[f"{layers[0]}.self_attention"], 2)

@@ -83,7 +83,12 @@ def load_model(spec: str, model_args: Mapping | None = None, pretrained: bool = 
 
 
 HF_PREFIX = "hf:"
-_HF_DEFAULTS = {"num_classes": "num_labels", "img_size": "image_size"}  # the data's defaults, in config names
+TV_PREFIX = "tv:"
+
+
+def _renamed(defaults: Mapping | None, names: Mapping[str, str]) -> dict:
+    """The data's ``create_model`` defaults under another library's argument names."""
+    return {names.get(k, k): v for k, v in (defaults or {}).items()}
 
 
 def _load_transformers(target: str, model_args: Mapping | None, pretrained: bool, defaults: Mapping | None,
@@ -116,14 +121,11 @@ def _load_transformers(target: str, model_args: Mapping | None, pretrained: bool
         raise UsageError(f"hf:{target}: neither a directory nor a transformers model class")
     if pretrained:
         raise UsageError(f"--pretrained does not apply to hf:{target}: pass hf:<directory> of a local snapshot")
-    kwargs = {_HF_DEFAULTS.get(k, k): v for k, v in (defaults or {}).items()} | dict(model_args or {})
+    kwargs = _renamed(defaults, {"num_classes": "num_labels", "img_size": "image_size"}) | dict(model_args or {})
     try:
         return klass(klass.config_class(**kwargs)).eval()
     except Exception as e:
         raise UsageError(f"cannot create hf:{target} with {kwargs}: {type(e).__name__}: {e}") from e
-
-
-TV_PREFIX = "tv:"
 
 
 def _load_torchvision(name: str, model_args: Mapping | None, pretrained: bool, defaults: Mapping | None,
@@ -133,7 +135,7 @@ def _load_torchvision(name: str, model_args: Mapping | None, pretrained: bool, d
     ``model_args`` sets them; random init seeded by ``seed``."""
     import torchvision
 
-    kwargs = {{"img_size": "image_size"}.get(k, k): v for k, v in (defaults or {}).items()} | dict(model_args or {})
+    kwargs = _renamed(defaults, {"img_size": "image_size"}) | dict(model_args or {})
     torch.manual_seed(seed)
     try:
         if name == "VisionTransformer":

@@ -55,12 +55,17 @@ def check_conv_embed_and_head(model: nn.Module) -> None:
         raise UnsupportedModelError(f"head: {type(model.head).__name__} is not supported")
 
 
+def conv_out_slices(model: nn.Module, path: str) -> list[TensorSlice]:
+    """Output channel (and bias) of the conv at ``path``: what a residual channel removes from a patch embedding."""
+    out = [TensorSlice(f"{path}.weight", 0)]
+    if model.get_submodule(path).bias is not None:
+        out.append(TensorSlice(f"{path}.bias", 0))
+    return out
+
+
 def patch_embed_slices(model: nn.Module) -> list[TensorSlice]:
     """What a residual channel removes from a conv patch embedding: its output channel (and bias), its norm's."""
-    out = [TensorSlice("patch_embed.proj.weight", 0)]
-    if model.patch_embed.proj.bias is not None:
-        out.append(TensorSlice("patch_embed.proj.bias", 0))
-    return out + norm_slices(model, "patch_embed.norm")
+    return conv_out_slices(model, "patch_embed.proj") + norm_slices(model, "patch_embed.norm")
 
 
 def qkv_bias_slices(model: nn.Module, attn: str) -> list[TensorSlice]:

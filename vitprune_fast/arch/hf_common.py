@@ -24,7 +24,15 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef
-from .common import QRows, linear_q_rows, linear_slices, norm_slices, separate_qkv_rows, sync_generic_attributes
+from .common import (
+    QRows,
+    conv_out_slices,
+    linear_q_rows,
+    linear_slices,
+    norm_slices,
+    separate_qkv_rows,
+    sync_generic_attributes,
+)
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -136,14 +144,11 @@ class HfEncoderAdapter(Adapter):
     def _layer_path(self, i: int) -> str:
         return f"{self._base}{self._layers_path}.{i}"
 
-    def _parts(self) -> list[LayerParts]:
-        return [layer_parts(ly) for ly in self._layers()]
-
     def _layers_with_parts(self) -> list[tuple[nn.Module, LayerParts]]:
         return [(ly, layer_parts(ly)) for ly in self._layers()]
 
-    def _attention(self, i: int) -> nn.Module:
-        return self._layers()[i].get_submodule(self._parts()[i].attn)
+    def _layer_parts(self, i: int) -> LayerParts:
+        return layer_parts(self._layers()[i])
 
     def _check(self) -> None:
         if not isinstance(self._enc.embeddings.patch_embeddings.projection, nn.Conv2d):
@@ -159,9 +164,7 @@ class HfEncoderAdapter(Adapter):
         self._check()
         m, b = self.model, self._base
         emb = self._enc.embeddings
-        proj = f"{b}embeddings.patch_embeddings.projection"
-        res = [TensorSlice(f"{proj}.weight", 0)] + ([TensorSlice(f"{proj}.bias", 0)]
-                                                    if emb.patch_embeddings.projection.bias is not None else [])
+        res = conv_out_slices(m, f"{b}embeddings.patch_embeddings.projection")
         res += [TensorSlice(f"{b}embeddings.{t}", getattr(emb, t).ndim - 1) for t in self._token_names()
                 if getattr(emb, t, None) is not None]
         groups: dict[str, Group] = {}
@@ -201,7 +204,7 @@ class HfEncoderAdapter(Adapter):
 
     def stages(self) -> list[StageRef]:
         refs = []
-        for i, lp in enumerate(self._parts()):
+        for i, (_, lp) in enumerate(self._layers_with_parts()):
             p = self._layer_path(i)
             ls = [f"{p}.{n}.lambda1" if n else None for n in (lp.ls1, lp.ls2)]
             outs = (f"{p}.{lp.attn_output}", f"{p}.{lp.mlp_output}")
@@ -244,7 +247,7 @@ class HfEncoderAdapter(Adapter):
 
     def q_rows(self, group: Group) -> QRows:
         i = self._group_layer(group)
-        return linear_q_rows(self.model, f"{group.module}.{self._parts()[i].projs[0]}")
+        return linear_q_rows(self.model, f"{group.module}.{self._layer_parts(i).projs[0]}")
 
     def _group_layer(self, group: Group) -> int:
         return int(group.name.removeprefix(f"{self._base}{self._layers_path}.").split(".")[0])
@@ -256,7 +259,7 @@ class HfEncoderAdapter(Adapter):
     def regroup_heads_masked(self, group: Group, heads: int) -> None:
         att = self.model.get_submodule(group.module)
         att.num_attention_heads = heads
-        setattr(att, self._parts()[self._group_layer(group)].head_size, group.size // heads)
+        setattr(att, self._layer_parts(self._group_layer(group)).head_size, group.size // heads)
         att.scaling = group.head_dim ** -0.5  # the per-dim scale of the original heads (eager and SDPA read it)
 
     def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
@@ -297,7 +300,7 @@ class HfEncoderAdapter(Adapter):
 
     def _has_head_dim(self) -> bool:
         """Whether the attention reads its head size from the config's ``head_dim`` (the 5.9 layout)."""
-        return all(lp.head_size == "head_dim" for lp in self._parts())
+        return all(lp.head_size == "head_dim" for _, lp in self._layers_with_parts())
 
     def _set_mlp_width(self, cfg, hidden: int) -> None:
         """Write the config's MLP width (``intermediate_size`` by default)."""

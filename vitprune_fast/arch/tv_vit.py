@@ -18,6 +18,8 @@ out; the reference engine runs torchvision's own, and the tests compare the two.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,7 +28,7 @@ from ..errors import UnsupportedModelError
 from ..overrides import replaced_forward
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef
-from .common import QRows, linear_slices, norm_slices, sync_generic_attributes
+from .common import QRows, conv_out_slices, linear_slices, norm_slices, sync_generic_attributes
 
 _CLASS = "torchvision.models.vision_transformer.VisionTransformer"
 
@@ -69,10 +71,7 @@ class TvViTAdapter(Adapter):
         """``residual``, ``{layer}.self_attention`` (tied to it) and ``{layer}.mlp`` of every encoder layer."""
         self._check()
         m = self.model
-        res = [TensorSlice("conv_proj.weight", 0), TensorSlice("class_token", 2),
-               TensorSlice("encoder.pos_embedding", 2)]
-        if m.conv_proj.bias is not None:
-            res.insert(1, TensorSlice("conv_proj.bias", 0))
+        res = conv_out_slices(m, "conv_proj") + [TensorSlice("class_token", 2), TensorSlice("encoder.pos_embedding", 2)]
         groups: dict[str, Group] = {}
         for p, blk in self._layers():
             at, e = f"{p}.self_attention", blk.self_attention.embed_dim
@@ -145,12 +144,9 @@ class TvViTAdapter(Adapter):
     def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
         if stage != 0:
             raise IndexError(f"a ViT has one stage, got stage {stage}")
-        names = [n for n, _ in self.model.encoder.layers.named_children()]
-        kept = {id(b) for b in blocks}
-        from collections import OrderedDict
-
-        old = dict(self.model.encoder.layers.named_children())
-        self.model.encoder.layers = nn.Sequential(OrderedDict((n, old[n]) for n in names if id(old[n]) in kept))
+        kept = {id(b) for b in blocks}  # the blocks keep their names (encoder_layer_i), as torchvision's state dicts
+        layers = self.model.encoder.layers.named_children()
+        self.model.encoder.layers = nn.Sequential(OrderedDict((n, b) for n, b in layers if id(b) in kept))
 
     def sync_attributes(self) -> None:
         """Linear / LayerNorm sizes, the model's ``hidden_dim`` / ``mlp_dim``, and every attention's ``embed_dim``,
@@ -182,10 +178,9 @@ class TvViTAdapter(Adapter):
         return VisionTransformer(**kwargs)
 
     def build_recipe(self) -> dict:
-        m = self.model
-        blk = self._layers()[0][1] if self._layers() else None
-        return {"image_size": m.image_size, "patch_size": m.patch_size, "num_layers": len(self._layers()),
-                "num_heads": blk.self_attention.num_heads if blk is not None else 1, "hidden_dim": m.hidden_dim,
+        m, layers = self.model, self._layers()
+        return {"image_size": m.image_size, "patch_size": m.patch_size, "num_layers": len(layers),
+                "num_heads": layers[0][1].self_attention.num_heads if layers else 1, "hidden_dim": m.hidden_dim,
                 "mlp_dim": m.mlp_dim, "num_classes": m.num_classes, "representation_size": m.representation_size}
 
 

@@ -105,6 +105,14 @@ def _removal_masks(width: int, cands: torch.Tensor, index_map) -> torch.Tensor:
     return keep
 
 
+def _zeroing(width: int, cands: torch.Tensor, sl, device):
+    """A function zeroing, for each of the K candidates stacked along the batch, the entries of its last dim of
+    size ``width`` that slice ``sl`` maps the candidate to."""
+    keep = _removal_masks(width, cands, sl.indices).to(device, non_blocking=True)  # [K, width]
+    k = len(cands)
+    return lambda y: y.reshape(k, -1, width).masked_fill(~keep[:, None, :], 0).reshape(y.shape)
+
+
 def _masked_norm_forwards(norms, cands: torch.Tensor, device, backend: str):
     """(norm, forward) pairs normalising candidate k's rows over what is left without ``cands[k]``.
 
@@ -239,11 +247,10 @@ class FastEngine:
         ref = self.refs[self.trunk.block_index(work.name)].branch_of(work.name)
         if ref.taps is not None:
             return self._attn_taps(work, cands, inputs, logits, ref)
-        rows = self._zeroed_linear(work, cands, inputs[0].device)
         cols = self._zeroed_linear(work, cands, inputs[0].device, dim=1)  # proj's input d (XCA mixes v's dims)
         if not ref.qkv_functional:
             with replaced_input(cols):
-                return self._rerun(work, cands, inputs, logits, rows)
+                return self._rerun(work, cands, inputs, logits, self._zeroed_linear(work, cands, inputs[0].device))
         with contextlib.ExitStack() as stack:
             for weight, fn in self._zeroed_weight_rows(work, cands, inputs[0].device):
                 stack.enter_context(replaced_linear_output(weight, fn))
@@ -302,28 +309,24 @@ class FastEngine:
         """(Linear, fn) pairs zeroing each candidate's entries of every Linear the group slices along ``dim`` (0:
         its output rows, for :func:`replaced_output`; 1: its input columns, for :func:`replaced_input`); the K
         candidates are stacked along the batch."""
-        k, out = len(cands), []
+        out = []
         for sl in self.space.groups[work.name].slices:
             path, _, pname = sl.name.rpartition(".")
             lin = self.model.get_submodule(path)
             if pname == "weight" and sl.dim == dim and isinstance(lin, nn.Linear):
                 width = lin.out_features if dim == 0 else lin.in_features
-                keep = _removal_masks(width, cands, sl.indices).to(device, non_blocking=True)
-                out.append((lin, lambda y, keep=keep: y.reshape(k, -1, keep.shape[1]).masked_fill(
-                    ~keep[:, None, :], 0).reshape(y.shape)))
+                out.append((lin, _zeroing(width, cands, sl, device)))
         return out
 
     def _zeroed_weight_rows(self, work, cands, device) -> list:
         """(weight, fn) pairs zeroing each candidate's output rows of every weight matrix the group slices by row,
         for :func:`replaced_linear_output`: a Linear's ``weight``, or one applied functionally (BEiT's fused qkv,
         ``nn.MultiheadAttention``'s ``in_proj_weight``)."""
-        k, out = len(cands), []
+        out = []
         for sl in self.space.groups[work.name].slices:
             w = tensor_of(self.model, sl.name)
             if sl.name.endswith("weight") and sl.dim == 0 and w.dim() == 2:
-                keep = _removal_masks(w.shape[0], cands, sl.indices).to(device, non_blocking=True)
-                out.append((w, lambda y, keep=keep: y.reshape(k, -1, keep.shape[1]).masked_fill(
-                    ~keep[:, None, :], 0).reshape(y.shape)))
+                out.append((w, _zeroing(w.shape[0], cands, sl, device)))
         return out
 
     def _residual(self, work, cands, x, inputs, logits):
