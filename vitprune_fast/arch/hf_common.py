@@ -119,6 +119,10 @@ class HfEncoderAdapter(Adapter):
     classes: tuple[str, ...] = ()
     #: the attribute holding the encoder model inside a task model (``vit``, ``dinov2``)
     base_attr: str = ""
+    #: transformers class names of the family's layers
+    layer_classes: tuple[str, ...] = ()
+    #: the model's Linear (or Identity) heads on the final layernorm
+    heads: tuple[str, ...] = ("classifier",)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -151,11 +155,17 @@ class HfEncoderAdapter(Adapter):
         return layer_parts(self._layers()[i])
 
     def _check(self) -> None:
+        """A Conv2d patch embedding, the family's own layer classes, Linear or Identity heads."""
         if not isinstance(self._enc.embeddings.patch_embeddings.projection, nn.Conv2d):
             raise UnsupportedModelError("embeddings.patch_embeddings.projection must be a Conv2d")
-        clf = getattr(self.model, "classifier", None)
-        if clf is not None and not isinstance(clf, (nn.Linear, nn.Identity)):
-            raise UnsupportedModelError(f"classifier: {type(clf).__name__} is not supported")
+        for i, layer in enumerate(self._layers()):
+            if not is_transformers_model(layer) or type(layer).__name__ not in self.layer_classes:
+                raise UnsupportedModelError(f"{self._layer_path(i)}: {type(layer).__name__} is not a "
+                                            f"{' / '.join(self.layer_classes)}")
+        for name in self.heads:
+            clf = getattr(self.model, name, None)
+            if clf is not None and not isinstance(clf, (nn.Linear, nn.Identity)):
+                raise UnsupportedModelError(f"{name}: {type(clf).__name__} is not supported")
 
     # ------------------------------------------------------------------------------------------ structure
     def describe(self) -> PruningSpace:

@@ -14,12 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
 from ..space import TensorSlice
 from .common import linear_slices
 from .hf_vit import HfViTAdapter
-
-_HEADS = ("cls_classifier", "distillation_classifier")  # the teacher variant's two Linears
 
 
 class HfDeiTAdapter(HfViTAdapter):
@@ -28,18 +25,8 @@ class HfDeiTAdapter(HfViTAdapter):
     arch = "hf_deit"
     classes = ("DeiTModel", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
     base_attr = "deit"
-
-    def _check(self) -> None:
-        from transformers.models.deit.modeling_deit import DeiTLayer
-
-        super(HfViTAdapter, self)._check()
-        for i, layer in enumerate(self._layers()):
-            if type(layer) is not DeiTLayer:
-                raise UnsupportedModelError(f"{self._layer_path(i)}: {type(layer).__name__} is not a DeiTLayer")
-        for name in _HEADS:
-            clf = getattr(self.model, name, None)
-            if clf is not None and not isinstance(clf, (nn.Linear, nn.Identity)):
-                raise UnsupportedModelError(f"{name}: {type(clf).__name__} is not supported")
+    layer_classes = ("DeiTLayer",)
+    heads = ("classifier", "cls_classifier", "distillation_classifier")  # the teacher variant has the last two
 
     def _token_names(self) -> tuple[str, ...]:
         return "cls_token", "distillation_token", "mask_token", "position_embeddings"
@@ -48,7 +35,7 @@ class HfDeiTAdapter(HfViTAdapter):
         return 2
 
     def _linear_heads(self) -> list[str]:
-        return [n for n in ("classifier", *_HEADS) if isinstance(getattr(self.model, n, None), nn.Linear)]
+        return [n for n in self.heads if isinstance(getattr(self.model, n, None), nn.Linear)]
 
     def _head_slices(self) -> list[TensorSlice]:
         if self._linear_heads():

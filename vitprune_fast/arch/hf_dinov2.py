@@ -15,7 +15,6 @@ import copy
 
 import torch
 
-from ..errors import UnsupportedModelError
 from ..space import TensorSlice
 from .hf_common import HfEncoderAdapter
 
@@ -27,16 +26,11 @@ class HfDinov2Adapter(HfEncoderAdapter):
 
     arch = "hf_dinov2"
     classes = ("Dinov2Model", "Dinov2ForImageClassification", *_REGISTERS)
+    layer_classes = ("Dinov2Layer", "Dinov2WithRegistersLayer")
 
     @property
     def base_attr(self) -> str:  # the inner model's attribute in a classifier
         return "dinov2_with_registers" if type(self.model).__name__ in _REGISTERS else "dinov2"
-
-    def _check(self) -> None:
-        super()._check()
-        for i, layer in enumerate(self._layers()):
-            if not type(layer).__name__.startswith("Dinov2") or not type(layer).__name__.endswith("Layer"):
-                raise UnsupportedModelError(f"{self._layer_path(i)}: {type(layer).__name__} is not a Dinov2 layer")
 
     def _head_slices(self) -> list[TensorSlice]:
         """The classifier reads ``[class token | patch mean]``: two column blocks per residual channel."""

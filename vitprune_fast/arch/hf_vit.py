@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UnsupportedModelError
 from ..space import TensorSlice
 from .common import linear_slices
 from .hf_common import HfEncoderAdapter, is_transformers_model
@@ -26,14 +25,7 @@ class HfViTAdapter(HfEncoderAdapter):
     arch = "hf_vit"
     classes = ("ViTModel", "ViTForImageClassification")
     base_attr = "vit"
-
-    def _check(self) -> None:
-        from transformers.models.vit.modeling_vit import ViTLayer
-
-        super()._check()
-        for i, layer in enumerate(self._layers()):
-            if type(layer) is not ViTLayer:
-                raise UnsupportedModelError(f"{self._layer_path(i)}: {type(layer).__name__} is not a ViTLayer")
+    layer_classes = ("ViTLayer",)
 
     def _head_slices(self) -> list[TensorSlice]:
         if getattr(self._enc, "pooler", None) is not None:  # its output width is its own: left whole
