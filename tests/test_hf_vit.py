@@ -100,9 +100,10 @@ def test_a_model_saved_with_the_other_layer_layout_is_refused_naming_both(tmp_pa
         vpf.load_pruned(tmp_path / "m")
 
 
-@pytest.mark.parametrize("key", ["hf_vit", "hf_vit_sdpa", "hf_dinov2", "hf_dinov2_reg"])
+@pytest.mark.parametrize("key", ["hf_vit", "hf_vit_sdpa", "hf_dinov2", "hf_dinov2_reg", "hf_clip", "hf_clip_eager"])
 def test_head_merge_and_whole_heads_equal_masking(key):
-    """ViT and DINOv2 (its Dinov2Model outputs residual channels: compared at the kept ones)."""
+    """ViT, DINOv2 and CLIP (a Dinov2Model or CLIPVisionModel outputs residual channels: compared at the kept
+    ones)."""
     model = CATALOGUE[key].build()
     space = vpf.describe(model)
     x = make_input(model, 2)
@@ -113,7 +114,8 @@ def test_head_merge_and_whole_heads_equal_masking(key):
             got = model_output(pruned, x)
             assert rel_err(got, kept_features(model, plan, model_output(masked_copy(model, plan), x))) < 1e-9, kw
             assert rel_err(got, kept_features(model, plan, model_output(model, x))) > 1e-4, kw
-        heads = {m.num_attention_heads for m in pruned.modules() if hasattr(m, "scaling")}
+        layers = adapter_for(pruned)._layers_with_parts()
+        heads = {getattr(ly.get_submodule(lp.attn), lp.num_heads) for ly, lp in layers}
         assert heads == {2}, kw
 
 
@@ -142,7 +144,9 @@ def test_unsupported_transformers_models_are_refused_naming_the_class():
     text = transformers.BertModel(transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                           intermediate_size=32, vocab_size=50))
     conv = transformers.ConvNextModel(transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2))
-    for model in (text, conv):
+    clip_text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50))
+    for model in (text, conv, clip_text):
         with pytest.raises(UnsupportedModelError, match=type(model).__name__):
             vpf.describe(model)
 

@@ -28,9 +28,10 @@ def _reference_slice(state: dict[str, torch.Tensor], space, plan) -> dict[str, t
     return out
 
 
-def _folded_grads(grads: dict[str, torch.Tensor], space, plan) -> dict[str, torch.Tensor]:
+def _folded(tensors: dict[str, torch.Tensor], space, plan, power: int) -> dict[str, torch.Tensor]:
     """An attention whose head size shrinks (tied to the residual: torchvision's MultiheadAttention) gets q scaled by
-    f = sqrt(new / old head size), its gradient by 1 / f: q's rows are the first third of a packed q|k|v tensor."""
+    f = sqrt(new / old head size): its rows times f ** power (weights 1; gradients and Adam's first moment -1, its
+    second moment -2). q's rows are the first third of a packed q|k|v tensor."""
     for name, keep in plan.keep.items():
         g = space.groups[name]
         if g.kind != "attn" or len(keep) // plan.heads[name] == g.head_dim:
@@ -38,8 +39,12 @@ def _folded_grads(grads: dict[str, torch.Tensor], space, plan) -> dict[str, torc
         f = math.sqrt(len(keep) // plan.heads[name] / g.head_dim)
         for sl in g.slices:
             if sl.dim == 0 and sl.repeats == 3:
-                grads[sl.name][: len(keep)] /= f
-    return grads
+                rows = tensors[sl.name][: len(keep)]
+                if power > 0:
+                    rows.mul_(f ** power)
+                else:  # a division, as prune_ does it: bit for bit
+                    rows.div_(f ** -power)
+    return tensors
 
 
 def _loss(model, x):
@@ -53,7 +58,8 @@ def _train_steps(model, opt, x, n):
         opt.step()
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "vit_layerscale", "swin", "hf_vit", "hf_dinov2_reg", "tv_vit"])
+@pytest.mark.parametrize("key", ["deit_distilled", "vit_layerscale", "swin", "hf_vit", "hf_dinov2_reg", "hf_clip",
+                                 "tv_vit"])
 def test_parameters_keep_identity_and_grads_are_sliced(key):
     model = make_model(key)
     x = make_input(model)
@@ -64,7 +70,7 @@ def test_parameters_keep_identity_and_grads_are_sliced(key):
     plan = vpf.make_plan(space, random_scores(space), **PLAN_KW)
     grads = {n: p.grad for n, p in params.items() if p.grad is not None}  # DINOv2's mask_token has none
     assert len(grads) >= len(params) - 1
-    want = _folded_grads(_reference_slice(grads, space, plan), space, plan)
+    want = _folded(_reference_slice(grads, space, plan), space, plan, -1)
     vpf.prune_(model, plan)
     after = dict(model.named_parameters())
     assert {n: id(p) for n, p in after.items()} == ids
@@ -76,7 +82,7 @@ def test_parameters_keep_identity_and_grads_are_sliced(key):
         assert torch.equal(p.grad, want[n]), n
 
 
-@pytest.mark.parametrize("key", ["deit", "swin", "hf_vit"])
+@pytest.mark.parametrize("key", ["deit", "swin", "hf_vit", "hf_clip", "tv_vit"])
 def test_adamw_step_after_prune_equals_fresh_optimizer_on_sliced_copy(key):
     model = make_model(key)
     x = make_input(model)
@@ -85,9 +91,10 @@ def test_adamw_step_after_prune_equals_fresh_optimizer_on_sliced_copy(key):
     space = vpf.describe(model)
     plan = vpf.make_plan(space, random_scores(space), **PLAN_KW)
     names = {p: n for n, p in model.named_parameters()}
-    weights = _reference_slice({n: p.detach() for n, p in model.named_parameters()}, space, plan)
-    states = {k: _reference_slice({names[p]: opt.state[p][k] for p in names}, space, plan)
-              for k in ("exp_avg", "exp_avg_sq")}
+    weights = _folded(_reference_slice({n: p.detach() for n, p in model.named_parameters()}, space, plan), space,
+                      plan, 1)
+    states = {k: _folded(_reference_slice({names[p]: opt.state[p][k] for p in names}, space, plan), space, plan, power)
+              for k, power in (("exp_avg", -1), ("exp_avg_sq", -2))}
     step = {names[p]: opt.state[p]["step"].clone() for p in names}
 
     vpf.prune_(model, plan, optimizer=opt)

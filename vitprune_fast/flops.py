@@ -65,19 +65,24 @@ def count_flops(model: nn.Module, batch: int = 1, x: torch.Tensor | None = None,
     Returns:
         Total FLOPs per forward of the batch.
     """
+    return _meta_flops(meta_copy(model), batch, x, img_size)
+
+
+def _meta_flops(meta: nn.Module, batch: int = 1, x: torch.Tensor | None = None,
+                img_size: int | tuple[int, int] | None = None) -> int:
+    """:func:`count_flops` of a model already on the meta device (it is put in eval mode)."""
     if x is not None:
         shape = tuple(x.shape)
     else:
-        shape = (batch, adapter_for(model).input_size()[0], *_resolve_img_size(model, img_size))
-    meta = meta_copy(model).eval()
-    return int(_count(meta, torch.empty(shape, device="meta", dtype=_float_dtype(model))).get_total_flops())
+        shape = (batch, adapter_for(meta).input_size()[0], *_resolve_img_size(meta, img_size))
+    return int(_count(meta.eval(), torch.empty(shape, device="meta", dtype=_float_dtype(meta))).get_total_flops())
 
 
 def plan_flops(model: nn.Module, plan, img_size: int | tuple[int, int] | None = None) -> int:
     """FLOPs of ``model`` after ``prune_(model, plan)``, counted on a pruned meta copy (``model`` is untouched)."""
     from .prune import prune_
 
-    return count_flops(prune_(meta_copy(model), plan), img_size=img_size)
+    return _meta_flops(prune_(meta_copy(model), plan), img_size=img_size)
 
 
 @dataclass

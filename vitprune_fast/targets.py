@@ -134,12 +134,14 @@ def keep_for_budget(model: nn.Module, target: float, measure: str = "flops", kin
     space = describe(model)
     _uniform_plan(space, kinds, 1.0, rules)  # bad heads / attn_mode raise here, before anything is counted
     dense = _dense(model, measure)
-    cache: dict[float, float] = {}
+    cache: dict[tuple, float] = {}  # by the plan's widths and head counts: the channels do not change the cost
 
     def frac(r: float) -> float:
-        if r not in cache:
-            cache[r] = _COST[measure](model, _uniform_plan(space, kinds, r, rules)) / dense
-        return cache[r]
+        plan = _uniform_plan(space, kinds, r, rules)
+        key = (tuple(sorted(plan.kept_sizes(space).items())), tuple(sorted(plan.heads.items())))
+        if key not in cache:  # neighbouring ratios of the bisection often round to the same widths
+            cache[key] = _COST[measure](model, plan) / dense
+        return cache[key]
 
     lo, hi = 1e-3, 1.0  # frac is non-decreasing in r; frac(lo) <= target <= frac(hi) from here on
     if frac(lo) > target:

@@ -86,6 +86,8 @@ _PVT_32 = dict(input_size=(3, 32, 32))  # PVTv2 takes any size; its adapter read
 _SWIN = dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), num_classes=10)
 _HF_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=64, num_labels=10)
+_HF_CLIP = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64)
 _HF_DINOV2 = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   mlp_ratio=2)
 
@@ -177,6 +179,13 @@ CATALOGUE: dict[str, Representative] = {r.key: r for r in (
     Representative("hf_deit", "hf_deit", "DeiTForImageClassificationWithTeacher",
                    dict(_HF_VIT, attn_implementation="sdpa"),
                    "transformers DeiT with its teacher head (class and distillation tokens, two classifiers), SDPA "
+                   "attention", library="transformers"),
+    Representative("hf_clip", "hf_clip", "CLIPVisionModelWithProjection",
+                   dict(_HF_CLIP, projection_dim=24, attn_implementation="sdpa"),
+                   "transformers CLIP vision tower with visual_projection (features of its own width), pre_layrnorm, "
+                   "SDPA attention", library="transformers"),
+    Representative("hf_clip_eager", "hf_clip", "CLIPVisionModel", dict(_HF_CLIP, attn_implementation="eager"),
+                   "transformers CLIPVisionModel (pooler_output: the class token after post_layernorm), eager "
                    "attention", library="transformers"),
     Representative("tv_vit", "tv_vit", "VisionTransformer",
                    dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,

@@ -14,6 +14,7 @@ from .base import Adapter, BlockRef, StageRef, Trunk
 from .beit import BeitAdapter
 from .cait import CaitAdapter
 from .eva import EvaAdapter
+from .hf_clip import HfClipVisionAdapter
 from .hf_deit import HfDeiTAdapter
 from .hf_dinov2 import HfDinov2Adapter
 from .hf_vit import HfViTAdapter
@@ -28,7 +29,7 @@ from .xcit import XcitAdapter
 # checked in order: most specific first
 _ADAPTERS: list[type[Adapter]] = [BeitAdapter, CaitAdapter, EvaAdapter, PvtV2Adapter, RelPosViTAdapter,
                                   SwinV2CrAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter, XcitAdapter, HfViTAdapter,
-                                  HfDinov2Adapter, HfDeiTAdapter, TvViTAdapter]
+                                  HfDinov2Adapter, HfDeiTAdapter, HfClipVisionAdapter, TvViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -67,7 +68,8 @@ def adapter_for(model: nn.Module) -> Adapter:
         "VisionTransformer (ViT/DeiT/SigLIP/AIMv2/...), Eva (EVA/EVA-02/...), Swin (V1/V2/V2-CR), BEiT, CaiT, "
         "PVTv2 and XCiT models, transformers ViT (ViTModel / ViTForImageClassification), DeiT (DeiTModel / "
         "DeiTForImageClassification[WithTeacher]) and DINOv2 (Dinov2Model / Dinov2ForImageClassification, with or "
-        "without registers), and torchvision VisionTransformer (vit_b_16, ...)"
+        "without registers) and CLIP vision towers (CLIPVisionModel[WithProjection]), and torchvision "
+        "VisionTransformer (vit_b_16, ...)"
     )
 
 

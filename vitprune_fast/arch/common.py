@@ -218,6 +218,8 @@ def sync_generic_attributes(model: nn.Module) -> None:
             m.in_channels = m.weight.shape[1] * m.groups
         elif isinstance(m, nn.BatchNorm2d):
             m.num_features = m.weight.shape[0]
+        elif isinstance(m, nn.Embedding):  # CLIP's position table
+            m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
 def _mlp_form(model: nn.Module, path: str) -> str:

@@ -1,5 +1,6 @@
-"""What transformers' pre-norm ViT encoders share (ViT, DINOv2): one layer list, a layer of ``norm -> attention ->
-[layer scale] -> + residual``, ``norm -> MLP -> [layer scale] -> + residual``, a final ``layernorm``.
+"""What transformers' pre-norm ViT encoders share (ViT, DeiT, DINOv2, CLIP's vision tower): one layer list, a layer of
+``norm -> attention -> [layer scale] -> + residual``, ``norm -> MLP -> [layer scale] -> + residual``, a final norm
+(subclasses name it, the patch embedding and any norm in front of the first layer).
 
 transformers has written these layers two ways, and both are read, per layer, from the modules present
 (:func:`layer_parts`):
@@ -10,8 +11,10 @@ transformers has written these layers two ways, and both are read, per layer, fr
 - from 5.9: ``q_proj / k_proj / v_proj / o_proj`` directly in ``attention`` (head attribute ``head_dim``, which the
   config may carry), ViT's layers at ``layers.{i}`` and its MLP ``mlp.fc1 -> act -> mlp.fc2``.
 
-DINOv2's MLP is ``fc1 / fc2``, or SwiGLU: one packed ``weights_in`` (rows ``[x1 | x2]``, ``silu(x1) * x2``) up to 5.8,
-``gate_proj / up_proj / down_proj`` from 5.9. Groups are named by the library's module paths.
+CLIP's layers are the 5.9 kind under other names (``layer_norm1 / 2``, ``self_attn.q_proj / k_proj / v_proj /
+out_proj`` with ``num_heads`` / ``head_dim`` / ``scale``). DINOv2's MLP is ``fc1 / fc2``, or SwiGLU: one packed
+``weights_in`` (rows ``[x1 | x2]``, ``silu(x1) * x2``) up to 5.8, ``gate_proj / up_proj / down_proj`` from 5.9.
+Groups are named by the library's module paths.
 """
 from __future__ import annotations
 
@@ -55,6 +58,8 @@ class LayerParts:
         packed: ``fc1`` holds two rows per unit (``[x1 | x2]``: a packed SwiGLU).
         ls1, ls2: the layer-scale modules (``lambda1`` per channel) or None.
         head_size: the attention attribute holding the head size.
+        num_heads: the attention attribute holding the head count (``num_attention_heads``, CLIP's ``num_heads``).
+        scale: the attention attribute holding the softmax scale it passes on (``scaling``, CLIP's ``scale``).
     """
 
     norm1: str
@@ -71,6 +76,13 @@ class LayerParts:
     ls1: str | None
     ls2: str | None
     head_size: str
+    num_heads: str = "num_attention_heads"
+    scale: str = "scaling"
+
+    @property
+    def attn_group(self) -> str:
+        """The attention group's module: the layer's attention child (``attention``, CLIP's ``self_attn``)."""
+        return self.attn.split(".")[0]
 
     @property
     def attn_output(self) -> str:
@@ -84,12 +96,15 @@ class LayerParts:
 
 def layer_parts(layer: nn.Module) -> LayerParts:
     """Read a layer's :class:`LayerParts` from the modules it has (module docstring); an unknown shape is an error."""
-    norms = ("layernorm_before", "layernorm_after") if hasattr(layer, "layernorm_before") else ("norm1", "norm2")
-    nested = hasattr(layer.attention, "attention")
-    attn = "attention.attention" if nested else "attention"
+    norms = next((n for n in (("layernorm_before", "layernorm_after"), ("layer_norm1", "layer_norm2"))
+                  if hasattr(layer, n[0])), ("norm1", "norm2"))
+    outer = "self_attn" if hasattr(layer, "self_attn") else "attention"  # CLIP / SigLIP: self_attn
+    nested = hasattr(layer.get_submodule(outer), "attention")
+    attn = f"{outer}.attention" if nested else outer
     att = layer.get_submodule(attn)
     projs = ("query", "key", "value") if hasattr(att, "query") else ("q_proj", "k_proj", "v_proj")
-    out = "attention.output.dense" if hasattr(layer.attention, "output") else "attention.o_proj"
+    out = next((f"{outer}.{o}" for o in ("output.dense", "o_proj", "out_proj") if _has_path(layer, f"{outer}.{o}")),
+               f"{outer}.o_proj")
     gates: tuple[str, ...] = ()
     packed = False
     if hasattr(layer, "intermediate"):
@@ -108,7 +123,17 @@ def layer_parts(layer: nn.Module) -> LayerParts:
             raise UnsupportedModelError(f"{type(layer).__name__}.{path} is not an nn.Linear")
     ls = tuple(n if hasattr(layer, n) else None for n in ("layer_scale1", "layer_scale2"))
     head_size = "attention_head_size" if hasattr(att, "attention_head_size") else "head_dim"
-    return LayerParts(*norms, attn, projs, out, mlp, fc1, gates, act, fc2, packed, *ls, head_size)
+    num_heads = "num_attention_heads" if hasattr(att, "num_attention_heads") else "num_heads"
+    scale = "scaling" if hasattr(att, "scaling") else "scale"
+    return LayerParts(*norms, attn, projs, out, mlp, fc1, gates, act, fc2, packed, *ls, head_size, num_heads, scale)
+
+
+def _has_path(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 class HfEncoderAdapter(Adapter):
@@ -123,6 +148,11 @@ class HfEncoderAdapter(Adapter):
     layer_classes: tuple[str, ...] = ()
     #: the model's Linear (or Identity) heads on the final layernorm
     heads: tuple[str, ...] = ("classifier",)
+    #: paths in the encoder model: the patch embedding's Conv2d, norms between the embeddings and the first layer,
+    #: the final norm
+    patch_path: str = "embeddings.patch_embeddings.projection"
+    pre_norms: tuple[str, ...] = ()
+    final_norm: str = "layernorm"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -139,8 +169,14 @@ class HfEncoderAdapter(Adapter):
         return getattr(self.model, self.base_attr, self.model)
 
     @property
+    def _patch(self) -> nn.Conv2d:
+        return self._enc.get_submodule(self.patch_path)
+
+    @property
     def _layers_path(self) -> str:
-        return "layers" if hasattr(self._enc, "layers") else "encoder.layer"
+        if hasattr(self._enc, "layers"):
+            return "layers"
+        return "encoder.layers" if hasattr(self._enc.encoder, "layers") else "encoder.layer"
 
     def _layers(self) -> list[nn.Module]:
         return list(self._enc.get_submodule(self._layers_path))
@@ -156,8 +192,8 @@ class HfEncoderAdapter(Adapter):
 
     def _check(self) -> None:
         """A Conv2d patch embedding, the family's own layer classes, Linear or Identity heads."""
-        if not isinstance(self._enc.embeddings.patch_embeddings.projection, nn.Conv2d):
-            raise UnsupportedModelError("embeddings.patch_embeddings.projection must be a Conv2d")
+        if not isinstance(self._patch, nn.Conv2d):
+            raise UnsupportedModelError(f"{self.patch_path} must be a Conv2d")
         for i, layer in enumerate(self._layers()):
             if not is_transformers_model(layer) or type(layer).__name__ not in self.layer_classes:
                 raise UnsupportedModelError(f"{self._layer_path(i)}: {type(layer).__name__} is not a "
@@ -174,9 +210,10 @@ class HfEncoderAdapter(Adapter):
         self._check()
         m, b = self.model, self._base
         emb = self._enc.embeddings
-        res = conv_out_slices(m, f"{b}embeddings.patch_embeddings.projection")
-        res += [TensorSlice(f"{b}embeddings.{t}", getattr(emb, t).ndim - 1) for t in self._token_names()
-                if getattr(emb, t, None) is not None]
+        res = conv_out_slices(m, f"{b}{self.patch_path}")
+        res += [TensorSlice(f"{b}embeddings.{t}", tensor.ndim - 1) for t in self._token_names()
+                if (tensor := _tensor_at(emb, t)) is not None]
+        res += [s for n in self.pre_norms for s in norm_slices(m, f"{b}{n}")]
         groups: dict[str, Group] = {}
         for i, (layer, lp) in enumerate(self._layers_with_parts()):
             p = self._layer_path(i)
@@ -189,21 +226,21 @@ class HfEncoderAdapter(Adapter):
             res += [TensorSlice(f"{p}.{ls}.lambda1", 0) for ls in (lp.ls1, lp.ls2) if ls is not None]
             att = layer.get_submodule(lp.attn)
             width = getattr(att, lp.projs[0]).out_features
-            groups[f"{p}.attention"] = Group(
-                f"{p}.attention", "attn", width,
+            groups[f"{p}.{lp.attn_group}"] = Group(
+                f"{p}.{lp.attn_group}", "attn", width,
                 separate_qkv_rows(m, sa, lp.projs) + linear_slices(m, f"{p}.{lp.out}", "in"),
-                num_heads=att.num_attention_heads, head_dim=width // att.num_attention_heads, module=sa)
+                num_heads=getattr(att, lp.num_heads), head_dim=width // getattr(att, lp.num_heads), module=sa)
             hidden = layer.get_submodule(lp.fc2).in_features
             rows = (linear_slices(m, f"{p}.{lp.fc1}", "out", repeats=2, stride=hidden) if lp.packed
                     else [s for n in (lp.fc1, *lp.gates) for s in linear_slices(m, f"{p}.{n}", "out")])
             groups[f"{p}.{lp.mlp}"] = Group(f"{p}.{lp.mlp}", "mlp", hidden,
                                             rows + linear_slices(m, f"{p}.{lp.fc2}", "in"), module=f"{p}.{lp.mlp}")
-        res += norm_slices(m, f"{b}layernorm") + self._head_slices()
+        res += norm_slices(m, f"{b}{self.final_norm}") + self._head_slices()
         residual = Group("residual", "residual", self._enc.config.hidden_size, res, module="")
         return PruningSpace(self.arch, {"residual": residual} | groups)
 
     def _token_names(self) -> tuple[str, ...]:
-        """The embeddings' parameters with one entry per residual channel on their last dim."""
+        """The embeddings' parameters (paths in it) with one entry per residual channel on their last dim."""
         return "cls_token", "mask_token", "register_tokens", "position_embeddings"
 
     def _head_slices(self) -> list[TensorSlice]:
@@ -218,16 +255,14 @@ class HfEncoderAdapter(Adapter):
             p = self._layer_path(i)
             ls = [f"{p}.{n}.lambda1" if n else None for n in (lp.ls1, lp.ls2)]
             outs = (f"{p}.{lp.attn_output}", f"{p}.{lp.mlp_output}")
-            refs.append(BlockRef(i, 0, p, f"{p}.attention", f"{p}.{lp.mlp}", f"{p}.{lp.norm1}", f"{p}.{lp.norm2}",
+            refs.append(BlockRef(i, 0, p, f"{p}.{lp.attn_group}", f"{p}.{lp.mlp}", f"{p}.{lp.norm1}", f"{p}.{lp.norm2}",
                                  f"{p}.{lp.attn}.{lp.projs[0]}", f"{p}.{lp.out}", f"{p}.{lp.fc1}", f"{p}.{lp.act}",
                                  f"{p}.{lp.fc2}", *ls, branch_outputs=outs))
-        emb = self._enc.embeddings
         _, h, w = self.input_size()
-        ps = emb.patch_embeddings.patch_size
-        ps = ps if isinstance(ps, (tuple, list)) else (ps, ps)
+        ps = self._patch.stride
         grid = (h // ps[0], w // ps[1])
-        return [StageRef(0, tuple(refs), "residual", None, emb.patch_embeddings.projection.out_channels, grid,
-                         self._prefix_tokens(), True)]
+        return [StageRef(0, tuple(refs), "residual", None, self._patch.out_channels, grid, self._prefix_tokens(),
+                         True)]
 
     def _prefix_tokens(self) -> int:
         """Tokens in front of the patches: the class token and any register tokens."""
@@ -235,10 +270,13 @@ class HfEncoderAdapter(Adapter):
         return 1 + (regs.shape[1] if regs is not None else 0)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self._enc.embeddings(images.to(self._enc.embeddings.patch_embeddings.projection.weight.dtype))
+        x = self._enc.embeddings(images.to(self._patch.weight.dtype))
+        for n in self.pre_norms:
+            x = self._enc.get_submodule(n)(x)
+        return x
 
     def embed_modules(self) -> list[nn.Module]:
-        return [self._enc.embeddings]
+        return [self._enc.embeddings, *(self._enc.get_submodule(n) for n in self.pre_norms)]
 
     def input_size(self) -> tuple[int, int, int]:
         cfg = self._enc.config
@@ -264,13 +302,15 @@ class HfEncoderAdapter(Adapter):
 
     # ---------------------------------------------------------------------------------------- mutation
     def set_heads(self, group: Group, heads: int) -> None:
-        self.model.get_submodule(group.module).num_attention_heads = heads
+        lp = self._layer_parts(self._group_layer(group))
+        setattr(self.model.get_submodule(group.module), lp.num_heads, heads)
 
     def regroup_heads_masked(self, group: Group, heads: int) -> None:
         att = self.model.get_submodule(group.module)
-        att.num_attention_heads = heads
-        setattr(att, self._layer_parts(self._group_layer(group)).head_size, group.size // heads)
-        att.scaling = group.head_dim ** -0.5  # the per-dim scale of the original heads (eager and SDPA read it)
+        lp = self._layer_parts(self._group_layer(group))
+        setattr(att, lp.num_heads, heads)
+        setattr(att, lp.head_size, group.size // heads)
+        setattr(att, lp.scale, group.head_dim ** -0.5)  # the per-dim scale of the original heads (eager, SDPA)
 
     def set_stage_blocks(self, stage: int, blocks: list[nn.Module]) -> None:
         if stage != 0:
@@ -285,11 +325,16 @@ class HfEncoderAdapter(Adapter):
         sync_generic_attributes(self.model)
         for layer, lp in self._layers_with_parts():
             att = layer.get_submodule(lp.attn)
-            width = getattr(att, lp.projs[0]).out_features
-            if hasattr(att, "all_head_size"):
-                att.all_head_size = width
-            setattr(att, lp.head_size, width // att.num_attention_heads)
-            att.scaling = (width // att.num_attention_heads) ** -0.5
+            width, heads = getattr(att, lp.projs[0]).out_features, getattr(att, lp.num_heads)
+            for name in ("all_head_size", "embed_dim"):  # the older layout's; CLIP's (its q / k / v width)
+                if hasattr(att, name):
+                    setattr(att, name, width)
+            setattr(att, lp.head_size, width // heads)
+            setattr(att, lp.scale, (width // heads) ** -0.5)
+            if hasattr(layer, "embed_dim"):
+                layer.embed_dim = self._patch.out_channels
+        if hasattr(self._enc.embeddings, "embed_dim"):
+            self._enc.embeddings.embed_dim = self._patch.out_channels
         self._sync_config()
 
     def _sync_config(self) -> None:
@@ -297,16 +342,20 @@ class HfEncoderAdapter(Adapter):
         shape, the head count, ``head_dim`` where the config carries one (5.9 on) and the MLP width
         (:meth:`_set_mlp_width`); else the config keeps the unpruned values, and :meth:`pretrained_refusal` says why
         ``from_pretrained`` cannot rebuild the model."""
-        cfg = self._enc.config
-        cfg.hidden_size = self._enc.embeddings.patch_embeddings.projection.out_channels
-        cfg.num_hidden_layers = len(self._layers())
         shapes = self._layer_shapes()
-        if len(shapes) == 1:
-            heads, width, hidden = next(iter(shapes))
-            cfg.num_attention_heads = heads
-            if self._has_head_dim():
-                cfg.head_dim = width // heads
-            self._set_mlp_width(cfg, hidden)
+        for cfg in self._configs():
+            cfg.hidden_size = self._patch.out_channels
+            cfg.num_hidden_layers = len(self._layers())
+            if len(shapes) == 1:
+                heads, width, hidden = next(iter(shapes))
+                cfg.num_attention_heads = heads
+                if self._has_head_dim():
+                    cfg.head_dim = width // heads
+                self._set_mlp_width(cfg, hidden)
+
+    def _configs(self) -> list:
+        """The model's config, and the encoder's where it holds a copy (``_from_config`` copies it)."""
+        return [self.model.config] + ([self._enc.config] if self._enc.config is not self.model.config else [])
 
     def _has_head_dim(self) -> bool:
         """Whether the attention reads its head size from the config's ``head_dim`` (the 5.9 layout)."""
@@ -321,7 +370,7 @@ class HfEncoderAdapter(Adapter):
         out = set()
         for layer, lp in self._layers_with_parts():
             att = layer.get_submodule(lp.attn)
-            out.add((att.num_attention_heads, getattr(att, lp.projs[0]).out_features,
+            out.add((getattr(att, lp.num_heads), getattr(att, lp.projs[0]).out_features,
                      layer.get_submodule(lp.fc2).in_features))
         return out
 
@@ -331,7 +380,7 @@ class HfEncoderAdapter(Adapter):
         :meth:`build_model`."""
         takes_pooler = self.model is self._enc and hasattr(self._enc, "pooler")  # ViTModel(config, add_pooling_layer)
         extra = {"add_pooling_layer": self._enc.pooler is not None} if takes_pooler else {}
-        return {"config": self._enc.config.to_dict(), "attn_implementation": self._enc.config._attn_implementation,
+        return {"config": self.model.config.to_dict(), "attn_implementation": self._enc.config._attn_implementation,
                 "layout": self._layout_name()} | extra
 
     def _layout_name(self) -> str:
@@ -367,9 +416,14 @@ class HfEncoderAdapter(Adapter):
             version = kwargs["config"].get("transformers_version", "?")
             raise UnsupportedModelError(
                 f"saved with transformers {version}, whose layers have the {saved} layout; the installed "
-                f"transformers {transformers.__version__} has the {built} one (q/k/v Linears and layer paths were "
-                f"renamed in 5.9): load it with a transformers {'<' if saved == '5.0' else '>='} 5.9")
+                f"transformers {transformers.__version__} has the {built} one {cls._layout_advice(saved)}")
         return model
+
+    @classmethod
+    def _layout_advice(cls, saved: str) -> str:
+        """What changed between the layouts, and which transformers loads layout ``saved``."""
+        return (f"(q/k/v Linears and layer paths were renamed in 5.9): load it with a transformers "
+                f"{'<' if saved == '5.0' else '>='} 5.9")
 
     def save_native(self, directory) -> dict:
         """``save_pretrained(directory)`` where the config expresses the shape (:meth:`pretrained_refusal`)."""
@@ -398,4 +452,13 @@ class HfEncoderAdapter(Adapter):
 
     def _mlp_refusal(self, hidden: int) -> str | None:
         """Why the config cannot express MLP width ``hidden``, or None."""
+        return None
+
+
+def _tensor_at(module: nn.Module, path: str) -> torch.Tensor | None:
+    """The parameter or buffer at dotted ``path`` in ``module``, or None where there is none (a ``mask_token`` off)."""
+    owner, _, name = path.rpartition(".")
+    try:
+        return getattr(module.get_submodule(owner) if owner else module, name, None)
+    except AttributeError:
         return None
