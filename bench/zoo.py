@@ -17,7 +17,6 @@ import copy
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import timm
@@ -30,15 +29,14 @@ import vitprune_fast as vpf  # noqa: E402
 from vitprune_fast.arch import adapter_for  # noqa: E402
 from vitprune_fast.errors import UnsupportedModelError  # noqa: E402
 from vitprune_fast.masked import masked_copy  # noqa: E402
+from vitprune_fast.meta import create_on_meta  # noqa: E402
 from vitprune_fast.testing import census_modules, randomize_  # noqa: E402
 
 MODULES = census_modules()  # the timm modules of every adapter in the catalogue
 
 
 def _meta(name: str, **kwargs) -> torch.nn.Module:
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        return timm.create_model(name, pretrained=False, **kwargs)
+    return create_on_meta(name, **kwargs)
 
 
 def _two_blocks(model: torch.nn.Module) -> dict:

@@ -5,7 +5,6 @@ Built on the meta device (no memory, no weights): ``describe`` only reads module
 from __future__ import annotations
 
 import functools
-import warnings
 
 import pytest
 import timm
@@ -13,6 +12,7 @@ import torch
 
 import vitprune_fast as vpf
 from vitprune_fast.errors import UnsupportedModelError
+from vitprune_fast.meta import create_on_meta
 from vitprune_fast.testing import census_modules
 
 ZOO_MODULES = census_modules()  # the timm modules of every adapter in the catalogue
@@ -39,9 +39,7 @@ SUPPORTED = {
 
 @functools.cache
 def _meta_model(name: str) -> torch.nn.Module:
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        return timm.create_model(name, pretrained=False)
+    return create_on_meta(name)
 
 
 def _names(module: str) -> list[str]:

@@ -17,6 +17,7 @@ from torch import nn
 from .arch import adapter_for, describe
 from .errors import PlanError
 from .flops import count_flops, plan_flops
+from .meta import create_on_meta
 from .plan import Plan, PlanSpec, as_spec, make_plan, plan_from_scores
 from .space import KINDS, PruningSpace
 
@@ -255,8 +256,7 @@ def shape_targets(model: nn.Module, target: str) -> tuple[dict[str, float], dict
         raise PlanError(f"unknown target model {target!r} (expected a timm model name)")
     src = describe(model)
     try:
-        with torch.device("meta"):  # shapes only, no memory
-            ref = timm.create_model(target, pretrained=False)
+        ref = create_on_meta(target)  # shapes only, no memory
     except Exception as e:  # timm raises many types for models it cannot build this way
         raise PlanError(f"cannot build target {target}: {type(e).__name__}: {e}") from e
     tgt = describe(ref)
