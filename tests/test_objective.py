@@ -153,3 +153,54 @@ def test_cli_scores_a_headless_model_by_its_features_and_says_so(tmp_path, capsy
             cli.main(["score", "--model", "deit_tiny_patch16_224", "--model-args", args, "--data", "digits",
                       "--method", method, "--proxy", "6", "--quiet", "--objective", objective, "--out", str(out)])
         assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the final tokens
+TOKEN_MODELS = ("vit", "swin", "hf_dinov2", "hf_clip_eager", "tv_vit")  # timm ViT / Swin, transformers, torchvision
+
+
+def _token_model(key: str) -> torch.nn.Module:
+    return _headless(key) if key in HEADLESS else CATALOGUE[key].build()
+
+
+@pytest.mark.parametrize("key", TOKEN_MODELS)
+def test_final_tokens_fast_engine_equals_reference_in_float64(key):
+    """The tokens objective: the fast engine's trunk ending in the adapter's final tokens against the library's own
+    call (forward_features, last_hidden_state -- CLIP's before post_layernorm --, torchvision's encoder output) per
+    removed candidate; and it measures something else than the pooled output."""
+    model, x = _token_model(key), _images(3)
+    comps = ("residual", "attn", "mlp")
+    fast = vpf.upvits_scores(model, x, components=comps, progress=False, objective="tokens")
+    ref = vpf.upvits_scores(model, x, components=comps, engine="reference", progress=False, objective="tokens")
+    pooled = vpf.upvits_scores(model, x, components=comps, progress=False,
+                               objective="features" if not adapter_for(model).classifier_weights() else "kl")
+    assert fast.keys() == ref.keys()
+    for name in fast:
+        scale = ref[name].abs().max()
+        assert scale > 0, name
+        assert (fast[name] - ref[name]).abs().max() <= 1e-9 * scale, name
+        assert not torch.allclose(fast[name], pooled[name]), name
+
+
+def test_final_tokens_objective_is_its_definition():
+    """One MLP unit's score is sum_i sum_t sum_f (student - teacher)^2 / var_f of forward_features with the unit
+    removed, var_f over every image and token."""
+    model, x = _headless("vit"), _images(4)
+    scores = vpf.upvits_scores(model, x, components=("mlp",), progress=False, objective="tokens")
+    space = vpf.describe(model)
+    keep = torch.arange(1, space.groups["blocks.0.mlp"].size)
+    pruned = vpf.prune_(copy.deepcopy(model), vpf.Plan.from_space(space, {"blocks.0.mlp": keep}))
+    with torch.no_grad():
+        t, s = model.forward_features(x), pruned.forward_features(x)
+    assert t.dim() == 3
+    by_hand = ((s - t).square() / t.reshape(-1, t.shape[-1]).var(0, correction=0)).sum()
+    assert torch.allclose(scores["blocks.0.mlp"][0], by_hand, rtol=1e-10)
+
+
+def test_final_tokens_refusals():
+    """A family whose adapter names no final tokens, and the screened engine, refuse clearly."""
+    cait = CATALOGUE["cait"].build()
+    with pytest.raises(vpf.UnsupportedModelError, match="final-tokens objective is not supported"):
+        vpf.upvits_scores(cait, _images(2), components=("mlp",), progress=False, objective="tokens")
+    with pytest.raises(ConfigError, match="exact engines"):
+        vpf.upvits_select(_headless("vit"), _images(4), vpf.PlanSpec(keep=0.5), progress=False, objective="tokens")

@@ -715,7 +715,8 @@ def _add_scoring(p: argparse.ArgumentParser, default: str | None, scores_only: b
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="--method upvits: what a score measures: kl (the logits' KL, the default for a classifier) or "
                         "features (the output features' squared error over each feature's proxy variance, the default "
-                        "for a model without a classifier, e.g. num_classes=0)")
+                        "for a model without a classifier, e.g. num_classes=0) or tokens (the same over the final "
+                        "tokens: forward_features, last_hidden_state; exact engines only)")
 
 
 def build_parser() -> argparse.ArgumentParser:

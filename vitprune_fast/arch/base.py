@@ -311,14 +311,36 @@ class Adapter(ABC):
         stages = self.stages()
         return stages[-1].residual if stages else None
 
-    def trunk(self) -> Trunk:
-        """The model as prefix -> blocks -> head (the KL engine's view)."""
+    def final_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of the last block -> the model's final tokens (``[B, N, C]`` or ``[B, H, W, C]``): what its library
+        calls them (timm's ``forward_features``, transformers' ``last_hidden_state``), for the final-tokens
+        objective. Families whose adapter names none refuse it."""
+        raise self._no_tokens()
+
+    def model_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The final tokens of ``images`` computed by the library's own call (the reference for
+        :meth:`final_tokens`)."""
+        raise self._no_tokens()
+
+    def _no_tokens(self) -> UnsupportedModelError:
+        return UnsupportedModelError(f"{self.arch}: the final-tokens objective is not supported for this family (its "
+                                     "adapter names no final tokens); use objective='features'")
+
+    def token_group(self) -> str | None:
+        """The group whose channels are the final tokens' features: the last stage's residual."""
+        stages = self.stages()
+        return stages[-1].residual if stages else None
+
+    def trunk(self, tokens: bool = False) -> Trunk:
+        """The model as prefix -> blocks -> head (the KL engine's view); with ``tokens``, its head gives the final
+        tokens (:meth:`final_tokens`) instead of the model's output."""
         model = self.model
         stages = self.stages()
         blocks = [b for s in stages for b in s.blocks]
         starts = {s.blocks[0].index: model.get_submodule(s.entry) for s in stages if s.entry and s.blocks}
         return Trunk([model.get_submodule(b.path) for b in blocks], [b.path for b in blocks], starts,
-                     [b.stage for b in blocks], self.embed, self.head, self.block_kwargs())
+                     [b.stage for b in blocks], self.embed, self.final_tokens if tokens else self.head,
+                     self.block_kwargs())
 
     def block_kwargs(self) -> dict:
         """Keyword arguments the model's forward gives every block besides its input (EVA: ``rope``)."""

@@ -349,6 +349,17 @@ class PatchEmbedNormHead:
         return pe.proj.in_channels, h, w
 
 
+class NormTokens:
+    """Final tokens of a timm model whose ``forward_features`` is its blocks then ``norm`` (ViT, Swin V1). Mixed in
+    before :class:`~vitprune_fast.arch.base.Adapter`."""
+
+    def final_tokens(self, x):
+        return self.model.norm(x)
+
+    def model_tokens(self, images):
+        return self.model.forward_features(images)
+
+
 class SingleStageDefaults(TimmModelClass, PatchEmbedNormHead):
     """Adapter methods shared by the one-stage families (BEiT, CaiT, EVA, rel-pos ViT): :class:`TimmModelClass`,
     :class:`PatchEmbedNormHead`, an optional Linear ``head``, pre-norm blocks in ``model.blocks`` (and the other

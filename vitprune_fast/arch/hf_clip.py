@@ -36,6 +36,7 @@ class HfClipVisionAdapter(HfEncoderAdapter):
     patch_path = "embeddings.patch_embedding"
     pre_norms = ("pre_layrnorm",)
     final_norm = "post_layernorm"
+    tokens_normed = False  # last_hidden_state is the last layer's output; post_layernorm makes the pooled token
 
     def block_kwargs(self) -> dict:
         """``CLIPEncoderLayer`` takes the (text tower's) attention mask positionally: None for images."""

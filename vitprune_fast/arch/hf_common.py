@@ -278,6 +278,16 @@ class HfEncoderAdapter(Adapter):
     def embed_modules(self) -> list[nn.Module]:
         return [self._enc.embeddings, *(self._enc.get_submodule(n) for n in self.pre_norms)]
 
+    #: whether ``last_hidden_state`` is after the final norm (ViT, DINOv2; CLIP applies it to the pooled token only)
+    tokens_normed: bool = True
+
+    def final_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``last_hidden_state``: the last layer's output, after the final norm where the library applies it."""
+        return self._enc.get_submodule(self.final_norm)(x) if self.tokens_normed else x
+
+    def model_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self._enc(pixel_values=images).last_hidden_state
+
     def input_size(self) -> tuple[int, int, int]:
         cfg = self._enc.config
         size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size, cfg.image_size)

@@ -136,9 +136,9 @@ class PvtV2Adapter(TimmModelClass, Adapter):
             out.append(StageRef(s, tuple(blocks), f"stages.{s}.residual", None, width, grid))
         return out
 
-    def trunk(self) -> Trunk:
+    def trunk(self, tokens: bool = False) -> Trunk:
         """Blocks get their stage's token grid; the stage entries are :class:`_StageEntry` (norm, re-embed)."""
-        t = super().trunk()
+        t = super().trunk(tokens)
         starts = {st.blocks[0].index: _StageEntry(self, st.index) for st in self.stages()[1:] if st.blocks}
         stage_of = t.stage_of
         t.stage_start = starts

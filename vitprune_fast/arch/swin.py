@@ -8,6 +8,7 @@ from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
 from .common import (
+    NormTokens,
     PatchEmbedNormHead,
     QRows,
     TimmModelClass,
@@ -26,7 +27,7 @@ from .common import (
 )
 
 
-class SwinAdapter(TimmModelClass, PatchEmbedNormHead, Adapter):
+class SwinAdapter(TimmModelClass, PatchEmbedNormHead, NormTokens, Adapter):
     """timm ``SwinTransformer``: stage s is ``layers.s`` (its PatchMerging, then its blocks).
 
     Attributes:

@@ -121,6 +121,16 @@ class TvViTAdapter(Adapter):
     def embed_modules(self) -> list[nn.Module]:
         return [self.model.conv_proj]
 
+    def final_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output (after ``encoder.ln``)."""
+        return self.model.encoder.ln(x)
+
+    def model_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """torchvision's forward up to the encoder's output (its own ``_process_input`` and ``encoder``)."""
+        m = self.model
+        x = m._process_input(images)
+        return m.encoder(torch.cat([m.class_token.expand(x.shape[0], -1, -1), x], dim=1))
+
     def input_size(self) -> tuple[int, int, int]:
         return 3, self.model.image_size, self.model.image_size
 

@@ -12,6 +12,7 @@ from ..norms import is_norm
 from ..space import Group, PruningSpace, TensorSlice
 from .base import Adapter, BlockRef, StageRef, mlp_ratio_for
 from .common import (
+    NormTokens,
     PatchEmbedNormHead,
     QRows,
     TimmModelClass,
@@ -85,7 +86,7 @@ def _is_parallel_scaling(blk: nn.Module) -> bool:
     return type(blk) is ParallelScalingBlock
 
 
-class ViTAdapter(TimmModelClass, PatchEmbedNormHead, Adapter):
+class ViTAdapter(TimmModelClass, PatchEmbedNormHead, NormTokens, Adapter):
     """timm ``VisionTransformer``: one stage, one residual group, blocks in ``model.<blocks_attr>``.
 
     Subclasses of the model class that only rename the block list set ``blocks_attr``.

@@ -13,6 +13,10 @@
   makes every feature count in units of its own spread (a feature that barely varies is not drowned by one with a
   large scale, and rescaling the model's output leaves the scores unchanged). Features the teacher does not vary at
   all get the floor ``VAR_FLOOR x`` the mean variance instead of 0.
+* ``tokens``: the same measure on the model's final tokens instead of its pooled output (a dense head, a decoder
+  reading every token): ``s_c = sum_i sum_t sum_f (student_itf - teacher_itf)^2 / var_f``, the variance of feature f
+  over every image and token. The tokens are what the library calls them (timm's ``forward_features``,
+  transformers' ``last_hidden_state``, torchvision's encoder output: :meth:`~vitprune_fast.arch.Adapter.final_tokens`).
 
 Both engines and the screen ask the objective, never a metric of their own: ``objective(teacher, student, k)`` gives
 the K candidates' scores, :meth:`Objective.cotangents` the factors of its second-order term for the screen.
@@ -27,7 +31,7 @@ from ..errors import ConfigError
 from ..kernels.kl_div import kl_per_candidate
 from .second_order import fisher_cotangents
 
-OBJECTIVES = ("kl", "features")
+OBJECTIVES = ("kl", "features", "tokens")
 VAR_FLOOR = 1e-6  # share of the mean feature variance given to features the teacher holds constant
 # Scores are second-order differences of first-order terms: summed in float64 whatever the model's dtype (in
 # float32 the KL's rounding noise was 8 % of the median score of an untrained DeiT-T's late blocks, 60 % at worst).
@@ -87,12 +91,15 @@ class FeatureObjective(Objective):
 
     Attributes:
         var: ``[F]`` float64 per-feature variance of the teacher's outputs (floored), after :meth:`fit`.
+        tokens: the outputs are the model's final tokens (``"tokens"``), not its pooled output.
     """
 
-    name = "features"
+    def __init__(self, var: torch.Tensor | None = None, tokens: bool = False):
+        self.var, self.tokens = var, tokens
 
-    def __init__(self, var: torch.Tensor | None = None):
-        self.var = var
+    @property
+    def name(self) -> str:
+        return "tokens" if self.tokens else "features"
 
     def fit(self, outputs):
         feats = torch.cat([o.detach().reshape(-1, o.shape[-1]).to(_ACC) for o in outputs])  # [N, F]
@@ -125,7 +132,8 @@ class FeatureObjective(Objective):
         """``1/2 (u_f^T dz)^2`` summed over f is ``sum_f dz_f^2 / var_f`` exactly: one cotangent per feature,
         ``u_f = e_f * sqrt(2 / var_f)`` (the measure is quadratic; ``eps`` and ``max_rank`` do not apply)."""
         if teacher.dim() != 2:
-            raise ConfigError("the screen takes pooled features [n, F]; score token outputs with the exact engine")
+            raise ConfigError("the screen takes pooled features [n, F]; score the final tokens with the exact engines "
+                              "(engine='fast' or 'reference')")
         n, f = teacher.shape
         scale = (2 * self._inv_var(teacher)).sqrt().to(teacher.dtype)  # [F]
         u = torch.diag(scale)[:, None, :].expand(f, n, f)  # [R = F, n, F]
@@ -149,7 +157,7 @@ def objective_for(name: str | Objective | None, classifier: Sequence[torch.Tenso
     if name == "kl" and not classifier:
         raise ConfigError("objective='kl' needs a classifier: this model has none (num_classes=0 or a feature "
                           "head), its outputs are features; use objective='features'")
-    return KLObjective() if name == "kl" else FeatureObjective()
+    return KLObjective() if name == "kl" else FeatureObjective(tokens=name == "tokens")
 
 
 __all__ = ["FeatureObjective", "KLObjective", "OBJECTIVES", "Objective", "VAR_FLOOR", "objective_for"]

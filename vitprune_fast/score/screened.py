@@ -44,6 +44,7 @@ from ..norms import group_norms
 from ..plan import Plan, PlanSpec, Selection, as_spec, plan_from_scores, selections
 from ..progress import stage
 from ..space import Group
+from .objective import objective_for
 from .second_order import second_order_screen
 from .store import ScoreStore, fingerprint
 from .upvits import FastEngine, _auto_rows, _chunks, _Work, fitted_objective
@@ -291,6 +292,9 @@ def upvits_select(
     kernels = chunks[0].is_cuda and HAS_TRITON if use_kernels is None else bool(use_kernels)
     amp = (torch.autocast(chunks[0].device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
+    if objective_for(objective, adapter.classifier_weights()).name == "tokens":  # before any forward
+        raise ConfigError("the screened engine's second-order screen takes the pooled output; score the final tokens "
+                          "with the exact engines (upvits_scores, engine='fast' or 'reference')")
     obj = fitted_objective(model, chunks, objective, amp)
     settings = {"selected": "screened", "plan": [spec.keep, spec.heads, spec.attn_mode, spec.round_to]
                 + ([spec.to_dict()] if global_ else []),

@@ -138,6 +138,23 @@ def _without_features(out: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
     return out.reshape(len(cands), -1, out.shape[-1]).masked_fill(~keep[:, None, :], 0).reshape(out.shape)
 
 
+def _reads_tokens(objective) -> bool:
+    return bool(getattr(objective, "tokens", False))
+
+
+def _feature_group(adapter, objective) -> str | None:
+    """The group whose channel c is output feature c under ``objective`` (None for KL: logits are no channels)."""
+    if not isinstance(objective, FeatureObjective):
+        return None
+    return adapter.token_group() if _reads_tokens(objective) else adapter.output_group()
+
+
+def objective_outputs(model: nn.Module, x: torch.Tensor, objective) -> torch.Tensor:
+    """What ``objective`` measures of ``model`` on ``x``: the model's output, or its final tokens (the library's
+    own call, :meth:`~vitprune_fast.arch.Adapter.model_tokens`)."""
+    return adapter_for(model).model_tokens(x) if _reads_tokens(objective) else model_output(model, x)
+
+
 def _repeat(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.repeat(k, *([1] * (x.dim() - 1)))
 
@@ -159,8 +176,9 @@ class FastEngine:
                  objective: Objective | None = None):
         adapter = adapter_for(model)
         self.objective = objective or KLObjective()
-        self.out_group = adapter.output_group() if isinstance(self.objective, FeatureObjective) else None
-        self.model, self.space, self.trunk = model, space, adapter.trunk()
+        self.out_group = _feature_group(adapter, self.objective)
+        self.model, self.space = model, space
+        self.trunk = adapter.trunk(tokens=_reads_tokens(self.objective))
         self.refs, self.stages = adapter.blocks(), adapter.stages()
         self.embed_modules = adapter.embed_modules()
         self.max_rows = max_rows
@@ -381,18 +399,18 @@ class ReferenceEngine:
             raise ConfigError(f"teacher must be 'cached' or 'recompute', got {teacher!r}")
         self.model, self.space, self.refs, self.teacher_mode = model, space, adapter_for(model).blocks(), teacher
         self.objective = objective or KLObjective()
-        self.out_group = (adapter_for(model).output_group() if isinstance(self.objective, FeatureObjective)
-                          else None)
+        self.out_group = _feature_group(adapter_for(model), self.objective)
         self._cache_key, self._logits = None, None
 
     def score(self, work: _Work, x: torch.Tensor, key, progress) -> torch.Tensor:
         if self.teacher_mode == "cached" and self._cache_key != key:
-            self._logits, self._cache_key = model_output(self.model, x), key
+            self._logits, self._cache_key = objective_outputs(self.model, x, self.objective), key
         out = []
         for c in range(work.size):
             with self._candidate(work, c) as cand:
-                student = model_output(cand, x)
-            teacher = self._logits if self.teacher_mode == "cached" else model_output(self.model, x)
+                student = objective_outputs(cand, x, self.objective)
+            teacher = (self._logits if self.teacher_mode == "cached"
+                       else objective_outputs(self.model, x, self.objective))
             if student.shape[-1] != teacher.shape[-1] and work.name == self.out_group:  # feature c removed: 0
                 student = torch.cat([student[..., :c], torch.zeros_like(student[..., :1]), student[..., c:]], -1)
             out.append(self.objective(teacher, student, 1, "torch"))
@@ -474,7 +492,7 @@ def fitted_objective(model: nn.Module, chunks: Sequence[torch.Tensor], objective
         model.eval()
         try:
             with torch.no_grad(), amp or contextlib.nullcontext():
-                obj.fit([model_output(model, x) for x in chunks])
+                obj.fit([objective_outputs(model, x, obj) for x in chunks])
         finally:
             model.train(was_training)
     return obj
@@ -518,8 +536,8 @@ def upvits_scores(
         groups: optional subset of group names (and ``units.*`` names) to score.
         objective: what a score measures (:mod:`vitprune_fast.score.objective`): ``"kl"`` (UP-ViTs' KL of the
             logits), ``"features"`` (squared error of the output features over the teacher's per-feature variance on
-            the proxy images) or None: KL for a model with a classifier, features for one without (timm
-            ``num_classes=0``).
+            the proxy images), ``"tokens"`` (the same over the final tokens, e.g. timm's ``forward_features``) or
+            None: KL for a model with a classifier, features for one without (timm ``num_classes=0``).
 
     Returns:
         ``{group name: [size] scores}`` with group names as in ``describe``; with ``blocks``, also
