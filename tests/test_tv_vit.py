@@ -66,7 +66,7 @@ def test_the_written_out_attention_equals_multihead_attention():
     with torch.no_grad():
         want = att(x, x, x, need_weights=False)[0]
         assert rel_err(explicit_attention(att)(x, x, x, need_weights=False)[0], want) < 1e-12
-    with pytest.raises(UnsupportedModelError, match="self-attention without a mask"):
+    with pytest.raises(UnsupportedModelError, match="without a mask, its keys and values one tensor"):
         explicit_attention(att)(x, x.clone(), x)
 
 

@@ -100,8 +100,8 @@ def _check_ties(space: PruningSpace, changes: dict[str, _GroupChange]) -> None:
             ok = mine == partner and heads == g.num_heads and (per_head is None or (per_head == mine // heads).all())
             rule = f"the same number in each of its {g.num_heads} heads"
         if not ok:
-            raise PlanError(f"{g.name}: its attention width is tied to {g.tied_to} (timm's {g.module} reshapes its "
-                            f"output to its input width): it must keep {partner} channels, {rule}; the plan keeps "
+            raise PlanError(f"{g.name}: its attention width is tied to {g.tied_to} ({g.module} takes its width "
+                            f"from its input): it must keep {partner} channels, {rule}; the plan keeps "
                             f"{mine} in {heads} heads (make_plan plans it so)")
 
 

@@ -187,6 +187,13 @@ CATALOGUE: dict[str, Representative] = {r.key: r for r in (
     Representative("hf_clip_eager", "hf_clip", "CLIPVisionModel", dict(_HF_CLIP, attn_implementation="eager"),
                    "transformers CLIPVisionModel (pooler_output: the class token after post_layernorm), eager "
                    "attention", library="transformers"),
+    Representative("hf_siglip", "hf_siglip", "SiglipVisionModel", dict(_HF_CLIP, attn_implementation="sdpa"),
+                   "transformers SigLIP vision tower: no class token, attention-pool head (nn.MultiheadAttention with "
+                   "a probe query, tied to the residual), SDPA attention", library="transformers"),
+    Representative("hf_siglip_nohead", "hf_siglip", "SiglipVisionModel",
+                   dict(_HF_CLIP, vision_use_head=False, attn_implementation="eager"),
+                   "transformers SigLIP vision tower without its head (mean of the final tokens), eager attention",
+                   library="transformers"),
     Representative("tv_vit", "tv_vit", "VisionTransformer",
                    dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
                         num_classes=10), "torchvision VisionTransformer (nn.MultiheadAttention, packed in_proj)",

@@ -17,6 +17,7 @@ from .eva import EvaAdapter
 from .hf_clip import HfClipVisionAdapter
 from .hf_deit import HfDeiTAdapter
 from .hf_dinov2 import HfDinov2Adapter
+from .hf_siglip import HfSiglipVisionAdapter
 from .hf_vit import HfViTAdapter
 from .pvt_v2 import PvtV2Adapter
 from .relpos import RelPosViTAdapter
@@ -29,7 +30,8 @@ from .xcit import XcitAdapter
 # checked in order: most specific first
 _ADAPTERS: list[type[Adapter]] = [BeitAdapter, CaitAdapter, EvaAdapter, PvtV2Adapter, RelPosViTAdapter,
                                   SwinV2CrAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter, XcitAdapter, HfViTAdapter,
-                                  HfDinov2Adapter, HfDeiTAdapter, HfClipVisionAdapter, TvViTAdapter]
+                                  HfDinov2Adapter, HfDeiTAdapter, HfClipVisionAdapter, HfSiglipVisionAdapter,
+                                  TvViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -68,8 +70,8 @@ def adapter_for(model: nn.Module) -> Adapter:
         "VisionTransformer (ViT/DeiT/SigLIP/AIMv2/...), Eva (EVA/EVA-02/...), Swin (V1/V2/V2-CR), BEiT, CaiT, "
         "PVTv2 and XCiT models, transformers ViT (ViTModel / ViTForImageClassification), DeiT (DeiTModel / "
         "DeiTForImageClassification[WithTeacher]) and DINOv2 (Dinov2Model / Dinov2ForImageClassification, with or "
-        "without registers) and CLIP vision towers (CLIPVisionModel[WithProjection]), and torchvision "
-        "VisionTransformer (vit_b_16, ...)"
+        "without registers), CLIP vision towers (CLIPVisionModel[WithProjection]) and SiglipVisionModel, and "
+        "torchvision VisionTransformer (vit_b_16, ...)"
     )
 
 

@@ -326,6 +326,12 @@ class Adapter(ABC):
         return UnsupportedModelError(f"{self.arch}: the final-tokens objective is not supported for this family (its "
                                      "adapter names no final tokens); use objective='features'")
 
+    def residual_readers(self, group: str) -> list[nn.Module]:
+        """Modules whose first input carries residual ``group``'s channels straight from a parameter, through no
+        norm (SigLIP's pooling attention: its probe query); the fast engine zeroes a removed channel there, as
+        removal leaves it. None by default."""
+        return []
+
     def token_group(self) -> str | None:
         """The group whose channels are the final tokens' features: the last stage's residual."""
         stages = self.stages()

@@ -229,19 +229,30 @@ class HfEncoderAdapter(Adapter):
             groups[f"{p}.{lp.attn_group}"] = Group(
                 f"{p}.{lp.attn_group}", "attn", width,
                 separate_qkv_rows(m, sa, lp.projs) + linear_slices(m, f"{p}.{lp.out}", "in"),
-                num_heads=getattr(att, lp.num_heads), head_dim=width // getattr(att, lp.num_heads), module=sa)
+                num_heads=getattr(att, lp.num_heads), head_dim=width // getattr(att, lp.num_heads), module=sa,
+                tied_to="residual" if self._attention_tied(att) else None)
             hidden = layer.get_submodule(lp.fc2).in_features
             rows = (linear_slices(m, f"{p}.{lp.fc1}", "out", repeats=2, stride=hidden) if lp.packed
                     else [s for n in (lp.fc1, *lp.gates) for s in linear_slices(m, f"{p}.{n}", "out")])
             groups[f"{p}.{lp.mlp}"] = Group(f"{p}.{lp.mlp}", "mlp", hidden,
                                             rows + linear_slices(m, f"{p}.{lp.fc2}", "in"), module=f"{p}.{lp.mlp}")
         res += norm_slices(m, f"{b}{self.final_norm}") + self._head_slices()
+        groups |= self._head_groups()
         residual = Group("residual", "residual", self._enc.config.hidden_size, res, module="")
         return PruningSpace(self.arch, {"residual": residual} | groups)
 
     def _token_names(self) -> tuple[str, ...]:
         """The embeddings' parameters (paths in it) with one entry per residual channel on their last dim."""
         return "cls_token", "mask_token", "register_tokens", "position_embeddings"
+
+    def _attention_tied(self, att: nn.Module) -> bool:
+        """Whether attention ``att`` reshapes its output to its input's width (then its group is tied to the
+        residual's kept count); none of these families' does by default."""
+        return False
+
+    def _head_groups(self) -> dict[str, Group]:
+        """Groups of the head's own (SigLIP's attention pool); none by default."""
+        return {}
 
     def _head_slices(self) -> list[TensorSlice]:
         """The residual's slices after the final ``layernorm`` (a classifier's input columns)."""

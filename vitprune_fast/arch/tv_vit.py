@@ -18,6 +18,7 @@ out; the reference engine runs torchvision's own, and the tests compare the two.
 """
 from __future__ import annotations
 
+import types
 from collections import OrderedDict
 
 import torch
@@ -195,19 +196,27 @@ class TvViTAdapter(Adapter):
 
 
 def explicit_attention(att: nn.MultiheadAttention):
-    """A forward for self-attention ``att`` in eval mode, written out: ``F.linear`` with ``in_proj_weight``,
-    ``softmax(q k^T / sqrt(head_dim)) v``, then a call of ``out_proj`` (what torchvision's blocks compute with
-    ``need_weights=False``; no attention mask, no dropout)."""
+    """A forward for batch-first ``att`` in eval mode, written out: ``F.linear`` with ``in_proj_weight`` (on the
+    query, and on the keys when they are another tensor: transformers' SigLIP pools with a probe query),
+    ``softmax(q k^T / sqrt(head_dim)) v``, then a call of ``out_proj`` (what ``nn.MultiheadAttention`` computes; no
+    attention mask, no dropout, keys and values one tensor).
 
-    def forward(query, key, value, *args, **kwargs):
-        if not (query is key is value) or args or kwargs.get("attn_mask") is not None or att.training:
-            raise UnsupportedModelError("explicit_attention computes eval-mode self-attention without a mask")
-        b, n, e = query.shape
-        h = att.num_heads
-        qkv = F.linear(query, att.in_proj_weight, att.in_proj_bias)  # [B, N, 3E]
-        q, k, v = qkv.view(b, n, 3, h, e // h).permute(2, 0, 3, 1, 4)  # [B, H, N, hd] each
-        weights = torch.softmax((q @ k.transpose(-2, -1)) * (e // h) ** -0.5, dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(b, n, e)
-        return att.out_proj(out), None  # a module call: its input hooks fire (the engines, reconstruction)
+    Returned bound to ``att``: a deep copy of the module made while it is in place (the reference engine's
+    candidates) is bound to the copy, not to ``att``."""
+    return types.MethodType(_explicit_forward, att)
 
-    return forward
+
+def _explicit_forward(att: nn.MultiheadAttention, query, key, value, *args, **kwargs):
+    if (key is not value or args or kwargs.get("attn_mask") is not None or att.training
+            or not att.batch_first):
+        raise UnsupportedModelError("explicit_attention computes eval-mode batch-first attention without a mask, "
+                                    "its keys and values one tensor")
+    b, n, _ = query.shape
+    m, h, a = key.shape[1], att.num_heads, att.in_proj_weight.shape[0] // 3
+    qkv = F.linear(query, att.in_proj_weight, att.in_proj_bias)  # [B, N, 3A]
+    kv = qkv if key is query else F.linear(key, att.in_proj_weight, att.in_proj_bias)  # [B, M, 3A]
+    q = qkv[..., :a].reshape(b, n, h, a // h).transpose(1, 2)  # [B, H, N, hd]
+    k, v = (kv[..., i * a:(i + 1) * a].reshape(b, m, h, a // h).transpose(1, 2) for i in (1, 2))  # [B, H, M, hd]
+    weights = torch.softmax((q @ k.transpose(-2, -1)) * (a // h) ** -0.5, dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(b, n, a)
+    return att.out_proj(out), None  # a module call: its input hooks fire (the engines, reconstruction)

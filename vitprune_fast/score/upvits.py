@@ -318,8 +318,11 @@ class FastEngine:
         trunk, k = self.trunk, len(cands)
         last = len(trunk.blocks) - 1
         y = trunk.run(inputs[last], last, last + 1)  # output of the last block
-        with replaced_output(self._zeroed_linear(work, cands, y.device)), \
-                replaced_input(self._zeroed_linear(work, cands, y.device, dim=1)):
+        with contextlib.ExitStack() as stack:
+            for weight, fn in self._zeroed_weight_rows(work, cands, y.device, functional_only=True):
+                stack.enter_context(replaced_linear_output(weight, fn))  # nn.MultiheadAttention's in_proj_weight
+            stack.enter_context(replaced_output(self._zeroed_linear(work, cands, y.device)))
+            stack.enter_context(replaced_input(self._zeroed_linear(work, cands, y.device, dim=1)))
             out = trunk.head(_repeat(y, k))
         return self.objective(logits, out, k, self.backend)
 
@@ -336,13 +339,16 @@ class FastEngine:
                 out.append((lin, _zeroing(width, cands, sl, device)))
         return out
 
-    def _zeroed_weight_rows(self, work, cands, device) -> list:
+    def _zeroed_weight_rows(self, work, cands, device, functional_only: bool = False) -> list:
         """(weight, fn) pairs zeroing each candidate's output rows of every weight matrix the group slices by row,
         for :func:`replaced_linear_output`: a Linear's ``weight``, or one applied functionally (BEiT's fused qkv,
         ``nn.MultiheadAttention``'s ``in_proj_weight``)."""
         out = []
         for sl in self.space.groups[work.name].slices:
             w = tensor_of(self.model, sl.name)
+            owner = self.model.get_submodule(sl.name.rpartition(".")[0])
+            if functional_only and isinstance(owner, nn.Linear):
+                continue
             if sl.name.endswith("weight") and sl.dim == 0 and w.dim() == 2:
                 out.append((w, _zeroing(w.shape[0], cands, sl, device)))
         return out
@@ -359,8 +365,9 @@ class FastEngine:
         post = any(b.post_norm for b in stage.blocks)
         writers = self._zeroed_linear(work, cands, inputs[0].device) if post else []
         s = stage.blocks[0].index  # the first block whose input carries this group's channels
+        readers = [(m, lambda t: _without_features(t, cands)) for m in adapter_for(model).residual_readers(group.name)]
         with replaced_forward(_masked_norm_forwards(lns, cands, inputs[0].device, self.backend)), \
-                replaced_output(writers):
+                replaced_output(writers), replaced_input(readers):
             from_images = any(self._in_prefix(ln) for ln, _ in lns)  # e.g. patch_embed.norm: start from the images
             start, s = (trunk.prefix(_repeat(x, k)), 0) if from_images else (_repeat(inputs[s], k), s)
             if post and s not in trunk.stage_start:  # the stream entering block s carries this group's channels
