@@ -146,7 +146,9 @@ def test_unsupported_transformers_models_are_refused_naming_the_class():
     conv = transformers.ConvNextModel(transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2))
     clip_text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50))
-    for model in (text, conv, clip_text):
+    swin_v2 = transformers.Swinv2Model(transformers.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[1],
+                                                                 num_heads=[2], window_size=4))
+    for model in (text, conv, clip_text, swin_v2):
         with pytest.raises(UnsupportedModelError, match=type(model).__name__):
             vpf.describe(model)
 

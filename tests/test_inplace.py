@@ -31,14 +31,16 @@ def _reference_slice(state: dict[str, torch.Tensor], space, plan) -> dict[str, t
 def _folded(tensors: dict[str, torch.Tensor], space, plan, power: int) -> dict[str, torch.Tensor]:
     """An attention whose head size shrinks (tied to the residual: torchvision's MultiheadAttention) gets q scaled by
     f = sqrt(new / old head size): its rows times f ** power (weights 1; gradients and Adam's first moment -1, its
-    second moment -2). q's rows are the first third of a packed q|k|v tensor."""
+    second moment -2). q's rows are the first third of a packed q|k|v tensor, or a separate q Linear's (transformers
+    5.0's SigLIP layers are tied too)."""
     for name, keep in plan.keep.items():
         g = space.groups[name]
         if g.kind != "attn" or len(keep) // plan.heads[name] == g.head_dim:
             continue
         f = math.sqrt(len(keep) // plan.heads[name] / g.head_dim)
         for sl in g.slices:
-            if sl.dim == 0 and sl.repeats == 3:
+            separate_q = sl.name.rsplit(".", 2)[-2] in ("q_proj", "query")
+            if sl.dim == 0 and (sl.repeats == 3 or separate_q):
                 rows = tensors[sl.name][: len(keep)]
                 if power > 0:
                     rows.mul_(f ** power)
@@ -59,7 +61,7 @@ def _train_steps(model, opt, x, n):
 
 
 @pytest.mark.parametrize("key", ["deit_distilled", "vit_layerscale", "swin", "hf_vit", "hf_dinov2_reg", "hf_clip",
-                                 "hf_siglip", "tv_vit"])
+                                 "hf_siglip", "hf_swin", "tv_vit"])
 def test_parameters_keep_identity_and_grads_are_sliced(key):
     model = make_model(key)
     x = make_input(model)
@@ -82,7 +84,7 @@ def test_parameters_keep_identity_and_grads_are_sliced(key):
         assert torch.equal(p.grad, want[n]), n
 
 
-@pytest.mark.parametrize("key", ["deit", "swin", "hf_vit", "hf_clip", "hf_siglip", "tv_vit"])
+@pytest.mark.parametrize("key", ["deit", "swin", "hf_vit", "hf_clip", "hf_siglip", "hf_swin", "tv_vit"])
 def test_adamw_step_after_prune_equals_fresh_optimizer_on_sliced_copy(key):
     model = make_model(key)
     x = make_input(model)

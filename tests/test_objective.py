@@ -70,14 +70,18 @@ def test_features_objective_is_its_definition_and_chunking_does_not_change_it():
 
 
 def test_a_unit_whose_output_is_unused_scores_zero():
-    """An MLP unit whose fc2 column is zero changes no feature: score 0 (both engines); one that is used does not."""
+    """An MLP unit whose fc2 column is zero changes no feature: score 0 (the fast engine's rank-1 change is exactly
+    zero; the reference's pruned copy sums fc2 over one input fewer, so it is 0 up to float64 rounding); one that is
+    used does not."""
     model = _headless("vit")
     with torch.no_grad():
         model.blocks[0].mlp.fc2.weight[:, 3] = 0
     x = _images()
     for engine in ("fast", "reference"):
         s = vpf.upvits_scores(model, x, components=("mlp",), engine=engine, progress=False)["blocks.0.mlp"]
-        assert s[3] == 0 and (s[torch.arange(len(s)) != 3] > 0).all(), engine
+        used = s[torch.arange(len(s)) != 3]
+        assert (used > 0).all(), engine
+        assert s[3] == 0 if engine == "fast" else 0 <= s[3] < 1e-15 * used.min(), (engine, s[3], used.min())
 
 
 def test_features_scores_do_not_change_when_the_output_is_rescaled():
@@ -156,7 +160,7 @@ def test_cli_scores_a_headless_model_by_its_features_and_says_so(tmp_path, capsy
 
 
 # ------------------------------------------------------------------------------------------ the final tokens
-TOKEN_MODELS = ("vit", "swin", "hf_dinov2", "hf_clip_eager", "tv_vit")  # timm ViT / Swin, transformers, torchvision
+TOKEN_MODELS = ("vit", "swin", "hf_dinov2", "hf_clip_eager", "hf_swin_sdpa", "tv_vit")  # timm, HF, torchvision
 
 
 def _token_model(key: str) -> torch.nn.Module:

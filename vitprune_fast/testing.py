@@ -88,6 +88,8 @@ _HF_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                intermediate_size=64, num_labels=10)
 _HF_CLIP = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=64)
+_HF_SWIN = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                mlp_ratio=2.0, num_labels=10)
 _HF_DINOV2 = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   mlp_ratio=2)
 
@@ -194,6 +196,12 @@ CATALOGUE: dict[str, Representative] = {r.key: r for r in (
                    dict(_HF_CLIP, vision_use_head=False, attn_implementation="eager"),
                    "transformers SigLIP vision tower without its head (mean of the final tokens), eager attention",
                    library="transformers"),
+    Representative("hf_swin", "hf_swin", "SwinForImageClassification", dict(_HF_SWIN, attn_implementation="eager"),
+                   "transformers Swin classifier: window attention with a per-head relative-position bias table, "
+                   "shifted windows, patch merging, eager attention", library="transformers"),
+    Representative("hf_swin_sdpa", "hf_swin", "SwinModel", dict(_HF_SWIN),
+                   "transformers SwinModel with its pooler (features), the library's default attention (SDPA; eager "
+                   "in 5.0, whose Swin has no SDPA)", library="transformers"),
     Representative("tv_vit", "tv_vit", "VisionTransformer",
                    dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
                         num_classes=10), "torchvision VisionTransformer (nn.MultiheadAttention, packed in_proj)",

@@ -18,6 +18,7 @@ from .hf_clip import HfClipVisionAdapter
 from .hf_deit import HfDeiTAdapter
 from .hf_dinov2 import HfDinov2Adapter
 from .hf_siglip import HfSiglipVisionAdapter
+from .hf_swin import HfSwinAdapter
 from .hf_vit import HfViTAdapter
 from .pvt_v2 import PvtV2Adapter
 from .relpos import RelPosViTAdapter
@@ -31,7 +32,7 @@ from .xcit import XcitAdapter
 _ADAPTERS: list[type[Adapter]] = [BeitAdapter, CaitAdapter, EvaAdapter, PvtV2Adapter, RelPosViTAdapter,
                                   SwinV2CrAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter, XcitAdapter, HfViTAdapter,
                                   HfDinov2Adapter, HfDeiTAdapter, HfClipVisionAdapter, HfSiglipVisionAdapter,
-                                  TvViTAdapter]
+                                  HfSwinAdapter, TvViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -70,8 +71,8 @@ def adapter_for(model: nn.Module) -> Adapter:
         "VisionTransformer (ViT/DeiT/SigLIP/AIMv2/...), Eva (EVA/EVA-02/...), Swin (V1/V2/V2-CR), BEiT, CaiT, "
         "PVTv2 and XCiT models, transformers ViT (ViTModel / ViTForImageClassification), DeiT (DeiTModel / "
         "DeiTForImageClassification[WithTeacher]) and DINOv2 (Dinov2Model / Dinov2ForImageClassification, with or "
-        "without registers), CLIP vision towers (CLIPVisionModel[WithProjection]) and SiglipVisionModel, and "
-        "torchvision VisionTransformer (vit_b_16, ...)"
+        "without registers), CLIP vision towers (CLIPVisionModel[WithProjection]), SiglipVisionModel and Swin "
+        "(SwinModel / SwinForImageClassification), and torchvision VisionTransformer (vit_b_16, ...)"
     )
 
 

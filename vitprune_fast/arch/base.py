@@ -159,7 +159,8 @@ class Trunk:
         embed: images -> input of block 0.
         head_fn: output of the last block -> logits.
         block_kwargs: keyword arguments every block call gets (EVA: the rotary embedding), or a function of the
-            block index giving them (PVTv2: its stage's token grid).
+            block index giving them (PVTv2: its stage's token grid). A block returning a tuple (a transformers
+            layer's ``(hidden states, attention weights)``) stands for its first element.
     """
 
     blocks: list[nn.Module]
@@ -173,7 +174,8 @@ class Trunk:
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Block ``i`` on ``x`` (already past the stage entry): ``blocks[i](x, **block_kwargs)``."""
         kw = self.block_kwargs(i) if callable(self.block_kwargs) else self.block_kwargs
-        return self.blocks[i](x, **kw)
+        out = self.blocks[i](x, **kw)
+        return out[0] if isinstance(out, tuple) else out  # transformers' Swin layers: (hidden states, attention)
 
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """Embedding: images -> input of block 0 (before a stage-0 entry, if any)."""
@@ -351,6 +353,11 @@ class Adapter(ABC):
     def block_kwargs(self) -> dict:
         """Keyword arguments the model's forward gives every block besides its input (EVA: ``rope``)."""
         return {}
+
+    def skipped_block(self, x: torch.Tensor, *args, **kwargs):
+        """What a block replaced by the identity returns, called as the block is (the reference engine's block
+        unit): its input, in the block's output form."""
+        return x
 
     def scoring_context(self):
         """A context the UP-ViTs engines and reconstruction run the model in (torchvision's ViT: its attention

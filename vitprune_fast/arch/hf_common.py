@@ -59,7 +59,8 @@ class LayerParts:
         ls1, ls2: the layer-scale modules (``lambda1`` per channel) or None.
         head_size: the attention attribute holding the head size.
         num_heads: the attention attribute holding the head count (``num_attention_heads``, CLIP's ``num_heads``).
-        scale: the attention attribute holding the softmax scale it passes on (``scaling``, CLIP's ``scale``).
+        scale: the attention attribute holding the softmax scale it passes on (``scaling``, CLIP's ``scale``), or
+            None where it computes ``1/sqrt(head size)`` itself (5.0's Swin).
     """
 
     norm1: str
@@ -77,7 +78,7 @@ class LayerParts:
     ls2: str | None
     head_size: str
     num_heads: str = "num_attention_heads"
-    scale: str = "scaling"
+    scale: str | None = "scaling"
 
     @property
     def attn_group(self) -> str:
@@ -99,8 +100,8 @@ def layer_parts(layer: nn.Module) -> LayerParts:
     norms = next((n for n in (("layernorm_before", "layernorm_after"), ("layer_norm1", "layer_norm2"))
                   if hasattr(layer, n[0])), ("norm1", "norm2"))
     outer = "self_attn" if hasattr(layer, "self_attn") else "attention"  # CLIP / SigLIP: self_attn
-    nested = hasattr(layer.get_submodule(outer), "attention")
-    attn = f"{outer}.attention" if nested else outer
+    inner = next((n for n in ("attention", "self") if hasattr(layer.get_submodule(outer), n)), None)  # 5.0 Swin: self
+    attn = f"{outer}.{inner}" if inner else outer
     att = layer.get_submodule(attn)
     projs = ("query", "key", "value") if hasattr(att, "query") else ("q_proj", "k_proj", "v_proj")
     out = next((f"{outer}.{o}" for o in ("output.dense", "o_proj", "out_proj") if _has_path(layer, f"{outer}.{o}")),
@@ -124,7 +125,7 @@ def layer_parts(layer: nn.Module) -> LayerParts:
     ls = tuple(n if hasattr(layer, n) else None for n in ("layer_scale1", "layer_scale2"))
     head_size = "attention_head_size" if hasattr(att, "attention_head_size") else "head_dim"
     num_heads = "num_attention_heads" if hasattr(att, "num_attention_heads") else "num_heads"
-    scale = "scaling" if hasattr(att, "scaling") else "scale"
+    scale = next((n for n in ("scaling", "scale") if hasattr(att, n)), None)
     return LayerParts(*norms, attn, projs, out, mlp, fc1, gates, act, fc2, packed, *ls, head_size, num_heads, scale)
 
 
@@ -178,11 +179,16 @@ class HfEncoderAdapter(Adapter):
             return "layers"
         return "encoder.layers" if hasattr(self._enc.encoder, "layers") else "encoder.layer"
 
+    def _named_layers(self) -> list[tuple[str, nn.Module]]:
+        """Every layer in forward order, with its path in the model."""
+        return [(f"{self._base}{self._layers_path}.{i}", ly)
+                for i, ly in enumerate(self._enc.get_submodule(self._layers_path))]
+
     def _layers(self) -> list[nn.Module]:
-        return list(self._enc.get_submodule(self._layers_path))
+        return [ly for _, ly in self._named_layers()]
 
     def _layer_path(self, i: int) -> str:
-        return f"{self._base}{self._layers_path}.{i}"
+        return self._named_layers()[i][0]
 
     def _layers_with_parts(self) -> list[tuple[nn.Module, LayerParts]]:
         return [(ly, layer_parts(ly)) for ly in self._layers()]
@@ -190,13 +196,17 @@ class HfEncoderAdapter(Adapter):
     def _layer_parts(self, i: int) -> LayerParts:
         return layer_parts(self._layers()[i])
 
+    def _group_parts(self, group: Group) -> LayerParts:
+        """The parts of the layer a layer's attention or MLP group (``{layer}.{child}``) belongs to."""
+        return layer_parts(self.model.get_submodule(group.name.rpartition(".")[0]))
+
     def _check(self) -> None:
         """A Conv2d patch embedding, the family's own layer classes, Linear or Identity heads."""
         if not isinstance(self._patch, nn.Conv2d):
             raise UnsupportedModelError(f"{self.patch_path} must be a Conv2d")
-        for i, layer in enumerate(self._layers()):
+        for path, layer in self._named_layers():
             if not is_transformers_model(layer) or type(layer).__name__ not in self.layer_classes:
-                raise UnsupportedModelError(f"{self._layer_path(i)}: {type(layer).__name__} is not a "
+                raise UnsupportedModelError(f"{path}: {type(layer).__name__} is not a "
                                             f"{' / '.join(self.layer_classes)}")
         for name in self.heads:
             clf = getattr(self.model, name, None)
@@ -209,37 +219,52 @@ class HfEncoderAdapter(Adapter):
         Linears' rows, output Linear's columns) of every layer."""
         self._check()
         m, b = self.model, self._base
-        emb = self._enc.embeddings
         res = conv_out_slices(m, f"{b}{self.patch_path}")
-        res += [TensorSlice(f"{b}embeddings.{t}", tensor.ndim - 1) for t in self._token_names()
-                if (tensor := _tensor_at(emb, t)) is not None]
+        res += self._token_slices()
         res += [s for n in self.pre_norms for s in norm_slices(m, f"{b}{n}")]
         groups: dict[str, Group] = {}
-        for i, (layer, lp) in enumerate(self._layers_with_parts()):
-            p = self._layer_path(i)
-            sa = f"{p}.{lp.attn}"
-            res += norm_slices(m, f"{p}.{lp.norm1}") + norm_slices(m, f"{p}.{lp.norm2}")
-            res += [s for n in lp.projs for s in linear_slices(m, f"{sa}.{n}", "in")]
-            res += linear_slices(m, f"{p}.{lp.out}", "out")
-            res += [s for n in (lp.fc1, *lp.gates) for s in linear_slices(m, f"{p}.{n}", "in")]
-            res += linear_slices(m, f"{p}.{lp.fc2}", "out")
-            res += [TensorSlice(f"{p}.{ls}.lambda1", 0) for ls in (lp.ls1, lp.ls2) if ls is not None]
-            att = layer.get_submodule(lp.attn)
-            width = getattr(att, lp.projs[0]).out_features
-            groups[f"{p}.{lp.attn_group}"] = Group(
-                f"{p}.{lp.attn_group}", "attn", width,
-                separate_qkv_rows(m, sa, lp.projs) + linear_slices(m, f"{p}.{lp.out}", "in"),
-                num_heads=getattr(att, lp.num_heads), head_dim=width // getattr(att, lp.num_heads), module=sa,
-                tied_to="residual" if self._attention_tied(att) else None)
-            hidden = layer.get_submodule(lp.fc2).in_features
-            rows = (linear_slices(m, f"{p}.{lp.fc1}", "out", repeats=2, stride=hidden) if lp.packed
-                    else [s for n in (lp.fc1, *lp.gates) for s in linear_slices(m, f"{p}.{n}", "out")])
-            groups[f"{p}.{lp.mlp}"] = Group(f"{p}.{lp.mlp}", "mlp", hidden,
-                                            rows + linear_slices(m, f"{p}.{lp.fc2}", "in"), module=f"{p}.{lp.mlp}")
+        for p, layer in self._named_layers():
+            res += self._layer_space(p, layer, "residual", groups)
         res += norm_slices(m, f"{b}{self.final_norm}") + self._head_slices()
         groups |= self._head_groups()
         residual = Group("residual", "residual", self._enc.config.hidden_size, res, module="")
         return PruningSpace(self.arch, {"residual": residual} | groups)
+
+    def _layer_space(self, p: str, layer: nn.Module, residual: str, groups: dict[str, Group]) -> list[TensorSlice]:
+        """Layer ``p``'s slices of residual group ``residual`` (returned), and its attention and MLP groups (added
+        to ``groups``)."""
+        m, lp = self.model, layer_parts(layer)
+        sa = f"{p}.{lp.attn}"
+        res = norm_slices(m, f"{p}.{lp.norm1}") + norm_slices(m, f"{p}.{lp.norm2}")
+        res += [s for n in lp.projs for s in linear_slices(m, f"{sa}.{n}", "in")]
+        res += linear_slices(m, f"{p}.{lp.out}", "out")
+        res += [s for n in (lp.fc1, *lp.gates) for s in linear_slices(m, f"{p}.{n}", "in")]
+        res += linear_slices(m, f"{p}.{lp.fc2}", "out")
+        res += [TensorSlice(f"{p}.{ls}.lambda1", 0) for ls in (lp.ls1, lp.ls2) if ls is not None]
+        att = layer.get_submodule(lp.attn)
+        width = getattr(att, lp.projs[0]).out_features
+        groups[f"{p}.{lp.attn_group}"] = Group(
+            f"{p}.{lp.attn_group}", "attn", width,
+            separate_qkv_rows(m, sa, lp.projs) + linear_slices(m, f"{p}.{lp.out}", "in") + self._head_tables(sa, att),
+            num_heads=getattr(att, lp.num_heads), head_dim=width // getattr(att, lp.num_heads), module=sa,
+            tied_to=residual if self._attention_tied(att) else None)
+        hidden = layer.get_submodule(lp.fc2).in_features
+        rows = (linear_slices(m, f"{p}.{lp.fc1}", "out", repeats=2, stride=hidden) if lp.packed
+                else [s for n in (lp.fc1, *lp.gates) for s in linear_slices(m, f"{p}.{n}", "out")])
+        groups[f"{p}.{lp.mlp}"] = Group(f"{p}.{lp.mlp}", "mlp", hidden,
+                                        rows + linear_slices(m, f"{p}.{lp.fc2}", "in"), module=f"{p}.{lp.mlp}")
+        return res
+
+    def _head_tables(self, path: str, att: nn.Module) -> list[TensorSlice]:
+        """Per-head tensors of attention ``att`` at ``path`` (Swin's relative-position bias table); none by
+        default."""
+        return []
+
+    def _token_slices(self) -> list[TensorSlice]:
+        """The residual's slices of the embeddings' tokens (:meth:`_token_names`, those the model has)."""
+        emb = self._enc.embeddings
+        return [TensorSlice(f"{self._base}embeddings.{t}", tensor.ndim - 1) for t in self._token_names()
+                if (tensor := _tensor_at(emb, t)) is not None]
 
     def _token_names(self) -> tuple[str, ...]:
         """The embeddings' parameters (paths in it) with one entry per residual channel on their last dim."""
@@ -260,15 +285,19 @@ class HfEncoderAdapter(Adapter):
             return linear_slices(self.model, "classifier", "in")
         return []
 
+    @staticmethod
+    def _block_ref(index: int, stage: int, p: str, layer: nn.Module) -> BlockRef:
+        """Layer ``p`` as a :class:`BlockRef` (its branch outputs: the attention's output Linear, or its layer scale;
+        the MLP's)."""
+        lp = layer_parts(layer)
+        ls = [f"{p}.{n}.lambda1" if n else None for n in (lp.ls1, lp.ls2)]
+        outs = (f"{p}.{lp.attn_output}", f"{p}.{lp.mlp_output}")
+        return BlockRef(index, stage, p, f"{p}.{lp.attn_group}", f"{p}.{lp.mlp}", f"{p}.{lp.norm1}", f"{p}.{lp.norm2}",
+                        f"{p}.{lp.attn}.{lp.projs[0]}", f"{p}.{lp.out}", f"{p}.{lp.fc1}", f"{p}.{lp.act}",
+                        f"{p}.{lp.fc2}", *ls, branch_outputs=outs)
+
     def stages(self) -> list[StageRef]:
-        refs = []
-        for i, (_, lp) in enumerate(self._layers_with_parts()):
-            p = self._layer_path(i)
-            ls = [f"{p}.{n}.lambda1" if n else None for n in (lp.ls1, lp.ls2)]
-            outs = (f"{p}.{lp.attn_output}", f"{p}.{lp.mlp_output}")
-            refs.append(BlockRef(i, 0, p, f"{p}.{lp.attn_group}", f"{p}.{lp.mlp}", f"{p}.{lp.norm1}", f"{p}.{lp.norm2}",
-                                 f"{p}.{lp.attn}.{lp.projs[0]}", f"{p}.{lp.out}", f"{p}.{lp.fc1}", f"{p}.{lp.act}",
-                                 f"{p}.{lp.fc2}", *ls, branch_outputs=outs))
+        refs = [self._block_ref(i, 0, p, ly) for i, (p, ly) in enumerate(self._named_layers())]
         _, h, w = self.input_size()
         ps = self._patch.stride
         grid = (h // ps[0], w // ps[1])
@@ -315,20 +344,20 @@ class HfEncoderAdapter(Adapter):
         return self.model.config.num_labels if self.classifier_weights() else 0
 
     def q_rows(self, group: Group) -> QRows:
-        i = self._group_layer(group)
-        return linear_q_rows(self.model, f"{group.module}.{self._layer_parts(i).projs[0]}")
-
-    def _group_layer(self, group: Group) -> int:
-        return int(group.name.removeprefix(f"{self._base}{self._layers_path}.").split(".")[0])
+        return linear_q_rows(self.model, f"{group.module}.{self._group_parts(group).projs[0]}")
 
     # ---------------------------------------------------------------------------------------- mutation
     def set_heads(self, group: Group, heads: int) -> None:
-        lp = self._layer_parts(self._group_layer(group))
+        lp = self._group_parts(group)
         setattr(self.model.get_submodule(group.module), lp.num_heads, heads)
 
     def regroup_heads_masked(self, group: Group, heads: int) -> None:
         att = self.model.get_submodule(group.module)
-        lp = self._layer_parts(self._group_layer(group))
+        lp = self._group_parts(group)
+        if lp.scale is None:
+            raise UnsupportedModelError(f"{group.name}: {type(att).__name__} computes its scale from its head size, so "
+                                        "a head merge (which keeps the original per-dim scale) cannot be expressed "
+                                        "on a masked copy")
         setattr(att, lp.num_heads, heads)
         setattr(att, lp.head_size, group.size // heads)
         setattr(att, lp.scale, group.head_dim ** -0.5)  # the per-dim scale of the original heads (eager, SDPA)
@@ -351,7 +380,8 @@ class HfEncoderAdapter(Adapter):
                 if hasattr(att, name):
                     setattr(att, name, width)
             setattr(att, lp.head_size, width // heads)
-            setattr(att, lp.scale, (width // heads) ** -0.5)
+            if lp.scale is not None:
+                setattr(att, lp.scale, (width // heads) ** -0.5)
             if hasattr(layer, "embed_dim"):
                 layer.embed_dim = self._patch.out_channels
         if hasattr(self._enc.embeddings, "embed_dim"):
@@ -425,9 +455,8 @@ class HfEncoderAdapter(Adapter):
         name = model_name.removeprefix("transformers.")
         if name not in cls.classes:
             raise UnsupportedModelError(f"{model_name} is not a class {cls.__name__} builds")
-        cfg = {k: v for k, v in kwargs["config"].items() if k not in ("transformers_version", "model_type")}
-        if cfg["hidden_size"] % cfg["num_attention_heads"]:  # the config's check; the saved head counts come after
-            cfg["num_attention_heads"] = 1
+        cfg = cls._buildable(
+            {k: v for k, v in kwargs["config"].items() if k not in ("transformers_version", "model_type")})
         config = cls.config_class(name)(**cfg, attn_implementation=kwargs.get("attn_implementation"))
         klass = getattr(transformers, name)
         model = (klass(config, add_pooling_layer=kwargs["add_pooling_layer"]) if "add_pooling_layer" in kwargs
@@ -439,6 +468,14 @@ class HfEncoderAdapter(Adapter):
                 f"saved with transformers {version}, whose layers have the {saved} layout; the installed "
                 f"transformers {transformers.__version__} has the {built} one {cls._layout_advice(saved)}")
         return model
+
+    @classmethod
+    def _buildable(cls, cfg: dict) -> dict:
+        """A saved config the config class accepts: its check ``hidden_size % num_attention_heads == 0`` passes (the
+        saved head counts are set after)."""
+        if cfg["hidden_size"] % cfg["num_attention_heads"]:
+            cfg["num_attention_heads"] = 1
+        return cfg
 
     @classmethod
     def _layout_advice(cls, saved: str) -> str:

@@ -587,6 +587,7 @@ def _capture(store: list, slot: int, output: bool = False):
     """Hook storing a detached [B, T, C] view of a residual-stream map (Swin [B, H, W, C] is flattened)."""
     def hook(_mod, args, out=None):
         x = out if output else args[0]
+        x = x[0] if isinstance(x, tuple) else x  # a transformers Swin layer returns (hidden states, attention)
         store[slot] = x.detach().reshape(x.shape[0], -1, x.shape[-1])
 
     if output:
