@@ -61,7 +61,7 @@ def _train_steps(model, opt, x, n):
 
 
 @pytest.mark.parametrize("key", ["deit_distilled", "vit_layerscale", "swin", "hf_vit", "hf_dinov2_reg", "hf_clip",
-                                 "hf_siglip", "hf_swin", "tv_vit"])
+                                 "hf_siglip", "hf_swin", "tv_vit", "tv_swin_v2"])
 def test_parameters_keep_identity_and_grads_are_sliced(key):
     model = make_model(key)
     x = make_input(model)
@@ -84,7 +84,7 @@ def test_parameters_keep_identity_and_grads_are_sliced(key):
         assert torch.equal(p.grad, want[n]), n
 
 
-@pytest.mark.parametrize("key", ["deit", "swin", "hf_vit", "hf_clip", "hf_siglip", "hf_swin", "tv_vit"])
+@pytest.mark.parametrize("key", ["deit", "swin", "hf_vit", "hf_clip", "hf_siglip", "hf_swin", "tv_vit", "tv_swin_v2"])
 def test_adamw_step_after_prune_equals_fresh_optimizer_on_sliced_copy(key):
     model = make_model(key)
     x = make_input(model)

@@ -91,7 +91,7 @@ def test_missing_directory(tmp_path):
         load_pruned(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "swin", "hf_vit", "hf_clip", "hf_swin", "tv_vit"])
+@pytest.mark.parametrize("key", ["deit_distilled", "swin", "hf_vit", "hf_clip", "hf_swin", "tv_vit", "tv_swin"])
 def test_onnx_export_matches_onnxruntime(tmp_path, key):
     """Pruned timm, transformers (its output object's first tensor: the logits) and torchvision models export."""
     import onnxruntime as ort  # in the [test] extra: a missing install fails loudly

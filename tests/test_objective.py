@@ -160,7 +160,7 @@ def test_cli_scores_a_headless_model_by_its_features_and_says_so(tmp_path, capsy
 
 
 # ------------------------------------------------------------------------------------------ the final tokens
-TOKEN_MODELS = ("vit", "swin", "hf_dinov2", "hf_clip_eager", "hf_swin_sdpa", "tv_vit")  # timm, HF, torchvision
+TOKEN_MODELS = ("vit", "swin", "hf_dinov2", "hf_clip_eager", "hf_swin_sdpa", "tv_vit", "tv_swin_v2")
 
 
 def _token_model(key: str) -> torch.nn.Module:

@@ -44,10 +44,11 @@ def load_model(spec: str, model_args: Mapping | None = None, pretrained: bool = 
     """A timm model by name (random init unless ``pretrained``), a directory written by ``save_pruned``, or a
     transformers model: ``hf:<directory>`` (a ``save_pretrained`` / hub snapshot directory, loaded with its weights)
     or ``hf:<class>`` (e.g. ``hf:ViTForImageClassification``, random init from a config of ``model_args``), or a
-    torchvision one: ``tv:<builder>`` (``tv:vit_b_16``) or ``tv:VisionTransformer``.
+    torchvision one: ``tv:<builder>`` (``tv:vit_b_16``, ``tv:swin_t``) or ``tv:VisionTransformer`` /
+    ``tv:SwinTransformer``.
 
     Args:
-        spec: timm model name, directory, ``hf:<directory or class>`` or ``tv:<builder or VisionTransformer>``.
+        spec: timm model name, directory, ``hf:<directory or class>`` or ``tv:<builder or class>``.
         model_args: extra keyword arguments for timm ``create_model`` (the config's for ``hf:<class>``, the
             builder's or constructor's for ``tv:``).
         pretrained: load timm's pretrained weights (must be available locally: no download is attempted
@@ -130,24 +131,31 @@ def _load_transformers(target: str, model_args: Mapping | None, pretrained: bool
 
 def _load_torchvision(name: str, model_args: Mapping | None, pretrained: bool, defaults: Mapping | None,
                       seed: int) -> nn.Module:
-    """``tv:<builder>`` (``tv:vit_b_16``: ``torchvision.models.get_model``, its weights with ``--pretrained``) or
-    ``tv:VisionTransformer`` (the class, from ``model_args``); the data's class count and image size unless
-    ``model_args`` sets them; random init seeded by ``seed``."""
+    """``tv:<builder>`` (``tv:vit_b_16``, ``tv:swin_t``: ``torchvision.models.get_model``, its weights with
+    ``--pretrained``) or ``tv:VisionTransformer`` / ``tv:SwinTransformer`` (the class, from ``model_args``); the
+    data's class count and image size unless ``model_args`` sets them (a Swin takes any size: it becomes the model's
+    ``image_size`` attribute, the size the adapter scores at); random init seeded by ``seed``."""
     import torchvision
 
     kwargs = _renamed(defaults, {"img_size": "image_size"}) | dict(model_args or {})
+    swin = name.lower().startswith("swin")
+    size = kwargs.pop("image_size", None) if swin else None
     torch.manual_seed(seed)
     try:
-        if name == "VisionTransformer":
+        if name in ("VisionTransformer", "SwinTransformer"):
             if pretrained:
                 raise UsageError("--pretrained needs a builder name (tv:vit_b_16), not the class")
-            return torchvision.models.VisionTransformer(**kwargs).eval()
-        if name not in torchvision.models.list_models():
-            raise UsageError(f"tv:{name}: not a torchvision model builder nor VisionTransformer")
-        weights = "DEFAULT" if pretrained else None
-        if pretrained:  # the weights define the classes and the size
-            kwargs = dict(model_args or {})
-        return torchvision.models.get_model(name, weights=weights, **kwargs).eval()
+            model = getattr(torchvision.models, name)(**kwargs).eval()
+        elif name not in torchvision.models.list_models():
+            raise UsageError(f"tv:{name}: not a torchvision model builder nor VisionTransformer / SwinTransformer")
+        else:
+            weights = "DEFAULT" if pretrained else None
+            if pretrained:  # the weights define the classes and the size
+                kwargs, size = dict(model_args or {}), None
+            model = torchvision.models.get_model(name, weights=weights, **kwargs).eval()
+        if size is not None:
+            model.image_size = size
+        return model
     except UsageError:
         raise
     except Exception as e:  # torchvision raises TypeError / ValueError for kwargs, URLError offline, ...
@@ -688,7 +696,7 @@ def _json_dict(s: str) -> dict:
 def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--model", required=True, help="timm model name, a directory written by save_pruned / prune, "
                    "hf:<save_pretrained directory> / hf:<transformers class> (config from --model-args), or "
-                   "tv:<torchvision builder> / tv:VisionTransformer")
+                   "tv:<torchvision builder> / tv:VisionTransformer / tv:SwinTransformer")
     p.add_argument("--model-args", type=_json_dict, default=None, metavar="JSON",
                    help='timm create_model kwargs, e.g. \'{"depth": 4, "embed_dim": 96}\'')
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (must be available locally)")

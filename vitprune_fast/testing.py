@@ -47,7 +47,7 @@ class Representative:
         timm_name: the timm architecture name (``library="timm"``), or the ``transformers`` / ``torchvision``
             class name.
         kwargs: ``timm.create_model`` keyword arguments (the small widths), the ``transformers`` config's, or the
-            torchvision ``VisionTransformer`` constructor's.
+            torchvision adapter's ``build_model`` kwargs (the constructor's; Swin's ``version`` and ``image_size``).
         what: what it exercises.
         core: one of the engine tests' basic configs (ViT / DeiT / Swin), as opposed to a family's representative.
     """
@@ -62,10 +62,10 @@ class Representative:
 
     def create(self) -> nn.Module:
         """The model as its library initialises it (on the current default device)."""
-        if self.library == "torchvision":
-            from torchvision.models import VisionTransformer
+        if self.library == "torchvision":  # the class, built as its adapter rebuilds it (Swin V2's blocks by name)
+            from .arch import adapter_class
 
-            return VisionTransformer(**self.kwargs)
+            return adapter_class(self.adapter).build_model(f"torchvision.{self.timm_name}", self.kwargs)
         if self.library == "transformers":
             import transformers
 
@@ -90,6 +90,8 @@ _HF_CLIP = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2
                 intermediate_size=64)
 _HF_SWIN = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
                 mlp_ratio=2.0, num_labels=10)
+_TV_SWIN = dict(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                stochastic_depth_prob=0.0, num_classes=10, image_size=32)
 _HF_DINOV2 = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   mlp_ratio=2)
 
@@ -206,6 +208,12 @@ CATALOGUE: dict[str, Representative] = {r.key: r for r in (
                    dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
                         num_classes=10), "torchvision VisionTransformer (nn.MultiheadAttention, packed in_proj)",
                    library="torchvision"),
+    Representative("tv_swin", "tv_swin", "SwinTransformer", _TV_SWIN,
+                   "torchvision Swin V1 (swin_t's class): functional window attention tied to its stage, per-head "
+                   "bias table, PatchMerging", library="torchvision"),
+    Representative("tv_swin_v2", "tv_swin", "SwinTransformer", dict(_TV_SWIN, version=2),
+                   "torchvision Swin V2 (swin_v2_t's class): post-norm blocks, cosine attention with its position-bias "
+                   "MLP, PatchMergingV2", library="torchvision"),
 )}
 
 

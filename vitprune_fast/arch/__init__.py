@@ -24,6 +24,7 @@ from .pvt_v2 import PvtV2Adapter
 from .relpos import RelPosViTAdapter
 from .swin import SwinAdapter
 from .swin_v2 import SwinV2Adapter, SwinV2CrAdapter
+from .tv_swin import TvSwinAdapter
 from .tv_vit import TvViTAdapter
 from .vit import ViTAdapter
 from .xcit import XcitAdapter
@@ -32,7 +33,7 @@ from .xcit import XcitAdapter
 _ADAPTERS: list[type[Adapter]] = [BeitAdapter, CaitAdapter, EvaAdapter, PvtV2Adapter, RelPosViTAdapter,
                                   SwinV2CrAdapter, SwinV2Adapter, SwinAdapter, ViTAdapter, XcitAdapter, HfViTAdapter,
                                   HfDinov2Adapter, HfDeiTAdapter, HfClipVisionAdapter, HfSiglipVisionAdapter,
-                                  HfSwinAdapter, TvViTAdapter]
+                                  HfSwinAdapter, TvViTAdapter, TvSwinAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -72,7 +73,8 @@ def adapter_for(model: nn.Module) -> Adapter:
         "PVTv2 and XCiT models, transformers ViT (ViTModel / ViTForImageClassification), DeiT (DeiTModel / "
         "DeiTForImageClassification[WithTeacher]) and DINOv2 (Dinov2Model / Dinov2ForImageClassification, with or "
         "without registers), CLIP vision towers (CLIPVisionModel[WithProjection]), SiglipVisionModel and Swin "
-        "(SwinModel / SwinForImageClassification), and torchvision VisionTransformer (vit_b_16, ...)"
+        "(SwinModel / SwinForImageClassification), and torchvision VisionTransformer (vit_b_16, ...) and "
+        "SwinTransformer (swin_t, swin_v2_t, ...)"
     )
 
 
