@@ -329,3 +329,34 @@ def test_parallel_things_dap_gates_every_branch():
     (torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32, generator=g)), y) + dap.loss(y)).backward()
     d = dap._dcls  # [DAP blocks] ΔΨ of the class-token probes
     assert d[0] == d[2] and d[1] == d[3] and d[4] == d[6] and d[0] != d[1]
+
+
+OTHER_LIBRARIES = [r.key for r in representatives(core=False) if r.library != "timm"]
+
+
+@pytest.mark.parametrize("key", OTHER_LIBRARIES)
+def test_every_method_plans_through_the_interface(key):
+    """transformers and torchvision models through the method interface: the baselines (Taylor by the loss of its
+    labels, on the output features of a model without a classifier), progressive UP-ViTs, and a FLOPs budget
+    allocated globally; each plan prunes to a model that runs and meets its budget."""
+    from vitprune_fast import PlanSpec
+    from vitprune_fast.flops import count_flops, plan_flops
+    from vitprune_fast.methods import MethodData, get_method
+
+    model = _model(key, torch.float32)
+    x = make_input(model, 4)
+    space = vpf.describe(model)
+    mode = _attn_mode(space)
+    data = MethodData(loader=[(x, torch.arange(4) % 10)], images=x, chunk=4, batches=1, progress=False)
+    spec = PlanSpec(keep={"residual": 0.75, "attn": 0.5, "mlp": 0.5}, attn_mode=mode)
+    methods = [get_method(n) for n in ("magnitude", "random")] + [get_method("upvits", steps=2)]
+    if adapter_for(model).classifier_weights():
+        methods.append(get_method("taylor"))
+    for method in methods:
+        plan = method.plan(model, data, spec).plan
+        pruned = vpf.prune_(copy.deepcopy(model), plan)
+        with torch.no_grad():
+            assert torch.isfinite(model_output(pruned, x)).all(), method.name
+    spec = PlanSpec(flops=0.6, attn_mode=mode, allocation="global")
+    budget = get_method("upvits").plan(model, data, spec).plan
+    assert plan_flops(model, budget) <= 0.6 * count_flops(model)

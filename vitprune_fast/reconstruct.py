@@ -128,7 +128,8 @@ def _regions(model: nn.Module, pt, tt) -> list[_Region]:
     out = []
     for i, name in enumerate(pt.names):
         if i in pt.stage_start:  # a module of the model (Swin's PatchMerging), or the adapter's own step (PVTv2's)
-            entry = next((p for p, m in model.named_modules() if m is pt.stage_start[i]), None)
+            runs = getattr(pt.stage_start[i], "wraps", pt.stage_start[i])  # a wrapper calling a module of the model
+            entry = next((p for p, m in model.named_modules() if m is runs), None)
             out.append(_Region(entry or f"stage entry before {name}", entry or "\0", pt.stage_start[i],
                                tt.stage_start[i]))
         out.append(_Region(name, name, (lambda x, i=i: pt.block(i, x)), (lambda x, i=i: tt.block(i, x))))

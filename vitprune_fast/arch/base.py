@@ -154,7 +154,9 @@ class Trunk:
     Attributes:
         blocks: block modules in forward order.
         names: module path of each block.
-        stage_start: block index -> entry module run before it.
+        stage_start: block index -> entry module run before it: a module of the model, or a wrapper calling one
+            with more arguments (its ``wraps`` attribute is that module: transformers' Swin merging) or the adapter's
+            own step (PVTv2's).
         stage_of: block index -> stage index.
         embed: images -> input of block 0.
         head_fn: output of the last block -> logits.

@@ -35,14 +35,14 @@ from .hf_common import HfEncoderAdapter, layer_parts
 
 
 class _Merging(nn.Module):
-    """A stage's ``SwinPatchMerging`` as a trunk entry: called with the token grid it merges."""
+    """A stage's ``SwinPatchMerging`` as a trunk entry (``wraps``): called with the token grid it merges."""
 
     def __init__(self, merging: nn.Module, grid: tuple[int, int]):
         super().__init__()
-        self.merging, self.grid = merging, grid
+        self.wraps, self.grid = merging, grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.merging(x, self.grid)
+        return self.wraps(x, self.grid)
 
 
 class HfSwinAdapter(HfEncoderAdapter):

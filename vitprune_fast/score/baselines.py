@@ -110,9 +110,10 @@ def taylor_scores(
         it = batches if num_batches is None else itertools.islice(batches, num_batches)
         for x, y in tqdm(it, desc="Taylor", total=num_batches, disable=not progress, leave=False):
             loss = loss_fn(model_output(model, x.to(device, dtype)), y.to(device))
-            grads = dict(zip(names, torch.autograd.grad(loss, tensors), strict=True))
+            # allow_unused: a parameter the forward does not read (transformers DINOv2's mask_token) scores nothing
+            grads = dict(zip(names, torch.autograd.grad(loss, tensors, allow_unused=True), strict=True))
             with torch.no_grad():
-                w_grad = {k: params[k] * gr for k, gr in grads.items()}  # w ⊙ ∂L/∂w per tensor
+                w_grad = {k: params[k] * gr for k, gr in grads.items() if gr is not None}  # w ⊙ ∂L/∂w per tensor
                 for n, g in space.groups.items():
                     scores[n] += _per_channel(g, w_grad.get).abs()
             seen += 1
