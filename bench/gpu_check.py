@@ -12,7 +12,8 @@ Steps, in order (each is recorded with its status, seconds and result files):
 3. ``gpu_tests``  every ``gpu``-marked test (pass / fail list, slowest tests).
 4. benchmarks at the check's sizes: ``kernels`` (engine shapes, GB/s vs a measured copy), ``kl_engine``
    (DeiT-S 224 px bf16: published loop vs fast engine, TFLOP/s vs a measured bf16 matmul, whole model
-   extrapolated), ``dimap`` (Swin-B), ``pruned_speed`` (bs 1 / 64 / 256), ``kl_engine_screened`` (DeiT-B
+   extrapolated), ``dimap`` (Swin-B), ``pruned_speed`` (bs 1 / 64 / 256), ``pruned_speed_libraries`` (ViT-B in
+   timm, transformers where installed, torchvision, pruned to ~50 % FLOPs), ``kl_engine_screened`` (DeiT-B
    224 px bf16, 32 images: the screened selection vs the fast engine on every candidate, extrapolated to 2,000
    images), then ``dap``, ``slicing`` and ``finetune_scale`` (bf16 vs fp32 training steps).
 
@@ -74,6 +75,7 @@ STEPS = (
     Step("kl_engine", ("bench/kl_engine.py", "--check"), 40, 150),
     Step("dimap", ("bench/dimap.py", "--models", "swin_base_patch4_window7_224", "--repeats", "3"), 20, 90),
     Step("pruned_speed", ("bench/pruned_speed.py", "--check"), 30, 120),
+    Step("pruned_speed_libraries", ("bench/pruned_speed.py", "--libraries"), 30, 90),
     Step("kl_engine_screened", ("bench/kl_engine.py", "--screened"), 90, 200),
     Step("dap", ("bench/dap.py", "--quick", "--repeats", "3"), 30, 90),
     Step("slicing", ("bench/slicing.py", "--quick", "--devices", "cuda"), 20, 60),

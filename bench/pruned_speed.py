@@ -169,16 +169,24 @@ VIT_B = {"timm": ("vit_base_patch16_224", {}),
          "keep": 0.7}
 
 
-def _library_builders(case: dict) -> dict:
-    """Library name -> a function building its dense ViT of the case's shape (random init)."""
-    import torchvision
-    import transformers
+def _library_builders(case: dict) -> tuple[dict, list[str]]:
+    """Library name -> a function building its dense ViT of the case's shape (random init), for the libraries that
+    are installed (the GPU image has no transformers); and the names of those that are not."""
+    import importlib.util
 
     name, kwargs = case["timm"]
-    return {"timm": lambda: timm.create_model(name, **kwargs).eval(),
-            "transformers": lambda: transformers.ViTForImageClassification(
-                transformers.ViTConfig(**case["transformers"], attn_implementation="sdpa")).eval(),
-            "torchvision": lambda: torchvision.models.VisionTransformer(**case["torchvision"]).eval()}
+    builders = {"timm": lambda: timm.create_model(name, **kwargs).eval()}
+    missing = [lib for lib in ("transformers", "torchvision") if importlib.util.find_spec(lib) is None]
+    if "transformers" not in missing:
+        import transformers
+
+        builders["transformers"] = lambda: transformers.ViTForImageClassification(
+            transformers.ViTConfig(**case["transformers"], attn_implementation="sdpa")).eval()
+    if "torchvision" not in missing:
+        import torchvision
+
+        builders["torchvision"] = lambda: torchvision.models.VisionTransformer(**case["torchvision"]).eval()
+    return builders, missing
 
 
 def run_libraries(device: torch.device | None = None, case: dict = VIT_B, batches=None, repeats=None) -> dict:
@@ -192,7 +200,8 @@ def run_libraries(device: torch.device | None = None, case: dict = VIT_B, batche
     keep = case["keep"]
     torch.manual_seed(0)
     models, rows = {}, []
-    for lib, make in _library_builders(case).items():
+    builders, missing = _library_builders(case)
+    for lib, make in builders.items():
         models[f"{lib} dense"] = make()
         models[f"{lib} pruned (keep {keep})"] = _pruned_model(make(), keep)
     for name, m in models.items():
@@ -210,13 +219,14 @@ def run_libraries(device: torch.device | None = None, case: dict = VIT_B, batche
             pruned[r["library"]] = r
     tm = pruned["timm"]
     summary = {}
-    for lib in ("transformers", "torchvision"):
+    for lib in [lib for lib in pruned if lib != "timm"]:
         r = pruned[lib]
         ratio = {b: r["speedup_vs_dense"][b] / tm["speedup_vs_dense"][b] for b in r["speedup_vs_dense"]}
         summary[lib] = {"same_shape_as_timm": r["params"] == tm["params"] and r["flops"] == tm["flops"],
                         "speedup_over_timm_speedup": ratio,
                         "within_5pct": all(abs(v - 1) <= 0.05 for v in ratio.values())}
-    return {"dtype": str(dtype), "batches": list(batches), "keep": keep, "rows": rows, "summary": summary}
+    return {"dtype": str(dtype), "batches": list(batches), "keep": keep, "rows": rows, "summary": summary,
+            "not_installed": missing}
 
 
 def main() -> None:
@@ -233,7 +243,8 @@ def main() -> None:
     dev = default_device()
     if args.libraries:
         res = run_libraries(dev)
-        print(f"timm vs transformers vs torchvision ViT-B on {device_name(dev)} ({res['dtype']})")
+        print(f"timm vs transformers vs torchvision ViT-B on {device_name(dev)} ({res['dtype']})"
+              + (f"; not installed: {', '.join(res['not_installed'])}" if res["not_installed"] else ""))
         for r in res["rows"]:
             sp = (", speedup " + ", ".join(f"{k} x{v:.2f}" for k, v in r["speedup_vs_dense"].items())
                   if "speedup_vs_dense" in r else "")

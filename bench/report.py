@@ -257,6 +257,8 @@ def _libraries(d: dict) -> list[str]:
         ratio = ", ".join(f"{k} {v:.3f}" for k, v in sm["speedup_over_timm_speedup"].items())
         notes.append(f"{lib} speedup / timm speedup: {ratio} (within 5 %: {'met' if sm['within_5pct'] else 'not met'};"
                      f" same shape as timm's: {sm['same_shape_as_timm']})")
+    if d.get("not_installed"):
+        notes.append(f"not installed on this machine (no rows): {', '.join(d['not_installed'])}")
     return out + [""] + [f"{n}." if i == len(notes) - 1 else f"{n};" for i, n in enumerate(notes)]
 
 

@@ -373,6 +373,19 @@ def test_pruned_speed_family_rows():
         assert r["flops_ratio_vs_dense"] > 1.2 and r["speedup_vs_dense"]["bs1"] > 0
 
 
+def test_pruned_speed_libraries_leave_out_a_library_that_is_not_installed(monkeypatch):
+    """The GPU image has no transformers: its rows are left out and the result says so (the report too)."""
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else find(name, *a))
+    builders, missing = pruned_speed._library_builders(TINY_LIBRARIES)
+    assert set(builders) == {"timm", "torchvision"} and missing == ["transformers"]
+    lines = report._libraries({"batches": [1], "rows": [], "summary": {}, "not_installed": missing})
+    assert lines[-1] == "not installed on this machine (no rows): transformers."
+
+
 def test_pruned_speed_library_rows(docs):
     """timm, transformers and torchvision rows: the first two libraries' models of one shape prune to the same
     parameter and FLOP counts, each is timed against its own dense model, and the summary's ratios are theirs."""
