@@ -171,3 +171,24 @@ def test_cli_scores_a_headless_swin_by_its_features_and_prunes_it(tmp_path, caps
     assert type(pruned) is transformers.SwinModel and pruned.config.embed_dim == 8
     back = transformers.SwinModel.from_pretrained(str(out / "native"))
     assert back.config.hidden_size == 16 and back.config.embed_dim == 8
+
+
+def test_load_builds_on_the_meta_device_and_computes_the_position_index(tmp_path, monkeypatch):
+    """The later layout's relative_position_index is a non-persistent buffer (not in the file): the adapter computes
+    it after the meta build, so load_pruned never builds (and randomly initialises) the model on the CPU."""
+    from vitprune_fast import io
+
+    model = CATALOGUE["hf_swin_sdpa"].build()
+    space = vpf.describe(model)
+    vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep={"residual": 0.5, "mlp": 0.5}))
+    vpf.save_pruned(model, tmp_path / "m")
+    devices = []
+    build = io._build
+    monkeypatch.setattr(io, "_build", lambda arch, device="meta": devices.append(str(device)) or build(arch, device))
+    back = vpf.load_pruned(tmp_path / "m")
+    assert devices == ["meta"]
+    for (n, b), (_, b2) in zip(model.named_buffers(), back.named_buffers(), strict=True):
+        assert torch.equal(b, b2), n
+    x = make_input(model, 2)
+    with torch.no_grad():
+        assert torch.equal(model_output(back, x), model_output(model, x))

@@ -187,9 +187,11 @@ def _check_layout(model: nn.Module, rebuilt: nn.Module, arch: dict) -> None:
 
 
 def _meta_safe(model: nn.Module) -> bool:
-    """Building on meta is safe when every non-persistent buffer can be re-initialised afterwards."""
-    return all(hasattr(m, "init_non_persistent_buffers") or not m._non_persistent_buffers_set
-               for m in model.modules())
+    """Building on meta is safe when every non-persistent buffer can be re-initialised afterwards: by its module
+    (timm's ``init_non_persistent_buffers``) or by the adapter (:meth:`~vitprune_fast.arch.Adapter.init_buffers`)."""
+    adapter = adapter_for(model)
+    return all(hasattr(m, "init_non_persistent_buffers") or adapter.inits_buffers_of(m)
+               or not m._non_persistent_buffers_set for m in model.modules())
 
 
 def save_pruned(model: nn.Module, directory: str | os.PathLike, model_name: str | None = None,
@@ -274,5 +276,6 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
     for m in model.modules():  # non-persistent buffers (Swin relative_position_index) are not in the file
         if hasattr(m, "init_non_persistent_buffers"):
             m.init_non_persistent_buffers()
+    adapter_for(model).init_buffers()
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -477,6 +477,14 @@ class Adapter(ABC):
         library has no such format beyond :func:`~vitprune_fast.io.save_pruned`'s (timm: see ``timm_stock``)."""
         return None
 
+    def inits_buffers_of(self, module: nn.Module) -> bool:
+        """Whether :meth:`init_buffers` computes ``module``'s non-persistent buffers (which a model built on the meta
+        device lacks); none by default."""
+        return False
+
+    def init_buffers(self) -> None:  # noqa: B027 -- optional hook, nothing to compute by default
+        """Compute the non-persistent buffers :meth:`inits_buffers_of` names, on a model materialised from meta."""
+
     def extra_state(self) -> dict:
         """JSON-able state the recipe cannot express (e.g. Swin's per-block shift layout after depth pruning)."""
         return {}

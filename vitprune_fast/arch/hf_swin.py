@@ -274,6 +274,17 @@ class HfSwinAdapter(HfEncoderAdapter):
         return ("(transformers rewrote Swin's attention after 5.0): load it with a transformers of the layout that "
                 "saved it")
 
+    def inits_buffers_of(self, module: nn.Module) -> bool:
+        """The later layout's ``SwinRelativePositionBias`` keeps its index as a non-persistent buffer."""
+        return type(module).__name__ == "SwinRelativePositionBias"
+
+    def init_buffers(self) -> None:
+        """Each ``relative_position_index``, computed as the module computes it (from its window)."""
+        for m in self.model.modules():
+            if self.inits_buffers_of(m):
+                device = m.relative_position_bias_table.device
+                m.relative_position_index = m._create_relative_position_index().view(-1).to(device)
+
     def extra_state(self) -> dict:
         """Each block's shift (and window): after depth pruning it no longer follows the even/odd rule the config
         rebuilds."""
