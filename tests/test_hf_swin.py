@@ -45,10 +45,11 @@ def test_group_names_are_the_library_module_paths(key):
     assert all(model.get_submodule(n.removesuffix(".residual")) is not None for n in names)
 
 
-def test_merging_embeddings_and_tokens_follow_their_stage_residual():
+def test_merging_embeddings_and_tokens_follow_their_stage_residual(tmp_path):
     """Stage 0's residual: the patch conv, embeddings.norm, the absolute position embeddings and the mask token, and
-    the merging's 4C norm and reduction columns (four times); stage 1's: the reduction's rows, the final layernorm
-    and the classifier's columns. The pruned model equals masking and its attributes follow the tensors. (5.0 makes
+    the merging's 4C norm and reduction columns (four times); stage 1's: the reduction's rows and the final layernorm
+    (a SwinModel). The pruned model equals masking, its attributes follow the tensors, and it is
+    rebuilt with its mask token. (5.0 makes
     the position embeddings one token longer than the patches and cannot run them: there they are left out.)"""
     kw = dict(CATALOGUE["hf_swin"].kwargs)
     model = transformers.SwinModel(transformers.SwinConfig(**kw, use_absolute_embeddings=True), use_mask_token=True)
@@ -79,6 +80,10 @@ def test_merging_embeddings_and_tokens_follow_their_stage_residual():
     assert getattr(att, lp.projs[0]).out_features == 16 and getattr(att, lp.head_size) == 4
     table = [t for n, t in att.named_parameters() if n.endswith("relative_position_bias_table")]
     assert len(table) == 1 and table[0].shape[1] == getattr(att, lp.num_heads) == 4
+    back = vpf.load_pruned(vpf.save_pruned(pruned, tmp_path / "m"))  # SwinModel(config, use_mask_token=True) again
+    assert back.embeddings.mask_token.shape == (1, 1, 8)
+    with torch.no_grad():
+        assert torch.equal(model_output(back, x), model_output(pruned, x))
 
 
 @pytest.mark.parametrize("key", KEYS)

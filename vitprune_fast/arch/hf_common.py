@@ -18,6 +18,7 @@ Groups are named by the library's module paths.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -427,10 +428,16 @@ class HfEncoderAdapter(Adapter):
 
     # ------------------------------------------------------------------------------------- persistence
     def build_recipe(self) -> dict:
-        """The model's config (``to_dict``) and the layer layout: its class is rebuilt from them by
-        :meth:`build_model`."""
-        takes_pooler = self.model is self._enc and hasattr(self._enc, "pooler")  # ViTModel(config, add_pooling_layer)
-        extra = {"add_pooling_layer": self._enc.pooler is not None} if takes_pooler else {}
+        """The model's config (``to_dict``), the layer layout and, for an encoder model built by itself, the
+        constructor's ``add_pooling_layer`` / ``use_mask_token`` (``ViTModel``, ``SwinModel``): its class is rebuilt
+        from them by :meth:`build_model`."""
+        extra = {}
+        if self.model is self._enc:  # a task model builds its encoder with the defaults
+            takes = inspect.signature(type(self._enc).__init__).parameters
+            if "add_pooling_layer" in takes:
+                extra["add_pooling_layer"] = getattr(self._enc, "pooler", None) is not None
+            if "use_mask_token" in takes:
+                extra["use_mask_token"] = getattr(self._enc.embeddings, "mask_token", None) is not None
         return {"config": self.model.config.to_dict(), "attn_implementation": self._enc.config._attn_implementation,
                 "layout": self._layout_name()} | extra
 
@@ -459,8 +466,7 @@ class HfEncoderAdapter(Adapter):
             {k: v for k, v in kwargs["config"].items() if k not in ("transformers_version", "model_type")})
         config = cls.config_class(name)(**cfg, attn_implementation=kwargs.get("attn_implementation"))
         klass = getattr(transformers, name)
-        model = (klass(config, add_pooling_layer=kwargs["add_pooling_layer"]) if "add_pooling_layer" in kwargs
-                 else klass(config))
+        model = klass(config, **{k: kwargs[k] for k in ("add_pooling_layer", "use_mask_token") if k in kwargs})
         saved, built = kwargs.get("layout", "5.0"), cls(model)._layout_name()
         if saved != built:
             version = kwargs["config"].get("transformers_version", "?")
