@@ -42,5 +42,56 @@ def kept_features(model: torch.nn.Module, plan, out: torch.Tensor) -> torch.Tens
     return out[:, plan.keep[group]] if group is not None and group in plan.keep else out
 
 
-__all__ = ["CONFIGS", "SWIN_KEYS", "VIT_KEYS", "kept_features", "make_input", "make_model", "random_scores",
-           "randomize_", "rel_err"]
+def assert_pretrained_round_trip(model: torch.nn.Module, directory) -> torch.nn.Module:
+    """``save_pruned`` writes a ``native/`` directory that the class's ``from_pretrained`` loads with equal outputs
+    (the model's attention implementation), and ``load_pruned`` gives the model back bit for bit; returns the
+    ``load_pruned`` model."""
+    import json
+
+    import transformers
+
+    import vitprune_fast as vpf
+    from vitprune_fast.arch import model_output
+
+    vpf.save_pruned(model, directory)
+    native = json.loads((directory / "architecture.json").read_text())["native"]
+    assert native.get("directory") == "native" and "from_pretrained" in native["load"], native
+    back = getattr(transformers, type(model).__name__).from_pretrained(
+        str(directory / "native"), dtype="auto", attn_implementation=model.config._attn_implementation).eval()
+    loaded = vpf.load_pruned(directory)
+    x = make_input(model, 2)
+    with torch.no_grad():
+        assert rel_err(model_output(back, x), model_output(model, x)) < 1e-12
+        assert torch.equal(model_output(loaded, x), model_output(model, x))
+    return loaded
+
+
+def assert_not_written_for_pretrained(model: torch.nn.Module, directory, reason: str) -> None:
+    """``save_pruned`` writes no ``native/`` directory and says why in ``architecture.json`` (``reason`` in it), and
+    ``load_pruned`` gives the model back bit for bit."""
+    import json
+
+    import vitprune_fast as vpf
+    from vitprune_fast.arch import model_output
+
+    vpf.save_pruned(model, directory)
+    native = json.loads((directory / "architecture.json").read_text())["native"]
+    assert reason in native["reason"] and not (directory / "native").exists(), native
+    x = make_input(model, 2)
+    with torch.no_grad():
+        assert torch.equal(model_output(vpf.load_pruned(directory), x), model_output(model, x))
+
+
+__all__ = [
+    "CONFIGS",
+    "SWIN_KEYS",
+    "VIT_KEYS",
+    "assert_not_written_for_pretrained",
+    "assert_pretrained_round_trip",
+    "kept_features",
+    "make_input",
+    "make_model",
+    "random_scores",
+    "randomize_",
+    "rel_err",
+]

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import vitprune_fast as vpf
-from tests.models import make_input, random_scores, rel_err
+from tests.models import assert_not_written_for_pretrained, assert_pretrained_round_trip, make_input, random_scores
 from vitprune_fast.arch import adapter_for, model_output
 from vitprune_fast.testing import CATALOGUE
 
@@ -67,16 +67,7 @@ def test_uniform_pruned_model_loads_with_from_pretrained(key, tmp_path):
     att = adapter_for(model)._layers()[0].self_attn
     assert (att.num_heads, att.head_dim, att.scale, att.embed_dim) == (4, 4, 0.5, 16)
     assert model.config.hidden_size == 16 and model.config.intermediate_size == 32
-    vpf.save_pruned(model, tmp_path / "m")
-    arch = json.loads((tmp_path / "m" / "architecture.json").read_text())
-    assert arch["native"]["directory"] == "native", arch["native"]
-    klass = getattr(transformers, type(model).__name__)
-    back = klass.from_pretrained(str(tmp_path / "m" / "native"), dtype="auto",
-                                 attn_implementation=model.config._attn_implementation).eval()
-    x = make_input(model, 2)
-    with torch.no_grad():
-        assert rel_err(model_output(back, x), model_output(model, x)) < 1e-12
-        assert torch.equal(model_output(vpf.load_pruned(tmp_path / "m"), x), model_output(model, x))
+    assert_pretrained_round_trip(model, tmp_path / "m")
 
 
 def test_attention_narrower_than_hidden_size_is_not_written_for_from_pretrained(tmp_path):
@@ -85,12 +76,7 @@ def test_attention_narrower_than_hidden_size_is_not_written_for_from_pretrained(
     model = CATALOGUE["hf_clip"].build()
     space = vpf.describe(model)
     vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep={"attn": 0.5}))
-    vpf.save_pruned(model, tmp_path / "m")
-    native = json.loads((tmp_path / "m" / "architecture.json").read_text())["native"]
-    assert "ties them" in native["reason"] and not (tmp_path / "m" / "native").exists()
-    x = make_input(model, 2)
-    with torch.no_grad():
-        assert torch.equal(model_output(vpf.load_pruned(tmp_path / "m"), x), model_output(model, x))
+    assert_not_written_for_pretrained(model, tmp_path / "m", "ties them")
 
 
 def test_a_model_saved_with_the_other_nesting_is_refused_naming_it(tmp_path):

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import vitprune_fast as vpf
-from tests.models import make_input, random_scores, rel_err
+from tests.models import assert_pretrained_round_trip, make_input, random_scores, rel_err
 from vitprune_fast.arch import model_output
 from vitprune_fast.arch.hf_dinov2 import _config_takes
 from vitprune_fast.errors import UnsupportedModelError
@@ -27,16 +27,7 @@ def test_uniform_pruned_model_loads_with_from_pretrained(key, tmp_path):
     model = CATALOGUE[key].build()
     space = vpf.describe(model)
     vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep=0.5))
-    vpf.save_pruned(model, tmp_path / "m")
-    arch = json.loads((tmp_path / "m" / "architecture.json").read_text())
-    assert arch["native"]["directory"] == "native", arch["native"]
-    klass = getattr(transformers, type(model).__name__)
-    back = klass.from_pretrained(str(tmp_path / "m" / "native"), dtype="auto",
-                                 attn_implementation=model.config._attn_implementation).eval()
-    x = make_input(model, 2)
-    with torch.no_grad():
-        assert rel_err(model_output(back, x), model_output(model, x)) < 1e-12
-        assert torch.equal(model_output(vpf.load_pruned(tmp_path / "m"), x), model_output(model, x))
+    assert_pretrained_round_trip(model, tmp_path / "m")
 
 
 def test_an_mlp_width_that_is_not_a_multiple_of_hidden_size_needs_a_float_mlp_ratio(tmp_path):

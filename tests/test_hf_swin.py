@@ -11,7 +11,14 @@ import torch
 import transformers
 
 import vitprune_fast as vpf
-from tests.models import kept_features, make_input, random_scores, rel_err
+from tests.models import (
+    assert_not_written_for_pretrained,
+    assert_pretrained_round_trip,
+    kept_features,
+    make_input,
+    random_scores,
+    rel_err,
+)
 from vitprune_fast.arch import adapter_for, model_output
 from vitprune_fast.arch.hf_common import layer_parts
 from vitprune_fast.depth import remove_units_
@@ -97,28 +104,14 @@ def test_uniform_pruned_model_loads_with_from_pretrained(key, tmp_path):
     assert (cfg.embed_dim, cfg.hidden_size, list(cfg.num_heads), cfg.mlp_ratio) == (8, 16, [2, 4], 2.0)
     att, lp = _attention(model, 1, 1)
     assert getattr(att, lp.head_size) == 4 and getattr(att, lp.num_heads) == 4
-    vpf.save_pruned(model, tmp_path / "m")
-    arch = json.loads((tmp_path / "m" / "architecture.json").read_text())
-    assert arch["native"]["directory"] == "native", arch["native"]
-    klass = getattr(transformers, type(model).__name__)
-    back = klass.from_pretrained(str(tmp_path / "m" / "native"), dtype="auto",
-                                 attn_implementation=model.config._attn_implementation).eval()
-    x = make_input(model, 2)
-    with torch.no_grad():
-        assert rel_err(model_output(back, x), model_output(model, x)) < 1e-12
-        assert torch.equal(model_output(vpf.load_pruned(tmp_path / "m"), x), model_output(model, x))
+    assert_pretrained_round_trip(model, tmp_path / "m")
 
 
 def test_attention_narrower_than_its_stage_is_not_written_for_from_pretrained(tmp_path):
     model = CATALOGUE["hf_swin"].build()
     space = vpf.describe(model)
     vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep={"attn": 0.5}))
-    vpf.save_pruned(model, tmp_path / "m")
-    native = json.loads((tmp_path / "m" / "architecture.json").read_text())["native"]
-    assert "ties them" in native["reason"] and not (tmp_path / "m" / "native").exists()
-    x = make_input(model, 2)
-    with torch.no_grad():
-        assert torch.equal(model_output(vpf.load_pruned(tmp_path / "m"), x), model_output(model, x))
+    assert_not_written_for_pretrained(model, tmp_path / "m", "ties them")
 
 
 def test_depth_pruning_keeps_each_blocks_shift_through_save_and_load(tmp_path):

@@ -13,7 +13,14 @@ import torch
 import transformers
 
 import vitprune_fast as vpf
-from tests.models import kept_features, make_input, random_scores, rel_err
+from tests.models import (
+    assert_not_written_for_pretrained,
+    assert_pretrained_round_trip,
+    kept_features,
+    make_input,
+    random_scores,
+    rel_err,
+)
 from vitprune_fast.arch import adapter_for, model_output
 from vitprune_fast.errors import CheckpointError, UnsupportedModelError
 from vitprune_fast.masked import masked_copy
@@ -37,18 +44,7 @@ def test_uniform_pruned_model_loads_with_from_pretrained(key, tmp_path):
     assert (att.num_attention_heads, getattr(att, parts.head_size), att.scaling) == (4, 4, 0.5)
     assert getattr(att, "all_head_size", 16) == 16
     assert model.config.hidden_size == 16 and model.config.intermediate_size == 32
-    vpf.save_pruned(model, tmp_path / "m")
-    arch = json.loads((tmp_path / "m" / "architecture.json").read_text())
-    assert arch["native"]["directory"] == "native" and "from_pretrained" in arch["native"]["load"]
-    klass = getattr(transformers, type(model).__name__)
-    back = klass.from_pretrained(str(tmp_path / "m" / "native"), dtype="auto",
-                                attn_implementation=model.config._attn_implementation).eval()
-    x = make_input(model, 2)
-    with torch.no_grad():
-        assert rel_err(model_output(back, x), model_output(model, x)) < 1e-12
-    loaded = vpf.load_pruned(tmp_path / "m")
-    with torch.no_grad():
-        assert torch.equal(model_output(loaded, x), model_output(model, x))
+    loaded = assert_pretrained_round_trip(model, tmp_path / "m")
     assert loaded.config._attn_implementation == model.config._attn_implementation
 
 
@@ -59,12 +55,7 @@ def test_non_uniform_shapes_save_without_a_from_pretrained_directory(tmp_path):
     space = vpf.describe(model)
     mlps = [n for n, g in space.groups.items() if g.kind == "mlp"]
     vpf.prune_(model, vpf.make_plan(space, random_scores(space), keep={mlps[0]: 0.5, mlps[1]: 0.75}))
-    vpf.save_pruned(model, tmp_path / "m")
-    arch = json.loads((tmp_path / "m" / "architecture.json").read_text())
-    assert "layers differ" in arch["native"]["reason"] and not (tmp_path / "m" / "native").exists()
-    x = make_input(model, 2)
-    with torch.no_grad():
-        assert torch.equal(model_output(vpf.load_pruned(tmp_path / "m"), x), model_output(model, x))
+    assert_not_written_for_pretrained(model, tmp_path / "m", "layers differ")
 
 
 def test_attention_narrower_than_hidden_size_loads_with_from_pretrained_where_the_config_has_head_dim(tmp_path):
