@@ -312,6 +312,17 @@ def sync_attn_pool(pool: nn.Module) -> None:
     pool.scale = pool.head_dim ** -0.5
 
 
+def merged_grids(size: tuple[int, int], patch: tuple[int, int], stages: int) -> list[tuple[int, int]]:
+    """Each stage's token grid of a Swin-style model: ``size`` over the patch stride (padded up), halved (rounding
+    up: the merging pads an odd side) by the merging in front of every later stage."""
+    h, w = -(-size[0] // patch[0]), -(-size[1] // patch[1])
+    out = []
+    for _ in range(stages):
+        out.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return out
+
+
 def import_class(dotted: str) -> type:
     """The class at a dotted path (``"timm.models.beit.Beit"``), importing its module (timm loads lazily here)."""
     module, _, name = dotted.rpartition(".")

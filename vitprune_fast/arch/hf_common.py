@@ -188,9 +188,6 @@ class HfEncoderAdapter(Adapter):
     def _layers(self) -> list[nn.Module]:
         return [ly for _, ly in self._named_layers()]
 
-    def _layer_path(self, i: int) -> str:
-        return self._named_layers()[i][0]
-
     def _layers_with_parts(self) -> list[tuple[nn.Module, LayerParts]]:
         return [(ly, layer_parts(ly)) for ly in self._layers()]
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..space import Group, PruningSpace, TensorSlice
 from .base import StageRef, Trunk, mlp_ratio_for
-from .common import conv_out_slices, linear_slices, norm_slices
+from .common import conv_out_slices, linear_slices, merged_grids, norm_slices
 from .hf_common import HfEncoderAdapter, layer_parts
 
 
@@ -72,14 +72,7 @@ class HfSwinAdapter(HfEncoderAdapter):
 
     def _grids(self) -> list[tuple[int, int]]:
         """Each stage's token grid: the patch grid, halved (rounding up) by every merging."""
-        _, h, w = self.input_size()
-        ps = self._patch.stride
-        h, w = -(-h // ps[0]), -(-w // ps[1])
-        out = []
-        for _ in self._stages():
-            out.append((h, w))
-            h, w = (h + 1) // 2, (w + 1) // 2
-        return out
+        return merged_grids(self.input_size()[1:], self._patch.stride, len(self._stages()))
 
     def _check(self) -> None:
         super()._check()
@@ -223,17 +216,13 @@ class HfSwinAdapter(HfEncoderAdapter):
         ``embed_dim``, ``hidden_size``, ``num_heads`` and ``mlp_ratio`` too (else the unpruned values, which
         rebuild the tree)."""
         depths = [len(st.blocks) for st in self._stages()]
-        fits = self.pretrained_refusal() is None
-        widths = self._widths()
+        fits = self.pretrained_refusal() is None  # then there is one mlp_ratio, and one head count per stage
+        widths, shapes, ratio = self._widths(), self._stage_shapes(), self._mlp_ratio()
         for cfg in self._configs():
             cfg.depths = depths
             if fits:
-                cfg.embed_dim, cfg.hidden_size = widths[0], widths[-1]
-                cfg.num_heads = [min(sh)[0] if sh else h for sh, h in zip(self._stage_shapes(), cfg.num_heads,
-                                                                          strict=True)]
-                ratio = self._mlp_ratio()
-                if ratio is not None:
-                    cfg.mlp_ratio = ratio
+                cfg.embed_dim, cfg.hidden_size, cfg.mlp_ratio = widths[0], widths[-1], ratio
+                cfg.num_heads = [min(sh)[0] if sh else h for sh, h in zip(shapes, cfg.num_heads, strict=True)]
 
     def _mlp_ratio(self) -> float | None:
         """One ``mlp_ratio`` whose ``int(ratio * width)`` is every stage's MLP width, or None."""

@@ -35,6 +35,7 @@ from .common import (
     fused_q_rows,
     fused_qkv_rows,
     linear_slices,
+    merged_grids,
     norm_slices,
     sync_generic_attributes,
 )
@@ -166,14 +167,7 @@ class TvSwinAdapter(Adapter):
 
     def _grids(self) -> list[tuple[int, int]]:
         """Each stage's token grid at :meth:`input_size`: the patch grid, halved (rounding up) by every merging."""
-        _, h, w = self.input_size()
-        stride = self.model.features[0][0].stride
-        h, w = -(-h // stride[0]), -(-w // stride[1])
-        out = []
-        for _ in self._stage_paths():
-            out.append((h, w))
-            h, w = (h + 1) // 2, (w + 1) // 2
-        return out
+        return merged_grids(self.input_size()[1:], self.model.features[0][0].stride, len(self._stage_paths()))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         embed = self.model.features[0]
